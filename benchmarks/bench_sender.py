@@ -1,0 +1,251 @@
+"""P1: the sender component against a bare Python request/reply server (spec 06).
+
+The figure: `ioc.sender.Sender` serving pre-filled 1 MiB buffers of 200-sample
+digitizer events (a benchmark-only source thread keeps qSender full) to a null
+receiver. The baseline, measured in the same run: a bare server answering each
+4-byte request with ``sendmsg([header, payload])`` of 280 000 bytes, TCP_NODELAY
+and the same maximum segment size. The null receiver runs in its own process
+(like a real receiver), reads each header and exactly recLen bytes into a
+preallocated buffer and decodes nothing. Both servers are measured with 1 and 6
+requests in flight, alternating, and the medians of the repetitions are compared.
+
+Run: ``.venv/bin/python benchmarks/bench_sender.py [--json FILE] [--repeat N] [--seconds S]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing
+import socket
+import statistics
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ioc import packets
+from ioc.config import SenderConfig
+from ioc.pool import BufferPool, Owner
+from ioc.sender import Sender
+from receiver.client import DataConnection
+
+REPLY_BYTES = 280_000
+TARGET_RATIO = 0.8
+POOL_BUFFERS = 64
+EVENT_LENGTH = packets.DIGITIZER_HEADER_LENGTH + 200 // 2  # N for 200-sample traces
+PIPELINES = (1, 6)
+TIME_BUDGET_S = 60.0
+
+
+# ------------------------------------------------------------ null receiver
+
+
+def null_receive(host: str, port: int, pipeline: int, seconds: float) -> dict:
+    """Pull replies for ``seconds`` with ``pipeline`` requests in flight; close cleanly."""
+    conn = DataConnection.connect(host, port, timeout=5.0, read_timeout=10.0,
+                                  max_reply_bytes=REPLY_BYTES)
+    conn.request(pipeline)
+    conn.read_reply()  # the first reply starts the clock
+    conn.request(1)
+    start = time.perf_counter()
+    end = start + seconds
+    payload = replies = largest = 0
+    while True:
+        header, _ = conn.read_reply()
+        payload += header.length
+        replies += 1
+        largest = max(largest, header.length)
+        if time.perf_counter() >= end:
+            break
+        conn.request(1)
+    elapsed = time.perf_counter() - start
+    while conn.outstanding:
+        conn.read_reply()
+    conn.close()
+    return {"mb_s": payload / elapsed / 1e6, "replies_s": replies / elapsed, "largest": largest}
+
+
+def _receiver_worker(commands) -> None:
+    """Child process: run one null receiver per command until told to stop."""
+    while (command := commands.recv()) is not None:
+        commands.send(null_receive(*command))
+
+
+# ---------------------------------------------------------------- servers
+
+
+class BareServer:
+    """The baseline: blocking request/reply with one gather write per reply."""
+
+    def __init__(self, max_segment: int) -> None:
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if max_segment:
+            self.listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, max_segment)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(4)
+        self.port = self.listener.getsockname()[1]
+        self.payload = memoryview(bytearray(b"\xaa" * REPLY_BYTES))
+        self.header = struct.pack(">iiii", 4, REPLY_BYTES, 0, 1)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        requests = bytearray(4096)
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            leftover = 0
+            with sock:
+                while count := sock.recv_into(requests):
+                    leftover += count
+                    for _ in range(leftover // 4):
+                        sock.sendmsg([self.header, self.payload])
+                    leftover %= 4
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+
+
+def fill_buffers(pool: BufferPool) -> int:
+    """Fill every buffer once with chained 200-sample events; returns the payload bytes."""
+    event_words = EVENT_LENGTH + 1
+    count = pool.buffer_bytes // 4 // event_words
+    nwords = count * event_words
+    for buf in pool.buffers:
+        events = buf.words[:nwords].reshape(count, event_words)
+        events[:] = 0x00010002  # trace samples
+        events[:, 0] = packets.MARKER
+        events[:, 1] = [packets.word1(3, EVENT_LENGTH, 101, i % 10) for i in range(count)]
+        events[:, 2] = range(count)
+        events[:, 3] = packets.word3(packets.DIGITIZER_HEADER_LENGTH, 0, packets.HEADER_TYPE_LED, 0)
+    return nwords * 4
+
+
+class SenderUnderTest:
+    """The Sender with a source thread keeping qSender full of pre-filled buffers."""
+
+    def __init__(self, config: SenderConfig) -> None:
+        self.pool = BufferPool(POOL_BUFFERS)
+        self.nbytes = fill_buffers(self.pool)
+        self.sender = Sender(self.pool, config, "127.0.0.1", 0)
+        self.sender.start()
+        self.sender.run_started(save=True)
+        self.port = self.sender.port
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._source, daemon=True)
+        self.thread.start()
+
+    def _source(self) -> None:
+        while not self._stop.wait(0.002):
+            refill = self.pool.q_free.get_all(Owner.INLOOP)
+            for buf in refill:
+                buf.clear()
+                buf.card, buf.board_type, buf.nbytes = 0, 12, self.nbytes
+            self.pool.q_sender.put_many(refill)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join()
+        self.sender.shutdown(deliver_timeout=0.0)
+
+
+# ------------------------------------------------------------------- main
+
+
+@dataclass
+class Figure:
+    pipeline: int
+    sender: list[float]
+    bare: list[float]
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.sender) / statistics.median(self.bare)
+
+    @property
+    def passed(self) -> bool:
+        return self.ratio >= TARGET_RATIO
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=5, help="repetitions (median; >= 5)")
+    parser.add_argument("--seconds", type=float, default=0.8, help="length of one measurement")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    config = SenderConfig()
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    worker = context.Process(target=_receiver_worker, args=(theirs,), daemon=True)
+    worker.start()
+    bare = BareServer(config.max_segment)
+    under_test = SenderUnderTest(config)
+    figures = {p: Figure(p, [], []) for p in PIPELINES}
+    largest = 0
+    try:
+        for rep in range(args.repeat):
+            for pipeline in PIPELINES:
+                for name, port in (("bare", bare.port), ("sender", under_test.port)):
+                    ours.send(("127.0.0.1", port, pipeline, args.seconds))
+                    result = ours.recv()
+                    getattr(figures[pipeline], name).append(result["mb_s"])
+                    if name == "sender":
+                        largest = max(largest, result["largest"])
+            if time.monotonic() - started > TIME_BUDGET_S - 4 * args.seconds * len(PIPELINES):
+                print(f"time budget reached after {rep + 1} repetitions", file=sys.stderr)
+                break
+        ours.send(None)
+        worker.join(5)
+    finally:
+        under_test.close()
+        bare.close()
+        if worker.is_alive():
+            worker.kill()
+    audit = under_test.pool.audit()
+    stats = under_test.sender.stats()
+
+    print(f"P1 sender: 1 MiB buffers of {EVENT_LENGTH + 1}-word events, replies <= "
+          f"{config.max_reply_bytes} B (largest sent {largest} B), max_segment "
+          f"{config.max_segment}, {len(figures[1].sender)} repetitions, "
+          f"{args.seconds:g} s each")
+    results = []
+    for fig in figures.values():
+        line = {
+            "id": "P1",
+            "pipeline": fig.pipeline,
+            "figure_mb_s": round(statistics.median(fig.sender), 1),
+            "baseline_mb_s": round(statistics.median(fig.bare), 1),
+            "ratio": round(fig.ratio, 3),
+            "target_ratio": TARGET_RATIO,
+            "pass": fig.passed,
+            "sender_runs_mb_s": [round(v, 1) for v in fig.sender],
+            "bare_runs_mb_s": [round(v, 1) for v in fig.bare],
+        }
+        results.append(line)
+        print(f"  pipeline {fig.pipeline}: sender {line['figure_mb_s']} MB/s, bare server "
+              f"{line['baseline_mb_s']} MB/s, ratio {line['ratio']:.3f}, target >= "
+              f"{TARGET_RATIO} -> {'PASS' if fig.passed else 'FAIL'}")
+    healthy = audit.ok and stats.requeued == 0 and largest <= config.max_reply_bytes
+    print(f"  pool audit ok={audit.ok}, requeued={stats.requeued}, replies={stats.replies}")
+    passed = healthy and all(fig.passed for fig in figures.values())
+    print(f"P1 {'PASS' if passed else 'FAIL'} ({time.monotonic() - started:.1f} s)")
+    if args.json:
+        args.json.write_text(json.dumps({"results": results, "pass": passed}, indent=2) + "\n")
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""Assembles one IOC process: backend, pool, the three stages, records, run control.
+
+`CrateIoc` is a crate read-out (optionally also serving the global run-control
+records); `serve_globals_only` is the small IOC that serves just the globals
+for a multi-crate system. EPICS environment variables must be final before
+this module is imported (the CA/PVA servers and the CA client read them once).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import epics
+from softioc import asyncio_dispatcher, autosave, builder, softioc
+
+from ioc.config import CrateConfig, SystemConfig
+from ioc.hardware import BoardKind
+from ioc.inloop import BoardSetup, InLoop
+from ioc.outloop import OutLoop
+from ioc.pool import BufferPool
+from ioc.publisher import Publisher
+from ioc.pvs import BoardRef, Instance, expand
+from ioc.records import Records
+from ioc.runcontrol import CrateState, RunControl
+from ioc.sender import Sender
+from sim import Fault, SimBoardSpec, SimCrate
+
+GLOBAL_NAMES = ("Online_CS_StartStop", "Online_CS_SaveData")
+#: Faults a trigger board accepts (spec 01: only the last four).
+TRIGGER_FAULTS = frozenset({Fault.FIFO_OVERFLOW, Fault.FIFO_UNDERFLOW, Fault.READ_ERROR})
+SHUTDOWN_DRAIN_S = 3.0
+SHUTDOWN_DELIVER_S = 1.0
+
+log = logging.getLogger("dgs.ioc")
+
+
+def _configure_autosave(system: SystemConfig, name: str) -> None:
+    """Keep `Online_CS_RunNumber` across restarts (saved within a second of a change)."""
+    directory = Path(system.state_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    autosave.configure(directory, name, save_period=1.0, timestamped_backups=False)
+
+
+def build_sim_crate(crate: CrateConfig) -> SimCrate:
+    specs = [
+        SimBoardSpec(
+            name=b.name,
+            kind=b.kind,
+            slot=b.slot,
+            card=b.card,
+            package_data=b.package_data,
+            event_rate_hz=b.sim.event_rate_hz,
+            trace_samples=b.sim.trace_samples,
+            header_type=b.sim.header_type,
+            fifo_words=b.sim.fifo_words,
+        )
+        for b in sorted(crate.boards, key=lambda b: b.card)
+    ]
+    return SimCrate(specs, seed=crate.seed)
+
+
+class CrateIoc:
+    """One crate read-out IOC."""
+
+    def __init__(self, system: SystemConfig, crate: CrateConfig) -> None:
+        self.system = system
+        self.crate_config = crate
+        self.crate_id = crate.crate
+        self.serve_globals = system.globals == "local"
+        self.pool = BufferPool()
+        self.backend = build_sim_crate(crate)
+        self.boards_by_name = {b.identity.name: b for b in self.backend.boards}
+        self.board_configs = {b.name: b for b in crate.boards}
+        self.inloop = InLoop(
+            self.backend,
+            self.pool,
+            crate.inloop,
+            self._sample_setup,
+            on_state=lambda state: self.runcontrol.inloop_state_changed(state),
+        )
+        self.outloop = OutLoop(
+            self.pool, on_flushed=lambda: self.runcontrol.outloop_flushed()
+        )
+        self.sender = Sender(self.pool, crate.sender, crate.data_bind, crate.data_port)
+        self.runcontrol = RunControl(
+            inloop=self.inloop,
+            outloop=self.outloop,
+            sender=self.sender,
+            reset_accounting=self.backend.reset_accounting,
+            on_state=self._state_changed,
+            on_connection=lambda ok: self.records.publish("GlobalsConnected", int(ok)),
+        )
+        refs = tuple(BoardRef(b.name, b.kind) for b in crate.boards)
+        self.records = Records(
+            expand(self.crate_id, refs, with_globals=self.serve_globals, sim=True),
+            initial=self._initial_value,
+            rules={"PackageData": self._unique_package_data, "SimFault": self._fault_allowed},
+            handlers=self._handlers(),
+        )
+        self.publisher = Publisher(
+            self.records, self.pool, self.inloop, self.outloop, self.sender, self.boards_by_name
+        )
+        self._followers: list[epics.PV] = []
+
+    # Record set-up.
+
+    def _initial_value(self, inst: Instance) -> Any:
+        key = inst.pv.key
+        if key == "CrateNum":
+            return int(self.crate_id)
+        if key == "BuffersTotal":
+            return self.pool.size
+        if inst.board is None:
+            return None
+        cfg = self.board_configs[inst.board]
+        return {
+            "CS_Ena": int(cfg.enabled),
+            "FifoNum": cfg.fifo_num,
+            "PackageData": cfg.package_data,
+            "SimEventRate": cfg.sim.event_rate_hz,
+            "SimTraceLength": cfg.sim.trace_samples,
+            "SimHeaderType": 0 if cfg.sim.header_type == 7 else 1,
+        }.get(key)
+
+    def _handlers(self) -> dict:
+        def switch(name: str):
+            return lambda _inst, value: setattr(self.outloop.switches, name, bool(value))
+
+        return {
+            "HeaderCheckEnable": switch("header"),
+            "TimestampCheckEnable": switch("timestamp"),
+            "DeepCheckEnable": switch("deep"),
+            "SimEventRate": lambda inst, v: self.boards_by_name[inst.board].set_event_rate(v),
+            "SimTraceLength": lambda inst, v: self.boards_by_name[inst.board].set_trace_length(
+                int(v)
+            ),
+            "SimHeaderType": lambda inst, v: self.boards_by_name[inst.board].set_header_type(
+                7 if int(v) == 0 else 8
+            ),
+            "SimFault": self._inject_fault,
+        }
+
+    def _unique_package_data(self, inst: Instance, value: int) -> str | None:
+        for name in self.board_configs:
+            if name != inst.board and self.records.get("PackageData", board=name) == value:
+                return f"package data {value} already used by {name}"
+        for other in self.system.crates:
+            if other.crate == self.crate_id:
+                continue
+            for board in other.boards:
+                if board.package_data == value:
+                    return f"package data {value} used by crate {other.crate} {board.name}"
+        return None
+
+    def _fault_allowed(self, inst: Instance, value: int) -> str | None:
+        if value == Fault.NONE:
+            return None
+        board = self.boards_by_name[inst.board]
+        if self.runcontrol.state is not CrateState.RUNNING:
+            return "faults are accepted only while a run is active"
+        if board.identity.card not in self.inloop.enabled_cards():
+            return "the board is not enabled in this run"
+        if board.identity.kind is BoardKind.TRIGGER_MASTER and Fault(value) not in TRIGGER_FAULTS:
+            return "a trigger board accepts only FIFO overflow, underflow and read error"
+        return None
+
+    def _inject_fault(self, inst: Instance, value: int) -> None:
+        if value != Fault.NONE:
+            self.boards_by_name[inst.board].inject(Fault(value))
+            log.info("injected %s on %s", Fault(value).name, inst.board)
+        self.records.publish("SimFault", int(Fault.NONE), board=inst.board)
+
+    def _sample_setup(self) -> dict[int, BoardSetup]:
+        """Board set-up as the PVs say at run start (enables, FIFO, package data)."""
+        return {
+            cfg.card: BoardSetup(
+                enabled=bool(self.records.get("CS_Ena", board=name)),
+                fifo_num=int(self.records.get("FifoNum", board=name)),
+                package_data=int(self.records.get("PackageData", board=name)),
+            )
+            for name, cfg in self.board_configs.items()
+        }
+
+    def _state_changed(self, state: CrateState) -> None:
+        self.records.publish("State", int(state))
+        if state is CrateState.STOPPED:
+            self.publisher.publish_now()
+
+    # Life cycle.
+
+    def start(self) -> None:
+        """Serve the records, start the stages and follow the globals."""
+        self.sender.bind_check()
+        if self.serve_globals:
+            _configure_autosave(self.system, f"DAQC{self.crate_id}")
+        builder.LoadDatabase()
+        epics.ca.initialize_libca()
+        softioc.iocInit(asyncio_dispatcher.AsyncioDispatcher())
+        self.records.publish("BuffersTotal", self.pool.size)
+        self.inloop.start()
+        self.outloop.start()
+        self.sender.start()
+        self.runcontrol.start()
+        self.publisher.start()
+        self._follow_globals()
+
+    def _follow_globals(self) -> None:
+        def connection(pvname: str | None = None, conn: bool = False, **_: Any) -> None:
+            self._connected[pvname] = conn
+            self.runcontrol.connection_changed(all(self._connected.values()))
+
+        self._connected = dict.fromkeys(GLOBAL_NAMES, False)
+        handlers = (self.runcontrol.start_stop_changed, self.runcontrol.save_changed)
+        for name, handler in zip(GLOBAL_NAMES, handlers):
+            self._followers.append(
+                epics.PV(
+                    name,
+                    callback=lambda value=None, handler=handler, **_: handler(int(value)),
+                    connection_callback=connection,
+                    auto_monitor=True,
+                )
+            )
+
+    def stop(self) -> None:
+        """SIGTERM / Ctrl-C: stop as for Stop, deliver briefly, stop every thread."""
+        for pv in self._followers:
+            pv.clear_callbacks()
+        self.runcontrol.begin_shutdown()
+        self.inloop.shutdown(drain_timeout=SHUTDOWN_DRAIN_S)
+        self.runcontrol.wait_stopped(0.5)
+        self.sender.shutdown(deliver_timeout=SHUTDOWN_DELIVER_S)
+        self.runcontrol.quit()
+        self.outloop.shutdown()
+        self.publisher.shutdown()
+
+
+class GlobalsIoc:
+    """The IOC of a multi-crate system that serves only the global run-control records."""
+
+    def __init__(self, system: SystemConfig) -> None:
+        self.system = system
+        self.records = Records(expand("", (), with_globals=True, with_crate=False))
+
+    def start(self) -> None:
+        _configure_autosave(self.system, "globals")
+        builder.LoadDatabase()
+        softioc.iocInit(asyncio_dispatcher.AsyncioDispatcher())
+
+    def stop(self) -> None:
+        """Nothing runs besides the records."""
+
+
+def wait_for_signal(stop: threading.Event) -> None:
+    """Block the main thread until SIGTERM / SIGINT sets ``stop``."""
+    while not stop.wait(1.0):
+        pass
+
+
+def exit_process(code: int = 0) -> None:
+    """Leave through EPICS so its exit handlers (and autosave's last save) run."""
+    os.environ.pop("PYEPICS_LIBCA", None)
+    softioc.safeEpicsExit(code)

@@ -1,0 +1,143 @@
+"""The hardware interface between inLoop and a crate's boards.
+
+inLoop never touches hardware directly: it talks to one `Board` per VME board
+through the few operations the original IOC performed with VME registers.
+`sim/` implements this interface; a real VME or network digitizer driver would
+implement exactly this and nothing else in the IOC would change.
+
+All FIFO data are 32-bit words stored big-endian (numpy dtype ``>u4``), which
+is also the byte order on the wire, so read words go to the socket unchanged.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Word dtype of every buffer, FIFO and wire payload.
+WORD = np.dtype(">u4")
+
+#: Number of FIFOs a DGS master trigger exposes (indexed 0..15, see FifoNum).
+TRIGGER_FIFOS = 16
+
+#: FifoNum index of the master trigger's main data FIFO (the boot default).
+MAIN_DATA_FIFO = 6
+
+
+class BoardKind(enum.Enum):
+    """What a board is, as named in the configuration."""
+
+    DIGITIZER_MASTER = "digitizer_master"
+    DIGITIZER_SLAVE = "digitizer_slave"
+    TRIGGER_MASTER = "trigger_master"
+
+    @property
+    def board_type(self) -> int:
+        """The BoardType code (03-pvs.md): 12 AMD, 13 ASD, 4 DMT."""
+        return _BOARD_TYPE_CODES[self]
+
+    @property
+    def is_trigger(self) -> bool:
+        return self is BoardKind.TRIGGER_MASTER
+
+
+_BOARD_TYPE_CODES = {
+    BoardKind.DIGITIZER_MASTER: 12,
+    BoardKind.DIGITIZER_SLAVE: 13,
+    BoardKind.TRIGGER_MASTER: 4,
+}
+
+
+@dataclass(frozen=True)
+class BoardIdentity:
+    """Who a board is: fixed for the life of the IOC."""
+
+    name: str
+    kind: BoardKind
+    slot: int
+    card: int
+
+    @property
+    def board_type(self) -> int:
+        return self.kind.board_type
+
+
+@dataclass(frozen=True)
+class FifoStatus:
+    """One status poll of a FIFO.
+
+    ``depth_words`` is event-bounded: it counts complete events only, so a read
+    of exactly that many words never splits an event.
+    """
+
+    full: bool
+    almost_full: bool
+    empty: bool
+    depth_words: int
+
+
+class ReadError(Exception):
+    """A FIFO transfer (the "DMA") failed; the board needs a FIFO reset."""
+
+
+class Board(abc.ABC):
+    """One board of a crate, as inLoop sees it.
+
+    Trigger boards have several FIFOs; the ``fifo`` argument selects one of
+    them and is ignored by digitizers (which have one).
+    """
+
+    identity: BoardIdentity
+
+    @property
+    @abc.abstractmethod
+    def package_data(self) -> int:
+        """The user package data (board id) currently programmed."""
+
+    @abc.abstractmethod
+    def status(self, fifo: int = 0) -> FifoStatus:
+        """Poll the FIFO flags and event-bounded depth."""
+
+    @abc.abstractmethod
+    def read(self, out: np.ndarray, nwords: int, fifo: int = 0) -> int:
+        """Copy ``nwords`` words from the FIFO into ``out`` (a ``>u4`` view).
+
+        Returns the number of words copied. Raises `ReadError` when the
+        transfer fails; the words it would have copied are then undefined.
+        """
+
+    @abc.abstractmethod
+    def reset_fifo(self, fifo: int = 0) -> None:
+        """Empty the FIFO and clear its full/almost-full flags."""
+
+    @abc.abstractmethod
+    def set_master_logic(self, on: bool) -> None:
+        """Enable or disable data taking (nothing enters the FIFO while off)."""
+
+    @abc.abstractmethod
+    def reinit_pipeline(self) -> None:
+        """Re-initialise the acquisition pipeline (digitizers, at run start)."""
+
+    @abc.abstractmethod
+    def latch_timestamp(self) -> int:
+        """Latch and return the board's 48-bit timestamp (10 ns ticks)."""
+
+    @abc.abstractmethod
+    def set_package_data(self, value: int) -> None:
+        """Program the 12-bit user package data (board id) put in every packet."""
+
+    def select_fifo(self, fifo: int) -> None:  # noqa: B027 - digitizers have one FIFO
+        """Route a trigger board's packets to FIFO ``fifo``; digitizers ignore it."""
+
+
+class Crate(abc.ABC):
+    """A crate: its boards and the clock their timestamps count from."""
+
+    boards: list[Board]
+
+    @abc.abstractmethod
+    def clock_origin_ns(self) -> int:
+        """``time.monotonic_ns()`` at timestamp 0, to map timestamps to wall time."""

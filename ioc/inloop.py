@@ -1,0 +1,632 @@
+"""inLoop: the reader thread that moves FIFO data into buffers (spec 02 §2).
+
+One thread runs the state machine Idle -> Start -> (NoBoards | Scan) -> Stopping
+-> Idle. In Scan it polls every enabled board once per pass in card order,
+applies the fault decision order, reads a board only when the coalescing rule
+says so (so a trickle of events does not become thousands of tiny buffers),
+then waits the flow-control scan delay. Stopping drains every enabled board and
+queues exactly one end-of-run (0xD) type-F header after each board's last data.
+
+Every buffer inLoop takes from qFree is either queued to qWritten or released
+back to qFree on every path, faults included.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ioc import packets
+from ioc.hardware import Board, Crate, ReadError
+from ioc.pool import POOL_SIZE, Buffer, BufferPool, Owner
+
+#: Shortest scan delay, reached with at least 160 of 200 buffers free.
+SCAN_DELAY_MIN_S = 0.001
+#: Empty (0xE) and almost-full (0xF) headers: at most one per board per period.
+PRESCALE_PERIOD_S = 2.0
+#: A trigger read takes at most 256 KiB, in 64 KiB chunks.
+TRIGGER_MAX_WORDS = 256 * 1024 // 4
+TRIGGER_CHUNK_WORDS = 64 * 1024 // 4
+#: BoardType PVs exist for slots 1..7.
+BOARD_SLOTS = 7
+#: After a drain deadline, how long the remaining 0xD headers may wait for buffers.
+MARKER_GRACE_S = 0.5
+#: Waits for a free buffer re-check the (possibly shortened) deadline this often.
+_BUFFER_WAIT_SLICE_S = 0.05
+
+
+class InLoopSettings(Protocol):
+    """The part of the configuration inLoop reads (ioc.config.InLoopConfig)."""
+
+    read_threshold_bytes: int
+    max_latency_s: float
+    drain_timeout_s: float
+    min_free_buffers: int
+
+
+@dataclass(frozen=True)
+class BoardSetup:
+    """One board's run set-up, sampled from the PVs at run start only."""
+
+    enabled: bool
+    fifo_num: int
+    package_data: int
+
+
+class InLoopState(enum.Enum):
+    IDLE = "Idle"
+    START = "Start"
+    NO_BOARDS = "NoBoards"
+    SCAN = "Scan"
+    STOPPING = "Stopping"
+
+
+@dataclass(frozen=True)
+class InLoopStats:
+    """A consistent snapshot of inLoop's run statistics (spec 02 §2)."""
+
+    running: bool
+    state: InLoopState
+    mib_read: int
+    type_f_built: int
+    polls: int
+    last_transfer: int
+    read_errors: int
+    bytes_read: int
+    run_serial: int
+
+
+#: InLoop4 codes for transfers that did not happen.
+TRANSFER_OVERFLOW = -1
+TRANSFER_UNDERFLOW = -2
+TRANSFER_READ_ERROR = -3
+
+
+def scan_delay(free: int, total: int = POOL_SIZE) -> float:
+    """The flow-control wait after each pass: grows as the pool fills up."""
+    used = total - free
+    return max(SCAN_DELAY_MIN_S, 0.300 * (used - 40) / 100)
+
+
+class _Command(enum.Enum):
+    START = "start"
+    STOP = "stop"
+
+
+class _DrainTimeout(Exception):
+    """The drain deadline passed while a board was still being drained."""
+
+
+@dataclass
+class _BoardRun:
+    """What inLoop keeps about one enabled board during a run."""
+
+    board: Board
+    fifo: int
+    package_data: int
+    #: Monotonic time up to which the FIFO is known consumed (age origin of unread data).
+    clean_at: float
+    empty_flag: bool = True
+    almost_full_flag: bool = True
+    #: The next buffer queued for this board follows a FIFO reset.
+    after_reset: bool = False
+    #: Type-F headers decided but not yet built for lack of a buffer: (channel, type, ts).
+    pending: collections.deque[tuple[int, int, int]] = field(default_factory=collections.deque)
+
+    @property
+    def card(self) -> int:
+        return self.board.identity.card
+
+    @property
+    def is_trigger(self) -> bool:
+        return self.board.identity.kind.is_trigger
+
+
+class InLoop:
+    """The reader thread; the lead drives it with request_start/request_stop."""
+
+    def __init__(
+        self,
+        crate: Crate,
+        pool: BufferPool,
+        config: InLoopSettings,
+        sample_setup: Callable[[], dict[int, BoardSetup]],
+        log: logging.Logger | None = None,
+        on_state: Callable[[InLoopState], None] | None = None,
+    ) -> None:
+        self._crate = crate
+        self._pool = pool
+        self._config = config
+        self._sample_setup = sample_setup
+        self._log = log or logging.getLogger("ioc.inloop")
+        self._on_state = on_state
+        self._cond = threading.Condition()
+        self._wake = threading.Event()
+        self._commands: collections.deque[_Command] = collections.deque()
+        self._shutdown_deadline: float | None = None
+        self._drain_deadline = 0.0
+        self._thread: threading.Thread | None = None
+        self._state = InLoopState.IDLE
+        self._running = False
+        self._run_serial = 0
+        self._zero_counters()
+        self._board_types = self._read_board_types()
+        self._enabled: frozenset[int] = frozenset()
+        self._readers: list[_BoardRun] = []
+
+    # ----------------------------------------------------------------- API
+
+    def start(self) -> None:
+        """Start the thread; it waits in Idle for a Start."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._main, name="inLoop", daemon=True)
+        self._thread.start()
+
+    def request_start(self) -> None:
+        """StartStop = Start; while Stopping it takes effect when the drain completes."""
+        self._command(_Command.START)
+
+    def request_stop(self) -> None:
+        """StartStop = Stop."""
+        self._command(_Command.STOP)
+
+    def shutdown(self, drain_timeout: float = 3.0) -> None:
+        """Stop as for Stop with the drain bounded by ``drain_timeout``, end the thread."""
+        with self._cond:
+            if self._shutdown_deadline is None:
+                self._shutdown_deadline = time.monotonic() + drain_timeout
+            self._cond.notify_all()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(drain_timeout + MARKER_GRACE_S + 1.0)
+
+    def stats(self) -> InLoopStats:
+        with self._cond:
+            return InLoopStats(
+                running=self._running,
+                state=self._state,
+                mib_read=self._bytes_read // (1 << 20),
+                type_f_built=self._type_f_built,
+                polls=self._polls,
+                last_transfer=self._last_transfer,
+                read_errors=self._read_errors,
+                bytes_read=self._bytes_read,
+                run_serial=self._run_serial,
+            )
+
+    def board_types_by_slot(self) -> tuple[int, ...]:
+        """BoardType of slots 1..7 (0 where empty), as published at Idle entry."""
+        with self._cond:
+            return self._board_types
+
+    def enabled_cards(self) -> frozenset[int]:
+        """Cards enabled at the last run start."""
+        with self._cond:
+            return self._enabled
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no run is active or about to start; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: not self._running and _Command.START not in self._commands, timeout
+            )
+
+    # ------------------------------------------------------ thread control
+
+    def _command(self, command: _Command) -> None:
+        with self._cond:
+            if not self._commands or self._commands[-1] is not command:
+                self._commands.append(command)
+            self._cond.notify_all()
+        self._wake.set()
+
+    def _main(self) -> None:
+        self._enter_idle()
+        while self._wait_for_start():
+            try:
+                self._run()
+            except Exception:
+                self._log.exception("inLoop: run aborted by an unexpected error")
+                self._all_master_logic_off()
+            self._enter_idle()
+
+    def _wait_for_start(self) -> bool:
+        """Block in Idle until a Start (True) or a shutdown (False)."""
+        with self._cond:
+            while True:
+                if self._shutdown_deadline is not None:
+                    return False
+                while self._commands:
+                    if self._commands.popleft() is _Command.START:
+                        self._zero_counters()
+                        self._running = True
+                        self._run_serial += 1
+                        return True
+                self._cond.wait()
+
+    def _stop_requested(self) -> bool:
+        """Consume commands up to the first Stop; a later Start stays queued."""
+        with self._cond:
+            if self._shutdown_deadline is not None:
+                return True
+            while self._commands:
+                if self._commands.popleft() is _Command.STOP:
+                    return True
+            return False
+
+    def _set_state(self, state: InLoopState) -> None:
+        with self._cond:
+            if state is self._state:
+                return
+            self._state = state
+            self._cond.notify_all()
+        if self._on_state is not None:
+            try:
+                self._on_state(state)
+            except Exception:
+                self._log.exception("inLoop: state callback failed")
+
+    def _enter_idle(self) -> None:
+        board_types = self._read_board_types()
+        with self._cond:
+            self._running = False
+            self._board_types = board_types
+        self._set_state(InLoopState.IDLE)
+
+    def _read_board_types(self) -> tuple[int, ...]:
+        types = [0] * BOARD_SLOTS
+        for board in self._crate.boards:
+            slot = board.identity.slot
+            if 1 <= slot <= BOARD_SLOTS:
+                types[slot - 1] = board.identity.board_type
+        return tuple(types)
+
+    def _zero_counters(self) -> None:
+        self._bytes_read = 0
+        self._type_f_built = 0
+        self._polls = 0
+        self._last_transfer = 0
+        self._read_errors = 0
+
+    # ----------------------------------------------------------------- run
+
+    def _run(self) -> None:
+        self._begin_run()
+        if not self._readers:
+            self._set_state(InLoopState.NO_BOARDS)
+            self._wait_for_stop()
+            return
+        for reader in self._readers:
+            self._enable(reader.board)
+        self._set_state(InLoopState.SCAN)
+        self._scan_until_stop()
+        self._set_state(InLoopState.STOPPING)
+        self._stop_run()
+
+    def _begin_run(self) -> None:
+        self._set_state(InLoopState.START)
+        setups = self._sample_setup()
+        now = time.monotonic()
+        readers: list[_BoardRun] = []
+        for board in sorted(self._crate.boards, key=lambda b: b.identity.card):
+            setup = setups.get(board.identity.card)
+            if setup is None:
+                continue
+            board.set_package_data(setup.package_data)
+            fifo = setup.fifo_num if board.identity.kind.is_trigger else 0
+            board.select_fifo(fifo)
+            if setup.enabled:
+                board.reset_fifo(fifo)
+                readers.append(_BoardRun(board, fifo, setup.package_data, clean_at=now))
+        self._readers = readers
+        with self._cond:
+            self._enabled = frozenset(reader.card for reader in readers)
+        self._log.info(
+            "inLoop: run %d started, enabled cards %s",
+            self._run_serial,
+            sorted(self._enabled) or "none",
+        )
+
+    def _wait_for_stop(self) -> None:
+        while not self._stop_requested():
+            self._wake.wait()
+            self._wake.clear()
+
+    def _enable(self, board: Board) -> None:
+        if not board.identity.kind.is_trigger:
+            board.reinit_pipeline()
+        board.set_master_logic(True)
+
+    def _all_master_logic_off(self) -> None:
+        for board in self._crate.boards:
+            try:
+                board.set_master_logic(False)
+            except Exception:
+                self._log.exception("inLoop: card %d: master logic off failed", board.identity.card)
+
+    # ---------------------------------------------------------------- scan
+
+    def _scan_until_stop(self) -> None:
+        next_prescale = time.monotonic() + PRESCALE_PERIOD_S
+        while True:
+            self._wake.clear()
+            if self._stop_requested():
+                return
+            now = time.monotonic()
+            if now >= next_prescale:
+                next_prescale = now + PRESCALE_PERIOD_S
+                for reader in self._readers:
+                    reader.empty_flag = True
+                    reader.almost_full_flag = True
+            if len(self._pool.q_free) >= self._config.min_free_buffers:
+                for reader in self._readers:
+                    self._scan_board(reader)
+            self._wake.wait(scan_delay(len(self._pool.q_free), self._pool.size))
+
+    def _scan_board(self, reader: _BoardRun) -> None:
+        """One poll of one board, in the decision order of spec 02 §2."""
+        if not self._flush_pending(reader, None):
+            return
+        board = reader.board
+        polled_at = time.monotonic()
+        status = board.status(reader.fifo)
+        if status.full:
+            self._overflow(reader, reenable=True)
+            return
+        if status.empty and status.depth_words != 0:
+            self._underflow(reader, reenable=True)
+            return
+        if status.depth_words == 0:
+            reader.clean_at = polled_at
+            self._count_poll()
+            if reader.empty_flag:
+                reader.empty_flag = False
+                self._intend_type_f(reader, packets.CH_EMPTY, packets.EVENT_TYPE_NONE)
+                self._flush_pending(reader, None)
+            return
+        if status.almost_full and reader.almost_full_flag:
+            reader.almost_full_flag = False
+            self._log.warning("inLoop: card %d: FIFO almost full", reader.card)
+            self._intend_type_f(reader, packets.CH_ERROR, packets.EVENT_TYPE_OVERFLOW)
+            if not self._flush_pending(reader, None):
+                self._count_poll()
+                return
+        due = (
+            status.depth_words * 4 >= self._config.read_threshold_bytes
+            or polled_at - reader.clean_at >= self._config.max_latency_s
+            or status.almost_full
+        )
+        if not due:
+            self._count_poll()
+            return
+        buf = self._pool.take_free()
+        if buf is None:
+            self._count_poll()
+            return
+        if self._read_into(reader, buf, status.depth_words, polled_at):
+            self._count_poll()
+
+    def _count_poll(self) -> None:
+        with self._cond:
+            self._polls += 1
+
+    # ------------------------------------------------------------- reading
+
+    def _read_into(
+        self, reader: _BoardRun, buf: Buffer, depth_words: int, polled_at: float
+    ) -> bool:
+        """Read up to ``depth_words`` into ``buf`` and queue it; False on a read error."""
+        board = reader.board
+        capacity = len(buf.words)
+        try:
+            if reader.is_trigger:
+                limit = min(depth_words, TRIGGER_MAX_WORDS, capacity)
+                nwords = limit - limit % packets.TRIGGER_WORDS
+                position = 0
+                while position < nwords:
+                    chunk = min(TRIGGER_CHUNK_WORDS, nwords - position)
+                    view = buf.words[position : position + chunk]
+                    if board.read(view, chunk, reader.fifo) != chunk:
+                        raise ReadError(f"short read of {chunk} words")
+                    position += chunk
+            else:
+                nwords = min(depth_words, capacity)
+                if board.read(buf.words[:nwords], nwords, reader.fifo) != nwords:
+                    raise ReadError(f"short read of {nwords} words")
+        except ReadError as error:
+            self._pool.release(buf)
+            with self._cond:
+                self._last_transfer = TRANSFER_READ_ERROR
+                self._read_errors += 1
+            self._log.warning("inLoop: card %d: read error (%s), FIFO reset", reader.card, error)
+            self._reset(reader, reenable=self._state is InLoopState.SCAN)
+            return False
+        except BaseException:
+            self._pool.release(buf)
+            raise
+        if nwords == 0:
+            self._pool.release(buf)
+            return True
+        buf.nbytes = nwords * 4
+        self._queue(reader, buf, is_type_f=False)
+        if nwords == depth_words:
+            reader.clean_at = polled_at
+        with self._cond:
+            self._bytes_read += buf.nbytes
+            self._last_transfer = buf.nbytes
+        return True
+
+    # ------------------------------------------------------------ faults
+
+    def _overflow(self, reader: _BoardRun, reenable: bool) -> None:
+        self._log.warning("inLoop: card %d: FIFO full (overflow), FIFO reset", reader.card)
+        with self._cond:
+            self._last_transfer = TRANSFER_OVERFLOW
+        self._intend_type_f(reader, packets.CH_ERROR, packets.EVENT_TYPE_OVERFLOW)
+        self._flush_pending(reader, None)
+        self._reset(reader, reenable)
+
+    def _underflow(self, reader: _BoardRun, reenable: bool) -> None:
+        self._log.warning("inLoop: card %d: FIFO underflow, FIFO reset", reader.card)
+        with self._cond:
+            self._last_transfer = TRANSFER_UNDERFLOW
+        self._intend_type_f(reader, packets.CH_ERROR, packets.EVENT_TYPE_UNDERFLOW)
+        self._flush_pending(reader, None)
+        self._reset(reader, reenable)
+
+    def _reset(self, reader: _BoardRun, reenable: bool) -> None:
+        reader.board.reset_fifo(reader.fifo)
+        reader.after_reset = True
+        reader.clean_at = time.monotonic()
+        if reenable:
+            reader.board.set_master_logic(True)
+
+    # ------------------------------------------------------------- type F
+
+    def _intend_type_f(self, reader: _BoardRun, channel: int, event_type: int) -> None:
+        """Decide a type-F header now (timestamp latched now); built when a buffer is free."""
+        timestamp = reader.board.latch_timestamp()
+        reader.pending.append((channel, event_type, timestamp))
+
+    def _flush_pending(self, reader: _BoardRun, until: Callable[[], float] | None) -> bool:
+        """Build the board's pending type-F headers; False if a buffer was missing.
+
+        ``until`` None takes only buffers free now (Scan); else waits up to the
+        deadline it returns (re-read while waiting: a shutdown may shorten it).
+        """
+        while reader.pending:
+            buf = self._pool.take_free() if until is None else self._take_free_until(until)
+            if buf is None:
+                return False
+            channel, event_type, timestamp = reader.pending.popleft()
+            buf.words[: packets.TYPE_F_WORDS] = packets.type_f_words(
+                reader.board.identity.slot, reader.package_data, channel, event_type, timestamp
+            )
+            buf.nbytes = packets.TYPE_F_WORDS * 4
+            self._queue(reader, buf, is_type_f=True)
+            with self._cond:
+                self._type_f_built += 1
+        return True
+
+    def _queue(self, reader: _BoardRun, buf: Buffer, is_type_f: bool) -> None:
+        identity = reader.board.identity
+        buf.card = identity.card
+        buf.board_type = identity.board_type
+        buf.fifo = reader.fifo if reader.is_trigger else -1
+        buf.is_type_f = is_type_f
+        buf.after_reset = reader.after_reset
+        reader.after_reset = False
+        self._pool.q_written.put(buf)
+
+    def _take_free_until(self, until: Callable[[], float]) -> Buffer | None:
+        """Wait for a free buffer until the deadline ``until`` returns."""
+        while True:
+            remaining = until() - time.monotonic()
+            if remaining <= 0:
+                return None
+            buf = self._pool.q_free.get(Owner.INLOOP, timeout=min(remaining, _BUFFER_WAIT_SLICE_S))
+            if buf is not None:
+                buf.clear()
+                return buf
+
+    # ------------------------------------------------------------ stopping
+
+    def _drain_limit(self) -> float:
+        """The drain deadline, or the shutdown's if that is sooner (it may arrive mid-drain)."""
+        with self._cond:
+            if self._shutdown_deadline is None:
+                return self._drain_deadline
+            return min(self._drain_deadline, self._shutdown_deadline)
+
+    def _stop_run(self) -> None:
+        """Master logic off, drain each board and queue its 0xD, bounded by the deadline."""
+        with self._cond:
+            self._drain_deadline = time.monotonic() + self._config.drain_timeout_s
+        for board in self._crate.boards:
+            board.set_master_logic(False)
+        remaining = collections.deque(self._readers)
+        try:
+            while remaining:
+                reader = remaining[0]
+                self._drain_board(reader)
+                if not self._queue_end_of_run(reader, self._drain_limit):
+                    raise _DrainTimeout
+                remaining.popleft()
+        except _DrainTimeout:
+            self._finish_after_timeout(list(remaining))
+        self._log.info(
+            "inLoop: run %d drained: %d bytes, %d type-F headers, %d read errors",
+            self._run_serial,
+            self._bytes_read,
+            self._type_f_built,
+            self._read_errors,
+        )
+
+    def _drain_board(self, reader: _BoardRun) -> None:
+        """Read the board's FIFO empty, ignoring flow control; raise _DrainTimeout if late."""
+        if not self._flush_pending(reader, self._drain_limit):
+            raise _DrainTimeout
+        while True:
+            if time.monotonic() >= self._drain_limit():
+                raise _DrainTimeout
+            polled_at = time.monotonic()
+            status = reader.board.status(reader.fifo)
+            if status.full:
+                self._overflow(reader, reenable=False)
+                continue
+            if status.empty and status.depth_words != 0:
+                self._underflow(reader, reenable=False)
+                continue
+            if status.depth_words == 0:
+                self._count_poll()
+                return
+            if status.almost_full and reader.almost_full_flag:
+                reader.almost_full_flag = False
+                self._intend_type_f(reader, packets.CH_ERROR, packets.EVENT_TYPE_OVERFLOW)
+                if not self._flush_pending(reader, self._drain_limit):
+                    raise _DrainTimeout
+            buf = self._take_free_until(self._drain_limit)
+            if buf is None:
+                raise _DrainTimeout
+            if not self._read_into(reader, buf, status.depth_words, polled_at):
+                return
+
+    def _queue_end_of_run(self, reader: _BoardRun, until: Callable[[], float]) -> bool:
+        self._intend_type_f(reader, packets.CH_END_OF_RUN, packets.EVENT_TYPE_NONE)
+        if self._flush_pending(reader, until):
+            return True
+        reader.pending.pop()
+        return False
+
+    def _finish_after_timeout(self, remaining: list[_BoardRun]) -> None:
+        """Deadline passed: clear what is left and still give each board its 0xD."""
+        self._log.warning(
+            "inLoop: drain timeout, FIFOs of cards %s reset",
+            [reader.card for reader in remaining],
+        )
+        for reader in remaining:
+            self._reset(reader, reenable=False)
+        grace_end = time.monotonic() + MARKER_GRACE_S
+
+        def grace_until() -> float:
+            return grace_end
+
+        for reader in remaining:
+            if not self._flush_pending(reader, grace_until):
+                self._log.error(
+                    "inLoop: card %d: %d type-F headers dropped (no free buffer)",
+                    reader.card,
+                    len(reader.pending),
+                )
+                reader.pending.clear()
+            if not self._queue_end_of_run(reader, grace_until):
+                self._log.error(
+                    "inLoop: card %d: end-of-run header lost (no free buffer)", reader.card
+                )

@@ -1,0 +1,267 @@
+"""outLoop, the checker thread (spec 02 §3).
+
+Every 50 ms it takes the whole backlog of qWritten as one batch, applies the
+sender bypass, checks digitizer buffers event by event (`ioc.checker`), keeps
+per-card statistics and traces, and passes buffers to qSender (Save) or back
+to qFree (No Save). At the end of a run it flushes qWritten once more and
+reports that the crate is Stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ioc.checker import SHALLOW_EVENTS, Checker
+from ioc.packets import CH_END_OF_RUN, HEADER_WORDS, channel_id
+from ioc.pool import Buffer, BufferPool, Owner
+from ioc.pvs import CARDS
+
+BATCH_PERIOD_S = 0.050
+STATS_PERIOD_S = 0.5
+#: qSender + batch above this (with Save) sends the whole batch back unchecked.
+BYPASS_THRESHOLD = 100
+TRIGGER_BOARD_TYPE = 4
+
+log = logging.getLogger("dgs.outloop")
+
+
+def bypass_engages(save: bool, in_sender: int, batch: int) -> bool:
+    """The batch rule: with Save, more than 100 buffers waiting means drop this batch."""
+    return save and in_sender + batch > BYPASS_THRESHOLD
+
+
+def is_end_of_run(buf: Buffer) -> bool:
+    return buf.is_type_f and int(channel_id(int(buf.words[1]))) == CH_END_OF_RUN
+
+
+@dataclass
+class CheckSwitches:
+    """The three check-enable PVs, read live for every buffer."""
+
+    header: bool = True
+    timestamp: bool = True
+    deep: bool = True
+
+
+@dataclass(frozen=True)
+class OutLoopStats:
+    """What outLoop publishes every 0.5 s."""
+
+    rate_kbps: tuple[float, ...]
+    bytes_by_card: tuple[int, ...]
+    lost_bytes_by_card: tuple[int, ...]
+    errors_by_card: tuple[int, ...]
+    first_errors: tuple[tuple[int, int, int, int] | None, ...]
+    bufs_written: int
+    fbufs_written: int
+    bufs_lost: int
+    send_rate_kbps: float
+    bytes_to_sender: int
+
+
+@dataclass
+class _RunCounters:
+    bytes_by_card: list[int] = field(default_factory=lambda: [0] * CARDS)
+    lost_bytes_by_card: list[int] = field(default_factory=lambda: [0] * CARDS)
+    errors_by_card: list[int] = field(default_factory=lambda: [0] * CARDS)
+    first_errors: list[tuple[int, int, int, int] | None] = field(
+        default_factory=lambda: [None] * CARDS
+    )
+    bufs_written: int = 0
+    fbufs_written: int = 0
+    bufs_lost: int = 0
+    bytes_to_sender: int = 0
+
+
+class OutLoop:
+    """The checker stage between qWritten and qSender."""
+
+    def __init__(
+        self,
+        pool: BufferPool,
+        checker: Checker | None = None,
+        *,
+        on_flushed: Callable[[], None] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.checker = checker or Checker(CARDS)
+        self.switches = CheckSwitches()
+        #: SaveData, read live for every batch.
+        self.save = False
+        self._on_flushed = on_flushed
+        self._lock = threading.Lock()
+        self._counters = _RunCounters()
+        self._running = False
+        self._flush_requested = threading.Event()
+        self._stop = threading.Event()
+        self._traces: dict[tuple[int, int], np.ndarray] = {}
+        self._rates = [0.0] * CARDS
+        self._send_rate = 0.0
+        self._stats = self._snapshot()
+        self._thread = threading.Thread(target=self._run, name="outLoop", daemon=True)
+
+    # Control, called by run control.
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def reset_run(self) -> None:
+        """Run start: zero the statistics and forget timestamps and traces."""
+        with self._lock:
+            self._counters = _RunCounters()
+            self._traces.clear()
+            self.checker.forget_all()
+            self._rates = [0.0] * CARDS
+            self._send_rate = 0.0
+            self._running = True
+            self._flush_requested.clear()
+            self._stats = self._snapshot()
+
+    def request_flush(self) -> None:
+        """inLoop finished its drain: flush qWritten once more, then report Stopped."""
+        self._flush_requested.set()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2.0)
+
+    # Observation.
+
+    def stats(self) -> OutLoopStats:
+        return self._stats
+
+    def trace_words(self, card: int, channel: int) -> np.ndarray | None:
+        """The trace words (14..N) of the last captured event of (card, channel)."""
+        with self._lock:
+            words = self._traces.get((card, channel))
+            return None if words is None else words.copy()
+
+    # The thread.
+
+    def _run(self) -> None:
+        last_stats = time.monotonic()
+        last_bytes_to_sender = 0
+        last_bytes = [0] * CARDS
+        while not self._stop.is_set():
+            self._stop.wait(BATCH_PERIOD_S)
+            self.process_batch()
+            if self._flush_requested.is_set():
+                self._flush_requested.clear()
+                self.process_batch()
+                with self._lock:
+                    self._running = False
+                if self._on_flushed is not None:
+                    self._on_flushed()
+            now = time.monotonic()
+            dt = now - last_stats
+            if dt >= STATS_PERIOD_S:
+                with self._lock:
+                    c = self._counters
+                    for card in range(CARDS):
+                        sample = (c.bytes_by_card[card] - last_bytes[card]) / dt / 1000.0
+                        rate = self._rates[card]
+                        self._rates[card] = rate - rate / 5 + sample / 5 if self._running else 0.0
+                    sent = c.bytes_to_sender - last_bytes_to_sender
+                    self._send_rate = sent / dt / 1000.0 if self._running else 0.0
+                    last_bytes = list(c.bytes_by_card)
+                    last_bytes_to_sender = c.bytes_to_sender
+                    self._stats = self._snapshot()
+                last_stats = now
+
+    def process_batch(self) -> int:
+        """Take the whole backlog of qWritten and route it; returns the batch size."""
+        batch = self.pool.q_written.get_all(Owner.OUTLOOP)
+        if not batch:
+            return 0
+        save = self.save
+        with self._lock:
+            c = self._counters
+            c.bufs_written += len(batch)
+            for buf in batch:
+                if 0 <= buf.card < CARDS:
+                    c.bytes_by_card[buf.card] += buf.nbytes
+            if bypass_engages(save, len(self.pool.q_sender), len(batch)):
+                self._bypass(batch, c)
+                return len(batch)
+            seen_channels: set[tuple[int, int]] = set()
+            to_sender: list[Buffer] = []
+            to_free: list[Buffer] = []
+            for buf in batch:
+                if self._check(buf, c, seen_channels):
+                    to_sender.append(buf)
+                else:
+                    to_free.append(buf)
+            if save:
+                c.bytes_to_sender += sum(buf.nbytes for buf in to_sender)
+                self.pool.q_sender.put_many(to_sender)
+            else:
+                to_free.extend(to_sender)
+        self.pool.release_many(to_free)
+        return len(batch)
+
+    def _bypass(self, batch: list[Buffer], c: _RunCounters) -> None:
+        kept = [buf for buf in batch if is_end_of_run(buf)]
+        lost = [buf for buf in batch if not is_end_of_run(buf)]
+        c.bufs_lost += len(lost)
+        for buf in lost:
+            if 0 <= buf.card < CARDS:
+                c.lost_bytes_by_card[buf.card] += buf.nbytes
+        c.fbufs_written += len(kept)
+        c.bytes_to_sender += sum(buf.nbytes for buf in kept)
+        self.pool.q_sender.put_many(kept)
+        self.pool.release_many(lost)
+
+    def _check(self, buf: Buffer, c: _RunCounters, seen: set[tuple[int, int]]) -> bool:
+        """Check one buffer; False if a fatal error discards it."""
+        card = buf.card
+        if buf.is_type_f:
+            c.fbufs_written += 1
+        if buf.after_reset and 0 <= card < CARDS:
+            self.checker.forget(card)
+        if buf.board_type == TRIGGER_BOARD_TYPE and not buf.is_type_f:
+            return True
+        switches = self.switches
+        if not switches.header or not 0 <= card < CARDS:
+            return True
+        words = buf.payload_words()
+        result = self.checker.check(
+            words,
+            card,
+            timestamps=switches.timestamp,
+            max_events=None if switches.deep else SHALLOW_EVENTS,
+        )
+        if result.errors:
+            c.errors_by_card[card] += len(result.errors)
+            if c.first_errors[card] is None:
+                c.first_errors[card] = result.errors[0].record()
+        if result.fatal:
+            c.lost_bytes_by_card[card] += buf.nbytes
+            return False
+        for channel, (offset, length) in result.first_event_by_channel.items():
+            if (card, channel) not in seen:
+                seen.add((card, channel))
+                self._traces[(card, channel)] = words[
+                    offset + HEADER_WORDS : offset + length + 1
+                ].copy()
+        return True
+
+    def _snapshot(self) -> OutLoopStats:
+        c = self._counters
+        return OutLoopStats(
+            rate_kbps=tuple(self._rates),
+            bytes_by_card=tuple(c.bytes_by_card),
+            lost_bytes_by_card=tuple(c.lost_bytes_by_card),
+            errors_by_card=tuple(c.errors_by_card),
+            first_errors=tuple(c.first_errors),
+            bufs_written=c.bufs_written,
+            fbufs_written=c.fbufs_written,
+            bufs_lost=c.bufs_lost,
+            send_rate_kbps=self._send_rate,
+            bytes_to_sender=c.bytes_to_sender,
+        )

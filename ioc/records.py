@@ -1,0 +1,177 @@
+"""Builds the pythonSoftIOC records of `ioc.pvs.PV_TABLE` and publishes to them.
+
+Writable records validate every put against the table (range, enum index,
+evenness) plus any run-time rule the IOC adds (unique package data, faults
+only while running); a refused put leaves the value unchanged and the client
+sees a write failure. Publication goes through `Records.publish`, which skips
+values that did not change, because every record update costs CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+from softioc import builder
+
+from ioc.pvs import PV, Instance
+
+#: A run-time rule: returns None to accept a put, or the reason to refuse it.
+Rule = Callable[[Instance, Any], str | None]
+#: Called (on the dispatcher thread) after an accepted put.
+Handler = Callable[[Instance, Any], None]
+
+_DESC_MAX = 40
+
+log = logging.getLogger("dgs.records")
+
+
+def table_check(pv: PV, value: Any) -> str | None:
+    """The PV table's own rule for a put: None if accepted, else why not."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "not a finite number"
+    if pv.enums and not (0 <= value < len(pv.enums)):
+        return f"enum index {value} out of range 0..{len(pv.enums) - 1}"
+    if pv.low is not None and value < pv.low:
+        return f"{value} below {pv.low:g}"
+    if pv.high is not None and value > pv.high:
+        return f"{value} above {pv.high:g}"
+    if pv.record == "ao" and pv.high == 1 and value not in (0, 1):
+        return f"{value} is not 0 or 1"
+    if pv.even and int(value) % 2:
+        return f"{value} is not even"
+    return None
+
+
+class Records:
+    """The records of one IOC, keyed by (table key, card/slot index or board name)."""
+
+    def __init__(
+        self,
+        instances: Iterable[Instance],
+        *,
+        initial: Callable[[Instance], Any] | None = None,
+        rules: dict[str, Rule] | None = None,
+        handlers: dict[str, Handler] | None = None,
+    ) -> None:
+        self.instances = list(instances)
+        self._rules = rules or {}
+        self._handlers = handlers or {}
+        self._records: dict[tuple[str, int | str | None], Any] = {}
+        self._writable: set[tuple[str, int | str | None]] = set()
+        self._published: dict[tuple[str, int | str | None], Any] = {}
+        self._lock = threading.Lock()
+        for inst in self.instances:
+            value = initial(inst) if initial else None
+            if value is None:
+                value = inst.pv.initial
+            k = self._key(inst.pv.key, inst.index, inst.board)
+            self._records[k] = self._build(inst, value)
+            if inst.pv.writable:
+                self._writable.add(k)
+
+    @staticmethod
+    def _key(key: str, index: int | None, board: str | None) -> tuple[str, int | str | None]:
+        return (key, board if board is not None else index)
+
+    def names(self) -> list[str]:
+        return [inst.name for inst in self.instances]
+
+    def has(self, key: str, index: int | None = None, board: str | None = None) -> bool:
+        return self._key(key, index, board) in self._records
+
+    def get(self, key: str, index: int | None = None, board: str | None = None) -> Any:
+        return self._records[self._key(key, index, board)].get()
+
+    def publish(self, key: str, value: Any, index: int | None = None, board: str | None = None):
+        """Set an input record (or reset an output one) only if the value changed."""
+        k = self._key(key, index, board)
+        record = self._records.get(k)
+        if record is None:
+            return
+        with self._lock:
+            last = self._published.get(k)
+            if isinstance(value, np.ndarray):
+                if last is not None and np.array_equal(last, value):
+                    return
+                self._published[k] = value.copy()
+            else:
+                if last is not None and last == value:
+                    return
+                self._published[k] = value
+        if k in self._writable:
+            record.set(value, process=False)
+        else:
+            record.set(value)
+
+    def _build(self, inst: Instance, value: Any):
+        pv = inst.pv
+        fields: dict[str, Any] = {"DESC": pv.desc[:_DESC_MAX]}
+        if pv.egu:
+            fields["EGU"] = pv.egu
+        if pv.prec is not None:
+            fields["PREC"] = pv.prec
+        if pv.writable:
+            fields["validate"] = self._validator(inst)
+            handler = self._handlers.get(pv.key)
+            if handler is not None:
+                fields["on_update"] = lambda v, inst=inst, handler=handler: self._call(
+                    handler, inst, v
+                )
+        if pv.autosave:
+            fields["autosave"] = True
+        name = inst.name
+        match pv.record:
+            case "ai":
+                return builder.aIn(name, initial_value=value, **fields)
+            case "ao":
+                return builder.aOut(name, initial_value=value, **fields)
+            case "longin":
+                return builder.longIn(name, initial_value=value, **fields)
+            case "longout":
+                return builder.longOut(name, initial_value=value, **fields)
+            case "bi":
+                return builder.boolIn(
+                    name, pv.enums[0], pv.enums[1], initial_value=value, **fields
+                )
+            case "bo":
+                return builder.boolOut(
+                    name, pv.enums[0], pv.enums[1], initial_value=value, **fields
+                )
+            case "mbbi":
+                return builder.mbbIn(name, *pv.enums, initial_value=value, **fields)
+            case "mbbo":
+                return builder.mbbOut(name, *pv.enums, initial_value=value, **fields)
+            case "stringin":
+                return builder.stringIn(name, initial_value=value, **fields)
+            case "waveform":
+                return builder.WaveformIn(
+                    name, initial_value=np.zeros(pv.length, dtype=pv.dtype), **fields
+                )
+        raise ValueError(f"{name}: unknown record type {pv.record}")
+
+    def _validator(self, inst: Instance):
+        rule = self._rules.get(inst.pv.key)
+
+        def validate(_record, value) -> bool:
+            reason = table_check(inst.pv, value)
+            if reason is None and rule is not None:
+                reason = rule(inst, value)
+            if reason is not None:
+                log.warning("refused put %s = %r: %s", inst.name, value, reason)
+                return False
+            return True
+
+        return validate
+
+    @staticmethod
+    def _call(handler: Handler, inst: Instance, value: Any) -> None:
+        """A handler that raises must not leave the record stuck: log and go on."""
+        try:
+            handler(inst, value)
+        except Exception:
+            log.exception("handler for %s failed", inst.name)

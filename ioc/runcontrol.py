@@ -1,0 +1,183 @@
+"""Run control: follows the global run-control PVs and sequences the stages.
+
+The crate follows `Online_CS_StartStop` and `Online_CS_SaveData` through CA
+monitors whether this IOC serves them (standalone) or another one does
+(multi-crate), so both cases take the same path. Monitor callbacks only post
+events; one worker thread carries them out in order, so a CA callback never
+blocks and a Start that arrives while draining waits for the drain (spec 02
+§2, §5).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+from ioc.inloop import InLoop, InLoopState
+from ioc.outloop import OutLoop
+
+log = logging.getLogger("dgs.runcontrol")
+
+
+class CrateState(enum.IntEnum):
+    """`_CV_State`: the crate's run state as scripts and screens see it."""
+
+    STOPPED = 0
+    RUNNING = 1
+    DRAINING = 2
+    NO_BOARDS = 3
+
+
+class SenderControl(Protocol):
+    def run_started(self, save: bool) -> None: ...
+    def save_changed(self, save: bool) -> None: ...
+    def run_stopped(self) -> None: ...
+    def drain_complete(self) -> None: ...
+    def bind_check(self) -> None: ...
+
+
+class _Event(enum.Enum):
+    START_STOP = "start_stop"
+    SAVE = "save"
+    INLOOP_STATE = "inloop_state"
+    FLUSHED = "flushed"
+    CONNECTION = "connection"
+    SHUTDOWN = "shutdown"
+    QUIT = "quit"
+
+
+class RunControl:
+    """Turns run-control PV changes and stage reports into stage commands."""
+
+    def __init__(
+        self,
+        *,
+        inloop: InLoop,
+        outloop: OutLoop,
+        sender: SenderControl,
+        reset_accounting: Callable[[], None],
+        on_state: Callable[[CrateState], None],
+        on_connection: Callable[[bool], None],
+    ) -> None:
+        self.inloop = inloop
+        self.outloop = outloop
+        self.sender = sender
+        self._reset_accounting = reset_accounting
+        self._on_state = on_state
+        self._on_connection = on_connection
+        self._events: queue.SimpleQueue[tuple[_Event, object]] = queue.SimpleQueue()
+        self.want_start = False
+        self.save = False
+        self.state = CrateState.STOPPED
+        self._stopped = threading.Event()
+        self._stopped.set()
+        self._thread = threading.Thread(target=self._run, name="runControl", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    # Event sources (any thread).
+
+    def start_stop_changed(self, value: int) -> None:
+        self._events.put((_Event.START_STOP, bool(value)))
+
+    def save_changed(self, value: int) -> None:
+        self._events.put((_Event.SAVE, bool(value)))
+
+    def connection_changed(self, connected: bool) -> None:
+        self._events.put((_Event.CONNECTION, connected))
+
+    def inloop_state_changed(self, state: InLoopState) -> None:
+        self._events.put((_Event.INLOOP_STATE, state))
+
+    def outloop_flushed(self) -> None:
+        self._events.put((_Event.FLUSHED, None))
+
+    def begin_shutdown(self) -> None:
+        """SIGTERM: no new run; a running one ends (the caller drains inLoop itself)."""
+        self._events.put((_Event.SHUTDOWN, None))
+
+    def wait_stopped(self, timeout: float) -> bool:
+        return self._stopped.wait(timeout)
+
+    def quit(self) -> None:
+        self._events.put((_Event.QUIT, None))
+        self._thread.join(timeout=2.0)
+
+    # The worker.
+
+    def _run(self) -> None:
+        while True:
+            event, value = self._events.get()
+            if event is _Event.QUIT:
+                return
+            try:
+                self._handle(event, value)
+            except Exception:
+                log.exception("run control failed handling %s", event.value)
+
+    def _handle(self, event: _Event, value: object) -> None:
+        if event is _Event.START_STOP:
+            self.want_start = bool(value)
+            if self.want_start and self.state is CrateState.STOPPED:
+                self._begin_run()
+            elif not self.want_start and self.state in (CrateState.RUNNING, CrateState.NO_BOARDS):
+                self._end_run()
+        elif event is _Event.SAVE:
+            self.save = bool(value)
+            self.outloop.save = self.save
+            self.sender.save_changed(self.save)
+        elif event is _Event.SHUTDOWN:
+            self.want_start = False
+            if self.state in (CrateState.RUNNING, CrateState.NO_BOARDS):
+                self._set_state(CrateState.DRAINING)
+                self.sender.run_stopped()
+        elif event is _Event.CONNECTION:
+            self._on_connection(bool(value))
+        elif event is _Event.INLOOP_STATE:
+            self._inloop_state(value)  # type: ignore[arg-type]
+        elif event is _Event.FLUSHED:
+            self.sender.drain_complete()
+            self._set_state(CrateState.STOPPED)
+            if self.want_start:
+                self._begin_run()
+
+    def _inloop_state(self, state: InLoopState) -> None:
+        if state is InLoopState.NO_BOARDS and self.state is CrateState.RUNNING:
+            self._set_state(CrateState.NO_BOARDS)
+        elif state is InLoopState.IDLE and self.state is CrateState.DRAINING:
+            self.outloop.request_flush()
+
+    def _begin_run(self) -> None:
+        try:
+            self.sender.bind_check()
+        except OSError as err:
+            log.error("run refused: data port cannot be bound: %s", err)
+            return
+        self._reset_accounting()
+        self.sender.run_started(self.save)
+        self.outloop.save = self.save
+        self.outloop.reset_run()
+        self._set_state(CrateState.RUNNING)
+        self.inloop.request_start()
+        log.info("run started (%s)", "Save" if self.save else "No Save")
+
+    def _end_run(self) -> None:
+        self._set_state(CrateState.DRAINING)
+        self.inloop.request_stop()
+        self.sender.run_stopped()
+        log.info("run stopping: draining")
+
+    def _set_state(self, state: CrateState) -> None:
+        if state is self.state:
+            return
+        self.state = state
+        if state is CrateState.STOPPED:
+            self._stopped.set()
+        else:
+            self._stopped.clear()
+        self._on_state(state)

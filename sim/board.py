@@ -1,0 +1,272 @@
+"""What every simulated board shares: FIFOs filled lazily from the crate clock.
+
+A board does nothing between calls. Each call that looks at the FIFO first
+"catches up": the events that arrived since the previous call (while master
+logic was on) are built straight into the FIFO, those that no longer fit are
+counted as dropped. Subclasses only say how big an event is and how to write
+a batch of them.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from ioc.hardware import Board, BoardIdentity, BoardKind, FifoStatus, ReadError
+from ioc.packets import HEADER_TYPE_LED, TIMESTAMP_MASK
+from sim.arrivals import ArrivalProcess
+from sim.clock import CrateClock
+from sim.faults import PACKET_FAULTS, Fault
+from sim.fifo import Fifo
+
+#: Default FIFO size: 256 K words (1 MiB), the physical FIFO of a digitizer.
+DEFAULT_FIFO_WORDS = 262144
+
+
+@dataclass(frozen=True)
+class SimBoardSpec:
+    """One simulated board as configured (``[[crate.board]]`` plus its ``[crate.board.sim]``)."""
+
+    name: str
+    kind: BoardKind
+    slot: int
+    card: int
+    package_data: int
+    event_rate_hz: float = 500.0  # per channel (digitizers) or triggers per second
+    trace_samples: int = 200
+    header_type: int = HEADER_TYPE_LED
+    fifo_words: int = DEFAULT_FIFO_WORDS
+
+
+def _check_package_data(value: int) -> int:
+    if not 0 <= value <= 0xFFF:
+        raise ValueError(f"package data is 12 bits (0..4095), not {value}")
+    return value
+
+
+class SimBoard(Board):
+    """A simulated board; the public methods are safe to call from several threads."""
+
+    #: Channels whose events are counted separately (10 per digitizer, 1 per trigger).
+    CHANNELS: int
+    #: Number of FIFOs the board has.
+    FIFOS: int
+
+    def __init__(self, spec: SimBoardSpec, clock: CrateClock, crate_seed: int) -> None:
+        if not 1 <= spec.slot <= 31:
+            raise ValueError(f"slot {spec.slot} does not fit the 5-bit geographic address")
+        self.identity = BoardIdentity(spec.name, spec.kind, spec.slot, spec.card)
+        self._lock = threading.Lock()
+        self._clock = clock
+        self._rng = np.random.default_rng([crate_seed, spec.slot])
+        self._event_rate_hz = 0.0
+        self._arrivals = ArrivalProcess(self._rng)
+        self._fifos = [Fifo(spec.fifo_words, self.CHANNELS) for _ in range(self.FIFOS)]
+        self._selected = 0
+        self._logic_on = False
+        self._package_data = _check_package_data(spec.package_data)
+        self._pending: set[Fault] = set()
+        self._last_tick = 0  # latest timestamp put in the FIFO, for strict order
+        self._epoch = 0
+        self._generated = np.zeros(self.CHANNELS, dtype=np.int64)
+        self._dropped = np.zeros(self.CHANNELS, dtype=np.int64)
+        self._cleared = np.zeros(self.CHANNELS, dtype=np.int64)
+        self.set_event_rate(spec.event_rate_hz)
+
+    # What subclasses provide.
+
+    @abc.abstractmethod
+    def _event_words(self) -> int:
+        """Words per event with the current settings."""
+
+    @abc.abstractmethod
+    def _write_events(self, block: np.ndarray, ticks: np.ndarray) -> np.ndarray:
+        """Write one event per tick into ``block`` (n, event words); return their channels."""
+
+    def _corrupt(self, block: np.ndarray, ticks: np.ndarray, channels: np.ndarray) -> None:
+        """Apply pending packet faults to a freshly written batch (digitizers only)."""
+
+    def _fifo(self, fifo: int) -> Fifo:
+        return self._fifos[0]
+
+    # Generation.
+
+    def _catch_up(self) -> None:
+        """Bring the FIFO up to the clock: add the events that arrived since the last call."""
+        if not self._logic_on:
+            return
+        now = self._clock.now_ticks()
+        fifo = self._fifos[self._selected]
+        event_words = self._event_words()
+        room = fifo.free_words // event_words
+        ticks = self._arrivals.take(now, room + 1)
+        lost = 0
+        if ticks.size > room:
+            lost = ticks.size - room + self._arrivals.skip(now)
+            ticks = ticks[:room]
+        self._append(fifo, ticks, event_words)
+        if lost:
+            fifo.full = True
+            share = np.full(self.CHANNELS, 1.0 / self.CHANNELS)
+            self._dropped += self._rng.multinomial(lost, share)
+
+    def _append(self, fifo: Fifo, ticks: np.ndarray, event_words: int) -> None:
+        count = ticks.size
+        if count == 0:
+            return
+        if ticks[0] <= self._last_tick:
+            ticks = np.maximum(ticks, self._last_tick + 1 + np.arange(count))
+        block = fifo.reserve(count * event_words).reshape(count, event_words)
+        channels = self._write_events(block, ticks)
+        self._corrupt(block, ticks, channels)
+        fifo.commit(event_words, channels, self._epoch)
+        self._last_tick = int(ticks[-1])
+        self._generated += np.bincount(channels, minlength=self.CHANNELS)
+
+    def _fill_to_capacity(self) -> None:
+        """The overflow fault: real events, one tick apart, until no further one fits."""
+        self._catch_up()
+        fifo = self._fifos[self._selected]
+        event_words = self._event_words()
+        count = fifo.free_words // event_words
+        self._append(fifo, self._last_tick + 1 + np.arange(count, dtype=np.int64), event_words)
+        fifo.full = True
+        if self._arrivals.next_tick <= self._last_tick:
+            self._arrivals.restart(self._last_tick)
+
+    # The Board interface.
+
+    @property
+    def package_data(self) -> int:
+        with self._lock:
+            return self._package_data
+
+    def status(self, fifo: int = 0) -> FifoStatus:
+        with self._lock:
+            target = self._fifo(fifo)
+            self._catch_up()
+            depth = target.depth_words
+            empty = depth == 0
+            if depth and Fault.FIFO_UNDERFLOW in self._pending:
+                self._pending.discard(Fault.FIFO_UNDERFLOW)
+                empty = True
+            return FifoStatus(target.full, target.almost_full, empty, depth)
+
+    def read(self, out: np.ndarray, nwords: int, fifo: int = 0) -> int:
+        with self._lock:
+            target = self._fifo(fifo)
+            self._catch_up()
+            if not 0 <= nwords <= target.depth_words:
+                raise ValueError(f"read of {nwords} words, FIFO depth {target.depth_words}")
+            if Fault.READ_ERROR in self._pending:
+                self._pending.discard(Fault.READ_ERROR)
+                raise ReadError(f"{self.identity.name}: simulated transfer failure")
+            target.read(out, nwords)
+            return nwords
+
+    def reset_fifo(self, fifo: int = 0) -> None:
+        with self._lock:
+            target = self._fifo(fifo)
+            self._catch_up()
+            self._cleared += target.clear(self._epoch)
+
+    def set_master_logic(self, on: bool) -> None:
+        with self._lock:
+            if on == self._logic_on:
+                return
+            if on:
+                self._arrivals.restart(max(self._clock.now_ticks(), self._last_tick))
+            else:
+                self._catch_up()
+            self._logic_on = on
+
+    def reinit_pipeline(self) -> None:
+        """Nothing to do: the simulated pipeline keeps no state between events."""
+
+    def latch_timestamp(self) -> int:
+        return self._clock.now_ticks() & TIMESTAMP_MASK
+
+    def set_package_data(self, value: int) -> None:
+        with self._lock:
+            self._catch_up()
+            self._package_data = _check_package_data(value)
+
+    # Simulation controls (the SIM_* PVs).
+
+    @property
+    def master_logic(self) -> bool:
+        with self._lock:
+            return self._logic_on
+
+    @property
+    def event_rate_hz(self) -> float:
+        with self._lock:
+            return self._event_rate_hz
+
+    def set_event_rate(self, hz: float) -> None:
+        """Events per second per channel (digitizer) or triggers per second, from now on."""
+        hz = float(hz)
+        with self._lock:
+            self._catch_up()
+            start = max(self._clock.now_ticks(), self._last_tick)
+            self._arrivals.restart(start, hz * self.CHANNELS)
+            self._event_rate_hz = hz
+
+    def inject(self, fault: Fault | int) -> None:
+        """Make the board produce ``fault`` once (spec 01 fault table)."""
+        fault = Fault(fault)
+        if fault is Fault.NONE:
+            return
+        if self.identity.kind.is_trigger and fault in PACKET_FAULTS:
+            raise ValueError(f"{fault.name} does not apply to a trigger board")
+        with self._lock:
+            if fault is Fault.FIFO_OVERFLOW:
+                self._fill_to_capacity()
+            else:
+                self._pending.add(fault)
+
+    # Accounting since reset_accounting().
+
+    def reset_accounting(self) -> None:
+        """Start counting afresh; events already in a FIFO no longer count when cleared."""
+        with self._lock:
+            self._catch_up()
+            self._epoch += 1
+            for counter in (self._generated, self._dropped, self._cleared):
+                counter[:] = 0
+
+    @property
+    def generated(self) -> int:
+        """Events accepted into the FIFO."""
+        with self._lock:
+            return int(self._generated.sum())
+
+    @property
+    def dropped(self) -> int:
+        """Events that arrived when the FIFO had no room for them."""
+        with self._lock:
+            return int(self._dropped.sum())
+
+    @property
+    def cleared(self) -> int:
+        """Events thrown away by FIFO resets."""
+        with self._lock:
+            return int(self._cleared.sum())
+
+    @property
+    def generated_by_channel(self) -> np.ndarray:
+        with self._lock:
+            return self._generated.copy()
+
+    @property
+    def dropped_by_channel(self) -> np.ndarray:
+        with self._lock:
+            return self._dropped.copy()
+
+    @property
+    def cleared_by_channel(self) -> np.ndarray:
+        with self._lock:
+            return self._cleared.copy()

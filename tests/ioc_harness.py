@@ -1,0 +1,215 @@
+"""Start `dgs-ioc` as a real process on isolated loopback ports and talk to it.
+
+Every IOC gets its own CA, CA-repeater, PVA, PVA-broadcast and data ports;
+clients (the real `caget`/`caput`/`pvget` tools, p4p, pyepics in a child
+process) are pinned to those ports, so tests never see each other's PVs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+READY_LINE = "dgs-ioc: ready"
+START_TIMEOUT_S = 30.0
+
+
+def _port_free(port: int) -> bool:
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+_port_lock = threading.Lock()
+_next_port = 20000 + (os.getpid() % 200) * 100
+
+
+def free_port() -> int:
+    """A port free for both TCP and UDP on loopback, never handed out twice here."""
+    global _next_port
+    with _port_lock:
+        for _ in range(2000):
+            _next_port += 1
+            if _next_port > 60000:
+                _next_port = 20000
+            if _port_free(_next_port):
+                return _next_port
+    raise RuntimeError("no free port")
+
+
+@dataclass(frozen=True)
+class Ports:
+    ca: int
+    ca_repeater: int
+    pva: int
+    pva_broadcast: int
+    data: int
+
+    @classmethod
+    def allocate(cls) -> Ports:
+        return cls(free_port(), free_port(), free_port(), free_port(), free_port())
+
+    def server_env(self) -> dict[str, str]:
+        return {
+            **self.client_env(),
+            "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1",
+            "EPICS_CAS_BEACON_ADDR_LIST": "127.0.0.1",
+            "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO",
+            "EPICS_PVAS_SERVER_PORT": str(self.pva),
+            "EPICS_PVAS_BROADCAST_PORT": str(self.pva_broadcast),
+            "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1",
+            "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1",
+            "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO",
+        }
+
+    def client_env(self) -> dict[str, str]:
+        return {
+            "EPICS_CA_SERVER_PORT": str(self.ca),
+            "EPICS_CA_REPEATER_PORT": str(self.ca_repeater),
+            "EPICS_CA_ADDR_LIST": "127.0.0.1",
+            "EPICS_CA_AUTO_ADDR_LIST": "NO",
+            "EPICS_PVA_ADDR_LIST": "127.0.0.1",
+            "EPICS_PVA_AUTO_ADDR_LIST": "NO",
+            "EPICS_PVA_SERVER_PORT": str(self.pva),
+            "EPICS_PVA_BROADCAST_PORT": str(self.pva_broadcast),
+        }
+
+    def p4p_conf(self) -> dict[str, str]:
+        return {
+            "EPICS_PVA_ADDR_LIST": "127.0.0.1",
+            "EPICS_PVA_AUTO_ADDR_LIST": "NO",
+            "EPICS_PVA_SERVER_PORT": str(self.pva),
+            "EPICS_PVA_BROADCAST_PORT": str(self.pva_broadcast),
+        }
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, period=0.05):
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(period)
+
+
+class IocProcess:
+    """One `dgs-ioc` child process and the real EPICS tools pointed at it."""
+
+    def __init__(self, args: list[str], workdir: Path, ports: Ports | None = None) -> None:
+        self.ports = ports or Ports.allocate()
+        self.args = args
+        self.workdir = workdir
+        self.log_path = workdir / f"ioc-{self.ports.ca}.log"
+        self.proc: subprocess.Popen | None = None
+        self._log_file = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, **self.ports.client_env()}
+
+    def start(self, wait_ready: bool = True) -> IocProcess:
+        self._log_file = open(self.log_path, "w")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ioc.main", *self.args],
+            env={**os.environ, **self.ports.server_env(), "PYTHONUNBUFFERED": "1"},
+            cwd=self.workdir,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        if wait_ready:
+            wait_until(self._ready, START_TIMEOUT_S, f"IOC ready ({self.log_path})")
+        return self
+
+    def _ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"IOC exited with {self.proc.returncode}:\n{self.log()}")
+        return READY_LINE in self.log()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError(f"IOC did not exit within {timeout} s:\n{self.log()}") from None
+        finally:
+            if self._log_file:
+                self._log_file.close()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    # The real command-line tools.
+
+    def tool(self, *argv: str, timeout: float = 15.0) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / argv[0]), *argv[1:]],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def caget(self, *names: str) -> list[str]:
+        """Values as `caget -t` prints them (enum strings for enums)."""
+        out = self.tool("caget", "-t", "-w", "5", *names)
+        assert out.returncode == 0, f"caget {names} failed: {out.stdout}{out.stderr}"
+        return out.stdout.strip().splitlines()
+
+    def get(self, name: str) -> str:
+        return self.caget(name)[0].strip()
+
+    def getf(self, name: str) -> float:
+        out = self.tool("caget", "-t", "-n", "-w", "5", name)
+        assert out.returncode == 0, out.stderr
+        return float(out.stdout.split()[0])
+
+    def caput(self, name: str, value: str | int | float) -> subprocess.CompletedProcess:
+        return self.tool("caput", "-w", "5", name, str(value))
+
+    def put_ok(self, name: str, value: str | int | float) -> None:
+        out = self.caput(name, value)
+        assert out.returncode == 0 and "Error" not in out.stderr + out.stdout, (
+            f"caput {name} {value} failed: {out.stdout}{out.stderr}"
+        )
+
+    def put_refused(self, name: str, value: str | int | float) -> bool:
+        """True if the IOC refused the write (the CA tool reports a write failure)."""
+        out = self.caput(name, value)
+        text = out.stdout + out.stderr
+        return "failed" in text or "Error" in text or "invalid" in text
+
+    def wait_value(self, name: str, expected: str, timeout: float = 15.0) -> None:
+        wait_until(lambda: self.get(name) == expected, timeout, f"{name} == {expected}", 0.1)
+
+    def wait_numeric(self, name: str, predicate, timeout: float = 15.0, what: str = "") -> float:
+        def check():
+            value = self.getf(name)
+            return (value,) if predicate(value) else None
+
+        return wait_until(check, timeout, what or f"{name} condition", 0.1)[0]
