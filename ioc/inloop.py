@@ -22,8 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
+
 from ioc import packets
-from ioc.hardware import Board, Crate, ReadError
+from ioc.hardware import WORD, Board, Crate, ReadError
 from ioc.pool import POOL_SIZE, Buffer, BufferPool, Owner
 
 #: Shortest scan delay, reached with at least 160 of 200 buffers free.
@@ -37,6 +39,8 @@ TRIGGER_CHUNK_WORDS = 64 * 1024 // 4
 BOARD_SLOTS = 7
 #: After a drain deadline, how long the remaining 0xD headers may wait for buffers.
 MARKER_GRACE_S = 0.5
+#: Room for the partial event a deep FIFO's read may end with (two longest events).
+CARRY_WORDS = 2 * (packets.MAX_PACKET_LENGTH + 2)
 #: Waits for a free buffer re-check the (possibly shortened) deadline this often.
 _BUFFER_WAIT_SLICE_S = 0.05
 
@@ -88,6 +92,30 @@ TRANSFER_UNDERFLOW = -2
 TRANSFER_READ_ERROR = -3
 
 
+def whole_events_words(words: np.ndarray) -> int:
+    """Length of the prefix of ``words`` that ends with a whole digitizer event.
+
+    The last event start is sought among the markers of the final CARRY_WORDS
+    words; a marker counts as an event start only where the event before it
+    ends, so a trace word that happens to equal the marker is not taken for
+    one. Data too corrupt to tell are kept whole (the checker will report them).
+    """
+    total = words.size
+    base = max(0, total - CARRY_WORDS)
+    starts = (np.flatnonzero(words[base:] == packets.MARKER) + base).tolist()
+    ends = {
+        start: start + 1 + int(packets.packet_length(int(words[start + 1])))
+        for start in starts
+        if start + 1 < total
+    }
+    chained = set(ends.values())
+    for start in reversed(starts):
+        if start == 0 or start in chained:
+            end = ends.get(start, total + 1)
+            return end if end <= total else start
+    return total
+
+
 def scan_delay(free: int, total: int = POOL_SIZE) -> float:
     """The flow-control wait after each pass: grows as the pool fills up."""
     used = total - free
@@ -97,6 +125,12 @@ def scan_delay(free: int, total: int = POOL_SIZE) -> float:
 class _Command(enum.Enum):
     START = "start"
     STOP = "stop"
+
+
+def _read_exact(reader: _BoardRun, out: np.ndarray, nwords: int) -> None:
+    """One transfer; a short one is as bad as a failed one (the FIFO position is unknown)."""
+    if nwords and reader.board.read(out, nwords, reader.fifo) != nwords:
+        raise ReadError(f"short read of {nwords} words")
 
 
 class _DrainTimeout(Exception):
@@ -118,6 +152,9 @@ class _BoardRun:
     after_reset: bool = False
     #: Type-F headers decided but not yet built for lack of a buffer: (channel, type, ts).
     pending: collections.deque[tuple[int, int, int]] = field(default_factory=collections.deque)
+    #: Head of a partial event cut off at the end of the previous buffer (deep FIFOs only).
+    carry: np.ndarray = field(default_factory=lambda: np.empty(CARRY_WORDS, dtype=WORD))
+    carry_words: int = 0
 
     @property
     def card(self) -> int:
@@ -399,7 +436,7 @@ class InLoop:
                 self._count_poll()
                 return
         due = (
-            status.depth_words * 4 >= self._config.read_threshold_bytes
+            (status.depth_words + reader.carry_words) * 4 >= self._config.read_threshold_bytes
             or polled_at - reader.clean_at >= self._config.max_latency_s
             or status.almost_full
         )
@@ -422,24 +459,12 @@ class InLoop:
     def _read_into(
         self, reader: _BoardRun, buf: Buffer, depth_words: int, polled_at: float
     ) -> bool:
-        """Read up to ``depth_words`` into ``buf`` and queue it; False on a read error."""
-        board = reader.board
-        capacity = len(buf.words)
+        """Read the board's unread data into ``buf`` and queue it; False on a read error."""
         try:
             if reader.is_trigger:
-                limit = min(depth_words, TRIGGER_MAX_WORDS, capacity)
-                nwords = limit - limit % packets.TRIGGER_WORDS
-                position = 0
-                while position < nwords:
-                    chunk = min(TRIGGER_CHUNK_WORDS, nwords - position)
-                    view = buf.words[position : position + chunk]
-                    if board.read(view, chunk, reader.fifo) != chunk:
-                        raise ReadError(f"short read of {chunk} words")
-                    position += chunk
+                fifo_words, kept_words = self._read_trigger(reader, buf, depth_words)
             else:
-                nwords = min(depth_words, capacity)
-                if board.read(buf.words[:nwords], nwords, reader.fifo) != nwords:
-                    raise ReadError(f"short read of {nwords} words")
+                fifo_words, kept_words = self._read_digitizer(reader, buf, depth_words)
         except ReadError as error:
             self._pool.release(buf)
             with self._cond:
@@ -451,17 +476,47 @@ class InLoop:
         except BaseException:
             self._pool.release(buf)
             raise
-        if nwords == 0:
+        if kept_words:
+            buf.nbytes = kept_words * 4
+            self._queue(reader, buf, is_type_f=False)
+        else:
             self._pool.release(buf)
-            return True
-        buf.nbytes = nwords * 4
-        self._queue(reader, buf, is_type_f=False)
-        if nwords == depth_words:
+        if fifo_words == depth_words:
             reader.clean_at = polled_at
-        with self._cond:
-            self._bytes_read += buf.nbytes
-            self._last_transfer = buf.nbytes
+        if fifo_words:
+            with self._cond:
+                self._bytes_read += fifo_words * 4
+                self._last_transfer = fifo_words * 4
         return True
+
+    def _read_trigger(self, reader: _BoardRun, buf: Buffer, depth_words: int) -> tuple[int, int]:
+        """Whole 16-word packets, at most 256 KiB, in 64 KiB chunks into one buffer."""
+        limit = min(depth_words, TRIGGER_MAX_WORDS, len(buf.words))
+        nwords = limit - limit % packets.TRIGGER_WORDS
+        position = 0
+        while position < nwords:
+            chunk = min(TRIGGER_CHUNK_WORDS, nwords - position)
+            _read_exact(reader, buf.words[position : position + chunk], chunk)
+            position += chunk
+        return nwords, nwords
+
+    def _read_digitizer(self, reader: _BoardRun, buf: Buffer, depth_words: int) -> tuple[int, int]:
+        """The whole depth when it fits the buffer (it always does with a 1 MiB FIFO).
+
+        A deeper FIFO (a simulator configured bigger) is read one buffer at a
+        time: the buffer is cut after its last whole event and the partial event
+        behind the cut starts the board's next buffer. Returns (words read from
+        the FIFO, words kept in ``buf``).
+        """
+        carried = reader.carry_words
+        buf.words[:carried] = reader.carry[:carried]
+        nwords = min(depth_words, len(buf.words) - carried)
+        _read_exact(reader, buf.words[carried : carried + nwords], nwords)
+        total = carried + nwords
+        kept = total if nwords == depth_words else whole_events_words(buf.words[:total])
+        reader.carry_words = total - kept
+        reader.carry[: reader.carry_words] = buf.words[kept:total]
+        return nwords, kept
 
     # ------------------------------------------------------------ faults
 
@@ -483,6 +538,7 @@ class InLoop:
 
     def _reset(self, reader: _BoardRun, reenable: bool) -> None:
         reader.board.reset_fifo(reader.fifo)
+        reader.carry_words = 0
         reader.after_reset = True
         reader.clean_at = time.monotonic()
         if reenable:

@@ -103,7 +103,6 @@ class OutLoop:
         self._traces: dict[tuple[int, int], np.ndarray] = {}
         self._rates = [0.0] * CARDS
         self._send_rate = 0.0
-        self._stats = self._snapshot()
         self._thread = threading.Thread(target=self._run, name="outLoop", daemon=True)
 
     # Control, called by run control.
@@ -121,7 +120,6 @@ class OutLoop:
             self._send_rate = 0.0
             self._running = True
             self._flush_requested.clear()
-            self._stats = self._snapshot()
 
     def request_flush(self) -> None:
         """inLoop finished its drain: flush qWritten once more, then report Stopped."""
@@ -134,7 +132,9 @@ class OutLoop:
     # Observation.
 
     def stats(self) -> OutLoopStats:
-        return self._stats
+        """Counters as they are now; rates as of the last 0.5-s update."""
+        with self._lock:
+            return self._snapshot()
 
     def trace_words(self, card: int, channel: int) -> np.ndarray | None:
         """The trace words (14..N) of the last captured event of (card, channel)."""
@@ -171,7 +171,6 @@ class OutLoop:
                     self._send_rate = sent / dt / 1000.0 if self._running else 0.0
                     last_bytes = list(c.bytes_by_card)
                     last_bytes_to_sender = c.bytes_to_sender
-                    self._stats = self._snapshot()
                 last_stats = now
 
     def process_batch(self) -> int:

@@ -21,6 +21,7 @@ import logging
 import select
 import socket
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -45,6 +46,9 @@ CARDS = 7
 TRIGGER_BOARD_TYPE = 4
 TRIGGER_PACKET_BYTES = packets.TRIGGER_WORDS * 4
 
+#: Runs of equal-size packets followed before falling back to a scan of every marker.
+MAX_EQUAL_RUNS = 16
+
 #: How long one blocked send may wait before the sender looks at the clock.
 SEND_SLICE_S = 0.25
 #: Timers (listener, idle receivers, flushing) are looked at least this often.
@@ -54,8 +58,6 @@ FLUSH_PERIOD_S = 1.0
 #: Accepted connections kept waiting for their turn; more wait in the kernel backlog.
 MAX_WAITING = 64
 LISTEN_BACKLOG = 16
-
-_CLOSED_EVENTS = select.POLLHUP | select.POLLERR | select.POLLNVAL | select.POLLRDHUP
 
 LOG = logging.getLogger("dgs.sender")
 
@@ -91,16 +93,84 @@ class SenderStats:
     flushed_bytes_by_card: tuple[int, ...]
 
 
+def _native(word: int) -> int:
+    """How a big-endian word reads through a native ``uint32`` view."""
+    return int.from_bytes(word.to_bytes(4, "big"), sys.byteorder)
+
+
+_NATIVE_LENGTH_MASK = _native(0x7FF << 16)
+
+
+def uniform_packet_words(words: np.ndarray) -> int:
+    """Size in words of every packet when the payload is one chain of equal-size packets, else 0.
+
+    The usual digitizer buffer (one trace length per board) is checked with two
+    strided comparisons of the words on the chain, without reading the traces.
+    """
+    nwords = words.size
+    if nwords < packets.TYPE_F_WORDS:
+        return 0
+    native = decoder.native_view(words)
+    if native[0] != decoder.NATIVE_MARKER:
+        return 0
+    length = int(packets.packet_length(int(words[1])))
+    stride = length + 1
+    if length < packets.TYPE_F_HEADER_LENGTH or nwords % stride:
+        return 0
+    if not (native[::stride] == decoder.NATIVE_MARKER).all():
+        return 0
+    if not ((native[1::stride] & _NATIVE_LENGTH_MASK) == _native(length << 16)).all():
+        return 0
+    return stride
+
+
 def event_boundaries(words: np.ndarray) -> np.ndarray:
     """Word offsets where a reply may be cut in a digitizer payload, ending with its size.
 
-    Follows the chain of packet lengths from word 0 with the decoder's
-    vectorised walk. Where the chain breaks (garbage), the end of the last
-    whole packet and the next packet start found by the walk are boundaries;
-    garbage in between is cut at word boundaries by the caller.
+    Follows the chain of packet lengths from word 0. A board's events mostly
+    share one size, so the chain is first followed in runs of equal-size
+    packets, checking only the words on the chain (strided views, no scan of
+    the trace words). Payloads with many sizes or garbage fall back to the
+    decoder's walk over every marker. Where the chain breaks (garbage), the
+    end of the last whole packet and the next packet start found by the walk
+    are boundaries; garbage in between is cut at word boundaries by the caller.
     """
-    nwords = words.size
     native = decoder.native_view(words)
+    chained = _chain_in_equal_runs(words, native)
+    if chained is not None:
+        return chained
+    return _chain_over_markers(words, native)
+
+
+def _chain_in_equal_runs(words: np.ndarray, native: np.ndarray) -> np.ndarray | None:
+    """Packet starts (and the end) when the chain is a few runs of equal-size packets, else None."""
+    nwords = words.size
+    pieces: list[np.ndarray] = []
+    position = 0
+    for _ in range(MAX_EQUAL_RUNS):
+        if position == nwords:
+            pieces.append(np.array([nwords], dtype=np.int64))
+            return np.concatenate(pieces)
+        if position + packets.TYPE_F_WORDS > nwords or native[position] != decoder.NATIVE_MARKER:
+            return None
+        length = int(packets.packet_length(int(words[position + 1])))
+        stride = length + 1
+        count = (nwords - position) // stride
+        if length < packets.TYPE_F_HEADER_LENGTH or count == 0:
+            return None
+        stop = position + count * stride
+        on_chain = native[position:stop:stride] == decoder.NATIVE_MARKER
+        on_chain &= packets.packet_length(words[position + 1 : stop : stride]) == length
+        broken = np.flatnonzero(~on_chain)
+        good = count if broken.size == 0 else int(broken[0])
+        pieces.append(np.arange(position, position + good * stride, stride, dtype=np.int64))
+        position += good * stride
+    return None
+
+
+def _chain_over_markers(words: np.ndarray, native: np.ndarray) -> np.ndarray:
+    """Packet starts by finding every marker and following the chain over them (any content)."""
+    nwords = words.size
     positions = np.flatnonzero(native == decoder.NATIVE_MARKER)
     if positions.size == 0:
         return np.array([0, nwords], dtype=np.int64)
@@ -138,7 +208,12 @@ def reply_ends(buf: Buffer, limit: int) -> list[int]:
     if buf.board_type == TRIGGER_BOARD_TYPE and not buf.is_type_f:
         step = limit - limit % TRIGGER_PACKET_BYTES or word_limit
         return [*range(start + step, end, step), end]
-    bounds = event_boundaries(buf.words[start // 4 : end // 4]) * 4 + start
+    words = buf.words[start // 4 : end // 4]
+    stride = uniform_packet_words(words) * 4
+    if 0 < stride <= limit:
+        step = limit - limit % stride
+        return [*range(start + step, end, step), end]
+    bounds = event_boundaries(words) * 4 + start
     ends: list[int] = []
     cut = start
     while end - cut > limit:
@@ -385,9 +460,9 @@ class Sender:
                 return
             sock.setblocking(True)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            # A blocked send returns after SEND_SLICE_S so the thread can look at its clocks.
-            timeval = struct.pack("ll", 0, int(SEND_SLICE_S * 1e6))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+            # Blocked sends and reads return in time for the thread to look at its clocks.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(SEND_SLICE_S))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(HOUSEKEEPING_S))
             peer = f"{address[0]}:{address[1]}"
             self._waiting.append(_Connection(sock, peer, time.monotonic(), self.log))
             self.log.info("receiver %s connected", peer)
@@ -396,10 +471,12 @@ class Sender:
     # ---------------------------------------------------------------- thread
 
     def _wake(self) -> None:
+        self._next_housekeeping = 0.0  # a receiver being served is interrupted between requests
         with contextlib.suppress(OSError):  # full (a wake-up is pending anyway) or closed
             self._wake_w.send(b"\0")
 
     def _run(self) -> None:
+        """Serve the current receiver with blocking reads; poll only while nobody is served."""
         self._poll_set(self._wake_r.fileno(), select.POLLIN)
         try:
             while True:
@@ -409,16 +486,24 @@ class Sender:
                         break
                     self._housekeeping(now)
                     self._next_housekeeping = now + self._timer_interval(now)
+                conn = self._current
+                if conn is not None:
+                    self._serve_until(conn, self._next_housekeeping)
+                    continue
                 timeout_ms = max(0, int((self._next_housekeeping - now) * 1000) + 1)
-                events = self._poller.poll(timeout_ms)
-                for fd, mask in events:
-                    self._on_event(fd, mask)
+                for fd, _ in self._poller.poll(timeout_ms):
+                    if fd == self._listener_fd:
+                        self._accept_all()
+                    else:
+                        self._drain_wake_pipe()
         except Exception:
             self.log.exception("sender thread failed")
         finally:
             self._close_all()
 
     def _housekeeping(self, now: float) -> None:
+        self._drain_wake_pipe()
+        self._accept_all()
         self._manage_listener(now)
         self._manage_connections(now)
         self._flush_if_unreachable(now)
@@ -462,7 +547,7 @@ class Sender:
             self._poller.unregister(fd)
 
     def _sync_poll(self) -> None:
-        """Poll the listener while there is room to accept, and the receiver being served."""
+        """Poll the listener while there is room to accept (the served receiver blocks instead)."""
         with self._lock:
             listener = self._listener
         if listener is not None:
@@ -471,22 +556,15 @@ class Sender:
                 self._poll_set(self._listener_fd, select.POLLIN)
             else:
                 self._unpoll(self._listener_fd)
-        if self._current is not None:
-            self._poll_set(self._current.sock.fileno(), select.POLLIN | select.POLLRDHUP)
 
-    def _on_event(self, fd: int, mask: int) -> None:
-        conn = self._current
-        if conn is not None and fd == conn.sock.fileno():
-            self._on_requests(conn, mask)
-        elif fd == self._listener_fd:
-            self._accept_all()
-        elif fd == self._wake_r.fileno():
-            try:
-                while self._wake_r.recv(4096):
-                    pass
-            except (BlockingIOError, InterruptedError):
+    def _drain_wake_pipe(self) -> None:
+        """Control calls write here to cut a poll short; housekeeping then runs at once."""
+        try:
+            while self._wake_r.recv(4096):
                 pass
-            self._next_housekeeping = 0.0
+        except (BlockingIOError, InterruptedError):
+            pass
+        self._next_housekeeping = 0.0
 
     def _manage_listener(self, now: float) -> None:
         with self._lock:
@@ -569,37 +647,37 @@ class Sender:
 
     # --------------------------------------------------------------- serving
 
-    def _on_requests(self, conn: _Connection, mask: int) -> None:
-        """Read the requests that arrived and answer each one, in order.
+    def _serve_until(self, conn: _Connection, deadline: float) -> None:
+        """Read requests (blocking, at most ``HOUSEKEEPING_S`` each) and answer each in order.
 
-        A receiver that has closed gets no more replies: they could only be lost.
+        Returns when housekeeping is due, the receiver is quiet for a while, or it left.
         """
-        closed = bool(mask & _CLOSED_EVENTS)
-        try:
-            while True:
-                count = conn.sock.recv_into(self._scratch, 0, socket.MSG_DONTWAIT)
-                if count == 0:
-                    closed = True
-                    break
-                conn.received += count
-                if count < len(self._scratch):
-                    break
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError as err:
-            conn.log_once("reset", "connection lost: %s", err)
-            closed = True
-        if closed:
-            conn.note_partial_request()
-            self._end_connection()
-            return
-        try:
-            while conn.pending > 0 and not (self._stopping and self._finished(time.monotonic())):
-                self._reply(conn)
-        except _ConnectionLost:
-            self._end_connection()
-            return
-        conn.idle_since = time.monotonic()
+        sock, scratch = conn.sock, self._scratch
+        while True:
+            try:
+                count = sock.recv_into(scratch)
+            except (BlockingIOError, InterruptedError):
+                return  # SO_RCVTIMEO: no request for HOUSEKEEPING_S
+            except OSError as err:
+                conn.log_once("reset", "connection lost: %s", err)
+                self._end_connection()
+                return
+            if count == 0:
+                conn.note_partial_request()
+                self._end_connection()
+                return
+            conn.received += count
+            try:
+                while conn.pending > 0:
+                    if self._stopping and self._finished(time.monotonic()):
+                        return
+                    self._reply(conn)
+            except _ConnectionLost:
+                self._end_connection()
+                return
+            conn.idle_since = now = time.monotonic()
+            if now >= deadline:
+                return
 
     def _reply(self, conn: _Connection) -> None:
         """Send one reply: the next slice of the head buffer, or INSUFF_DATA."""
@@ -655,7 +733,7 @@ class Sender:
         parts: list[bytes | memoryview] = [header] if payload is None else [header, payload]
         total = len(header) + (0 if payload is None else len(payload))
         done = 0
-        last_progress = time.monotonic()
+        last_progress = 0.0  # the clock is read only when a send comes back short
         while True:
             before = done
             try:
@@ -668,7 +746,7 @@ class Sender:
             if done >= total:
                 return
             now = time.monotonic()
-            if done > before:
+            if done > before or not last_progress:
                 last_progress = now
             elif now - last_progress >= self.config.idle_timeout_s:
                 conn.log_once("stalled", "took nothing for %.1f s during a reply, closed",
@@ -726,3 +804,9 @@ def _remaining(header: bytes, payload: memoryview | None, sent: int) -> list[byt
         return rest
     assert payload is not None
     return [payload[sent - len(header) :]]
+
+
+def _timeval(seconds: float) -> bytes:
+    """A ``struct timeval`` for SO_SNDTIMEO / SO_RCVTIMEO."""
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1e6))

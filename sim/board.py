@@ -61,7 +61,12 @@ class SimBoard(Board):
         self.identity = BoardIdentity(spec.name, spec.kind, spec.slot, spec.card)
         self._lock = threading.Lock()
         self._clock = clock
-        self._rng = np.random.default_rng([crate_seed, spec.slot])
+        # Two streams from (seed, slot): when events arrive (and how many are lost),
+        # and what they contain. Content then depends only on event order, not on
+        # how the arrivals were split into builds.
+        timing_seed, content_seed = np.random.SeedSequence([crate_seed, spec.slot]).spawn(2)
+        self._rng = np.random.default_rng(timing_seed)
+        self._content_bits = np.random.default_rng(content_seed).bit_generator
         self._event_rate_hz = 0.0
         self._arrivals = ArrivalProcess(self._rng)
         self._fifos = [Fifo(spec.fifo_words, self.CHANNELS) for _ in range(self.FIFOS)]
@@ -69,6 +74,8 @@ class SimBoard(Board):
         self._logic_on = False
         self._package_data = _check_package_data(spec.package_data)
         self._pending: set[Fault] = set()
+        self._unbuilt: list[np.ndarray] = []  # arrival ticks of events not yet written
+        self._unbuilt_events = 0
         self._last_tick = 0  # latest timestamp put in the FIFO, for strict order
         self._epoch = 0
         self._generated = np.zeros(self.CHANNELS, dtype=np.int64)
@@ -94,24 +101,43 @@ class SimBoard(Board):
 
     # Generation.
 
-    def _catch_up(self) -> None:
-        """Bring the FIFO up to the clock: add the events that arrived since the last call."""
+    def _arrive(self) -> None:
+        """Register the events that arrived since the last call; their bytes come later.
+
+        Status polls only need the count, so building the words is deferred to
+        `_build` (read, reset, counters, settings changes); polls stay cheap.
+        """
         if not self._logic_on:
             return
         now = self._clock.now_ticks()
         fifo = self._fifos[self._selected]
-        event_words = self._event_words()
-        room = fifo.free_words // event_words
+        room = fifo.free_words // self._event_words() - self._unbuilt_events
         ticks = self._arrivals.take(now, room + 1)
         lost = 0
         if ticks.size > room:
             lost = ticks.size - room + self._arrivals.skip(now)
             ticks = ticks[:room]
-        self._append(fifo, ticks, event_words)
+        if ticks.size:
+            self._unbuilt.append(ticks)
+            self._unbuilt_events += ticks.size
         if lost:
             fifo.full = True
             share = np.full(self.CHANNELS, 1.0 / self.CHANNELS)
             self._dropped += self._rng.multinomial(lost, share)
+
+    def _build(self) -> None:
+        """Write the registered but unbuilt events into the selected FIFO."""
+        if not self._unbuilt_events:
+            return
+        ticks = self._unbuilt[0] if len(self._unbuilt) == 1 else np.concatenate(self._unbuilt)
+        self._unbuilt.clear()
+        self._unbuilt_events = 0
+        self._append(self._fifos[self._selected], ticks, self._event_words())
+
+    def _catch_up(self) -> None:
+        """Bring the FIFO contents up to the clock: every arrived event built."""
+        self._arrive()
+        self._build()
 
     def _append(self, fifo: Fifo, ticks: np.ndarray, event_words: int) -> None:
         count = ticks.size
@@ -128,7 +154,6 @@ class SimBoard(Board):
 
     def _fill_to_capacity(self) -> None:
         """The overflow fault: real events, one tick apart, until no further one fits."""
-        self._catch_up()
         fifo = self._fifos[self._selected]
         event_words = self._event_words()
         count = fifo.free_words // event_words
@@ -147,13 +172,16 @@ class SimBoard(Board):
     def status(self, fifo: int = 0) -> FifoStatus:
         with self._lock:
             target = self._fifo(fifo)
-            self._catch_up()
+            self._arrive()
             depth = target.depth_words
+            if target is self._fifos[self._selected]:
+                depth += self._unbuilt_events * self._event_words()
             empty = depth == 0
             if depth and Fault.FIFO_UNDERFLOW in self._pending:
                 self._pending.discard(Fault.FIFO_UNDERFLOW)
                 empty = True
-            return FifoStatus(target.full, target.almost_full, empty, depth)
+            almost_full = depth >= target.almost_full_words
+            return FifoStatus(target.full, almost_full, empty, depth)
 
     def read(self, out: np.ndarray, nwords: int, fifo: int = 0) -> int:
         with self._lock:
@@ -180,7 +208,7 @@ class SimBoard(Board):
             if on:
                 self._arrivals.restart(max(self._clock.now_ticks(), self._last_tick))
             else:
-                self._catch_up()
+                self._arrive()
             self._logic_on = on
 
     def reinit_pipeline(self) -> None:
@@ -210,7 +238,7 @@ class SimBoard(Board):
         """Events per second per channel (digitizer) or triggers per second, from now on."""
         hz = float(hz)
         with self._lock:
-            self._catch_up()
+            self._arrive()
             start = max(self._clock.now_ticks(), self._last_tick)
             self._arrivals.restart(start, hz * self.CHANNELS)
             self._event_rate_hz = hz
@@ -223,6 +251,7 @@ class SimBoard(Board):
         if self.identity.kind.is_trigger and fault in PACKET_FAULTS:
             raise ValueError(f"{fault.name} does not apply to a trigger board")
         with self._lock:
+            self._catch_up()  # events that already arrived are not "the next event"
             if fault is Fault.FIFO_OVERFLOW:
                 self._fill_to_capacity()
             else:
@@ -242,31 +271,37 @@ class SimBoard(Board):
     def generated(self) -> int:
         """Events accepted into the FIFO."""
         with self._lock:
+            self._build()
             return int(self._generated.sum())
 
     @property
     def dropped(self) -> int:
         """Events that arrived when the FIFO had no room for them."""
         with self._lock:
+            self._build()
             return int(self._dropped.sum())
 
     @property
     def cleared(self) -> int:
         """Events thrown away by FIFO resets."""
         with self._lock:
+            self._build()
             return int(self._cleared.sum())
 
     @property
     def generated_by_channel(self) -> np.ndarray:
         with self._lock:
+            self._build()
             return self._generated.copy()
 
     @property
     def dropped_by_channel(self) -> np.ndarray:
         with self._lock:
+            self._build()
             return self._dropped.copy()
 
     @property
     def cleared_by_channel(self) -> np.ndarray:
         with self._lock:
+            self._build()
             return self._cleared.copy()

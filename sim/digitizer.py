@@ -101,7 +101,7 @@ class SimDigitizer(SimBoard):
     def _write_events(self, block: np.ndarray, ticks: np.ndarray) -> np.ndarray:
         count = ticks.size
         channels = np.empty(count, dtype=np.uint8)
-        bits = self._rng.bit_generator.random_raw(count)
+        bits = self._content_bits.random_raw(count)
         for first in range(0, count, _PASS_EVENTS):
             last = min(first + _PASS_EVENTS, count)
             channels[first:last] = self._write_pass(block[first:last], ticks[first:last],

@@ -54,10 +54,6 @@ class Fifo:
     def free_words(self) -> int:
         return self.capacity_words - self.depth_words
 
-    @property
-    def almost_full(self) -> bool:
-        return self.depth_words >= self.almost_full_words
-
     def reserve(self, nwords: int) -> np.ndarray:
         """A writable ``>u4`` view of the next ``nwords`` words; `commit` makes them data."""
         if nwords > self.free_words:

@@ -55,7 +55,7 @@ def pack_samples(samples: np.ndarray) -> np.ndarray:
     return s[..., 0::2] | s[..., 1::2] << 16
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=4)
 def trace_bank(samples: int) -> np.ndarray:
     """Packed traces, shape (AMPLITUDE_BINS * NOISE_VARIANTS, samples // 2), dtype >u4.
 

@@ -67,7 +67,7 @@ class SimTrigger(SimBoard):
 
     def _write_events(self, block: np.ndarray, ticks: np.ndarray) -> np.ndarray:
         count = ticks.size
-        bits = self._rng.bit_generator.random_raw(count)
+        bits = self._content_bits.random_raw(count)
 
         def field(shift: int, width: int) -> np.ndarray:
             return ((bits >> shift) & ((1 << width) - 1)).astype(np.uint32)

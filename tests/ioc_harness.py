@@ -189,6 +189,16 @@ class IocProcess:
         assert out.returncode == 0, out.stderr
         return float(out.stdout.split()[0])
 
+    def pva(self, name: str):
+        """The value over PV Access (p4p), exact for arrays and large numbers."""
+        from p4p.client.thread import Context
+
+        ctx = Context("pva", conf=self.ports.p4p_conf(), useenv=False)
+        try:
+            return ctx.get(name, timeout=10.0)
+        finally:
+            ctx.close()
+
     def caput(self, name: str, value: str | int | float) -> subprocess.CompletedProcess:
         return self.tool("caput", "-w", "5", name, str(value))
 

@@ -209,7 +209,7 @@ def test_per_channel_timestamps_strictly_increase_across_calls_and_resets():
 
 
 def test_same_seed_same_clock_steps_same_bytes():
-    def run(seed: int, slot: int) -> np.ndarray:
+    def run(seed: int, slot: int, watch_counters: bool = False) -> np.ndarray:
         clock = ManualClock()
         crate = make_crate(clock, seed=seed, slots=(slot,), event_rate_hz=3000)
         board = crate.board(0)
@@ -217,12 +217,17 @@ def test_same_seed_same_clock_steps_same_bytes():
         parts = []
         for step in (1, 50_000, 7, 120_000, 33_333):
             clock.advance(step)
+            board.status()
+            if watch_counters:  # as the IOC's 2 Hz publisher does, from its own thread
+                assert board.generated >= 0
+            clock.advance(step)
             parts.append(read_words(board))
         return np.concatenate(parts)
 
     reference = run(seed=1, slot=3)
     assert reference.size > 2_000
     assert run(seed=1, slot=3).tobytes() == reference.tobytes()
+    assert run(seed=1, slot=3, watch_counters=True).tobytes() == reference.tobytes()
     assert run(seed=2, slot=3).tobytes() != reference.tobytes()
     other_slot = run(seed=1, slot=4)
     assert not np.array_equal(other_slot[2::114][:10], reference[2::114][:10])  # timestamps
