@@ -64,6 +64,8 @@ class BoardSetup:
 
 
 class InLoopState(enum.Enum):
+    """The reader's states (spec 02 §2); the lead maps them to _CV_State."""
+
     IDLE = "Idle"
     START = "Start"
     NO_BOARDS = "NoBoards"
@@ -155,6 +157,9 @@ class _BoardRun:
     #: Head of a partial event cut off at the end of the previous buffer (deep FIFOs only).
     carry: np.ndarray = field(default_factory=lambda: np.empty(CARRY_WORDS, dtype=WORD))
     carry_words: int = 0
+    #: Fault log throttling, per kind of fault: quiet until, and lines held back.
+    log_quiet_until: dict[str, float] = field(default_factory=dict)
+    log_held_back: dict[str, int] = field(default_factory=dict)
 
     @property
     def card(self) -> int:
@@ -430,7 +435,7 @@ class InLoop:
             return
         if status.almost_full and reader.almost_full_flag:
             reader.almost_full_flag = False
-            self._log.warning("inLoop: card %d: FIFO almost full", reader.card)
+            self._fault_log(reader, "FIFO almost full")
             self._intend_type_f(reader, packets.CH_ERROR, packets.EVENT_TYPE_OVERFLOW)
             if not self._flush_pending(reader, None):
                 self._count_poll()
@@ -470,7 +475,7 @@ class InLoop:
             with self._cond:
                 self._last_transfer = TRANSFER_READ_ERROR
                 self._read_errors += 1
-            self._log.warning("inLoop: card %d: read error (%s), FIFO reset", reader.card, error)
+            self._fault_log(reader, "read error", f" ({error}), FIFO reset")
             self._reset(reader, reenable=self._state is InLoopState.SCAN)
             return False
         except BaseException:
@@ -521,7 +526,7 @@ class InLoop:
     # ------------------------------------------------------------ faults
 
     def _overflow(self, reader: _BoardRun, reenable: bool) -> None:
-        self._log.warning("inLoop: card %d: FIFO full (overflow), FIFO reset", reader.card)
+        self._fault_log(reader, "FIFO full", " (overflow), FIFO reset")
         with self._cond:
             self._last_transfer = TRANSFER_OVERFLOW
         self._intend_type_f(reader, packets.CH_ERROR, packets.EVENT_TYPE_OVERFLOW)
@@ -529,12 +534,27 @@ class InLoop:
         self._reset(reader, reenable)
 
     def _underflow(self, reader: _BoardRun, reenable: bool) -> None:
-        self._log.warning("inLoop: card %d: FIFO underflow, FIFO reset", reader.card)
+        self._fault_log(reader, "FIFO underflow", ", FIFO reset")
         with self._cond:
             self._last_transfer = TRANSFER_UNDERFLOW
         self._intend_type_f(reader, packets.CH_ERROR, packets.EVENT_TYPE_UNDERFLOW)
         self._flush_pending(reader, None)
         self._reset(reader, reenable)
+
+    def _fault_log(self, reader: _BoardRun, kind: str, detail: str = "") -> None:
+        """One warning per fault, but per board and kind at most one per prescale period.
+
+        A board overflowing continuously would otherwise write hundreds of lines
+        a second; the ones held back are counted in the next line.
+        """
+        now = time.monotonic()
+        if now < reader.log_quiet_until.get(kind, 0.0):
+            reader.log_held_back[kind] = reader.log_held_back.get(kind, 0) + 1
+            return
+        reader.log_quiet_until[kind] = now + PRESCALE_PERIOD_S
+        held_back = reader.log_held_back.pop(kind, 0)
+        more = f" (+{held_back} more since the last report)" if held_back else ""
+        self._log.warning("inLoop: card %d: %s%s%s", reader.card, kind, detail, more)
 
     def _reset(self, reader: _BoardRun, reenable: bool) -> None:
         reader.board.reset_fifo(reader.fifo)

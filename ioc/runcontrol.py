@@ -151,6 +151,12 @@ class RunControl:
             self._set_state(CrateState.NO_BOARDS)
         elif state is InLoopState.IDLE and self.state is CrateState.DRAINING:
             self.outloop.request_flush()
+        elif state is InLoopState.IDLE and self.state is not CrateState.STOPPED:
+            log.error("inLoop ended the run on its own; Stop and Start to begin a new one")
+            self.want_start = False
+            self._set_state(CrateState.DRAINING)
+            self.sender.run_stopped()
+            self.outloop.request_flush()
 
     def _begin_run(self) -> None:
         try:

@@ -101,6 +101,11 @@ def _native(word: int) -> int:
 _NATIVE_LENGTH_MASK = _native(0x7FF << 16)
 
 
+def _acceptable_length(length: int) -> bool:
+    """A packet length N the decoder accepts (type-F header up to the largest event)."""
+    return packets.TYPE_F_HEADER_LENGTH <= length <= packets.MAX_PACKET_LENGTH
+
+
 def uniform_packet_words(words: np.ndarray) -> int:
     """Size in words of every packet when the payload is one chain of equal-size packets, else 0.
 
@@ -115,7 +120,7 @@ def uniform_packet_words(words: np.ndarray) -> int:
         return 0
     length = int(packets.packet_length(int(words[1])))
     stride = length + 1
-    if length < packets.TYPE_F_HEADER_LENGTH or nwords % stride:
+    if not _acceptable_length(length) or nwords % stride:
         return 0
     if not (native[::stride] == decoder.NATIVE_MARKER).all():
         return 0
@@ -156,7 +161,7 @@ def _chain_in_equal_runs(words: np.ndarray, native: np.ndarray) -> np.ndarray | 
         length = int(packets.packet_length(int(words[position + 1])))
         stride = length + 1
         count = (nwords - position) // stride
-        if length < packets.TYPE_F_HEADER_LENGTH or count == 0:
+        if not _acceptable_length(length) or count == 0:
             return None
         stop = position + count * stride
         on_chain = native[position:stop:stride] == decoder.NATIVE_MARKER
@@ -176,15 +181,8 @@ def _chain_over_markers(words: np.ndarray, native: np.ndarray) -> np.ndarray:
         return np.array([0, nwords], dtype=np.int64)
     lengths = packets.packet_length(decoder.gather(native, positions + 1)).astype(np.int64)
     next_positions = positions + lengths + 1
-    if (
-        positions[0] == 0
-        and next_positions[-1] == nwords
-        and np.array_equal(next_positions[:-1], positions[1:])
-        and lengths.min() >= packets.TYPE_F_HEADER_LENGTH
-    ):
-        return np.append(positions, nwords)
     acceptable = (positions + packets.TYPE_F_WORDS <= nwords) & (next_positions <= nwords)
-    acceptable &= lengths >= packets.TYPE_F_HEADER_LENGTH
+    acceptable &= (lengths >= packets.TYPE_F_HEADER_LENGTH) & (lengths <= packets.MAX_PACKET_LENGTH)
     chain = decoder.follow_chain(positions, next_positions, acceptable, nwords, stop_at_bad=False)
     pieces = [np.array([0, nwords], dtype=np.int64)]
     for first, stop in chain.runs:

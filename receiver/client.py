@@ -283,11 +283,13 @@ class Receiver:
         max_seconds: float | None = None,
         max_replies: int | None = None,
         until_done: bool = True,
+        until: Callable[[Tally], bool] | None = None,
         on_reply: Callable[[Tally], None] | None = None,
     ) -> Tally:
         """Pull replies until every board seen sent its 0xD (with ``until_done``),
-        ``max_seconds`` passed or ``max_replies`` replies were asked for; then read
-        the replies still owed and close. Returns the tally (also ``self.tally``).
+        ``until(tally)`` is true, ``max_seconds`` passed or ``max_replies`` replies
+        were asked for; then read the replies still owed and close. Returns the
+        tally (also ``self.tally``).
         """
         conn = DataConnection.connect(
             self.host,
@@ -310,6 +312,7 @@ class Receiver:
                 if not stopping:
                     stopping = (
                         (until_done and self.tally.all_done)
+                        or (until is not None and until(self.tally))
                         or (deadline is not None and time.monotonic() >= deadline)
                         or asked >= budget
                     )
