@@ -486,7 +486,7 @@ class Sender:
                     self._next_housekeeping = now + self._timer_interval(now)
                 conn = self._current
                 if conn is not None:
-                    self._serve_until(conn, self._next_housekeeping)
+                    self._serve(conn)
                     continue
                 timeout_ms = max(0, int((self._next_housekeeping - now) * 1000) + 1)
                 for fd, _ in self._poller.poll(timeout_ms):
@@ -594,7 +594,7 @@ class Sender:
                 self._current = conn
                 with self._lock:
                     self._client = conn.peer
-                self.log.info("serving receiver %s", conn.peer)
+                self.log.debug("serving receiver %s", conn.peer)
 
     def _prune_waiting(self) -> None:
         """Close waiting connections whose peer has already gone."""
@@ -645,7 +645,7 @@ class Sender:
 
     # --------------------------------------------------------------- serving
 
-    def _serve_until(self, conn: _Connection, deadline: float) -> None:
+    def _serve(self, conn: _Connection) -> None:
         """Read requests (blocking, at most ``HOUSEKEEPING_S`` each) and answer each in order.
 
         Returns when housekeeping is due, the receiver is quiet for a while, or it left.
@@ -674,7 +674,7 @@ class Sender:
                 self._end_connection()
                 return
             conn.idle_since = now = time.monotonic()
-            if now >= deadline:
+            if now >= self._next_housekeeping:
                 return
 
     def _reply(self, conn: _Connection) -> None:
