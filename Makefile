@@ -9,7 +9,7 @@ LOOPBACK_EPICS := EPICS_CAS_INTF_ADDR_LIST=127.0.0.1 EPICS_CAS_BEACON_ADDR_LIST=
 	EPICS_PVAS_INTF_ADDR_LIST=127.0.0.1 EPICS_PVAS_BEACON_ADDR_LIST=127.0.0.1 \
 	EPICS_PVAS_AUTO_BEACON_ADDR_LIST=NO EPICS_PVA_ADDR_LIST=127.0.0.1 EPICS_PVA_AUTO_ADDR_LIST=NO
 
-.PHONY: setup test lint run bench-sim clean
+.PHONY: setup test lint generate run bench-sim clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,6 +21,13 @@ setup: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(PY) -m ioc.dbfiles --check
+	$(PY) -m ioc.screens --check
+
+# Regenerate db/ and opi/ from the PV table (ioc/pvs.py) after changing it.
+generate: $(STAMP)
+	$(PY) -m ioc.dbfiles --write
+	$(PY) -m ioc.screens --write
 
 test: $(STAMP) lint
 	$(PY) -m pytest

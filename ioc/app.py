@@ -17,6 +17,7 @@ from typing import Any
 import epics
 from softioc import asyncio_dispatcher, autosave, builder, softioc
 
+from ioc import access
 from ioc.config import CrateConfig, SystemConfig
 from ioc.hardware import BoardKind
 from ioc.inloop import BoardSetup, InLoop
@@ -198,6 +199,7 @@ class CrateIoc:
         if self.serve_globals:
             _configure_autosave(self.system, f"DAQC{self.crate_id}")
         builder.LoadDatabase()
+        access.install()
         epics.ca.initialize_libca()
         softioc.iocInit(asyncio_dispatcher.AsyncioDispatcher())
         self.records.publish("BuffersTotal", self.pool.size)
@@ -248,6 +250,7 @@ class GlobalsIoc:
     def start(self) -> None:
         _configure_autosave(self.system, "globals")
         builder.LoadDatabase()
+        access.install()
         softioc.iocInit(asyncio_dispatcher.AsyncioDispatcher())
 
     def stop(self) -> None:

@@ -44,6 +44,14 @@ TRIGGERS = frozenset({BoardKind.TRIGGER_MASTER})
 ALL_KINDS = DIGITIZERS | TRIGGERS
 
 
+class Access(enum.Enum):
+    """Access-security group of a record (the ASG field; rules in db/dgs.acf)."""
+
+    DEFAULT = "DEFAULT"  # clients may write at any time: run control, selectors, sim knobs
+    RUNPROTECT = "RUNPROTECT"  # crate set-up: writable only while Online_CS_StartStop = Stop
+    READONLY = "READONLY"  # statistics and read-backs: never writable by clients
+
+
 class Scope(enum.Enum):
     """How many records one table entry stands for."""
 
@@ -76,10 +84,18 @@ class PV:
     dtype: str = ""
     kinds: frozenset[BoardKind] = ALL_KINDS
     autosave: bool = False
+    access: Access | None = None  # None: DEFAULT for output records, READONLY for inputs
 
     @property
     def writable(self) -> bool:
         return self.record in ("ao", "bo", "longout", "mbbo")
+
+    @property
+    def asg(self) -> Access:
+        """The access-security group the record is served with."""
+        if self.access is not None:
+            return self.access
+        return Access.DEFAULT if self.writable else Access.READONLY
 
     def name(self, crate: str, n: int | None = None, board: str | None = None) -> str:
         return self.template.format(crate=crate, n=n, board=board)
@@ -105,20 +121,25 @@ PV_TABLE: tuple[PV, ...] = (
        initial=0, low=0, high=2_147_483_647, autosave=True),
     # Per board.
     PV("CS_Ena", "VME{crate}:{board}:CS_Ena", "bo", Scope.BOARD, "Board enable (sampled at Start)",
-       enums=("Disable", "Enable"), initial=0),
+       enums=("Disable", "Enable"), initial=0, access=Access.RUNPROTECT),
     PV("FifoNum", "VME{crate}:{board}:FifoNum", "mbbo", Scope.BOARD,
-       "Trigger FIFO to read (sampled at Start)", enums=FIFO_NUM_STATES, initial=6),
+       "Trigger FIFO to read (sampled at Start)", enums=FIFO_NUM_STATES, initial=6,
+       access=Access.RUNPROTECT),
     PV("PackageData", "VME{crate}:{board}:user_package_data", "longout", Scope.BOARD,
-       "Board id in every packet", initial=0, low=0, high=4094, kinds=DIGITIZERS),
+       "Board id in every packet", initial=0, low=0, high=4094, kinds=DIGITIZERS,
+       access=Access.RUNPROTECT),
     PV("PackageData", "VME{crate}:{board}:USER_PACKAGE_DATA", "longout", Scope.BOARD,
-       "Board id in every packet", initial=0, low=0, high=4094, kinds=TRIGGERS),
+       "Board id in every packet", initial=0, low=0, high=4094, kinds=TRIGGERS,
+       access=Access.RUNPROTECT),
     PV("PlaceholderEna", "VME{crate}:X:CS_Ena", "bo", Scope.PLACEHOLDER,
-       "Empty card index (always Disable)", enums=("Disable", "Enable"), initial=0, low=0, high=0),
+       "Empty card index (always Disable)", enums=("Disable", "Enable"), initial=0, low=0, high=0,
+       access=Access.RUNPROTECT),
     PV("PlaceholderFifo", "VME{crate}:X:FifoNum", "mbbo", Scope.PLACEHOLDER,
-       "Empty card index (always 6)", enums=FIFO_NUM_STATES, initial=6, low=6, high=6),
+       "Empty card index (always 6)", enums=FIFO_NUM_STATES, initial=6, low=6, high=6,
+       access=Access.RUNPROTECT),
     # Simulation controls (sim backend only).
     PV("SimEventRate", "VME{crate}:{board}:SIM_EventRate", "ao", Scope.SIM,
-       "Simulated events/s per channel (triggers/s)", egu="Hz", prec=1, initial=0,
+       "Simulated events/s/channel (triggers/s)", egu="Hz", prec=1, initial=0,
        low=0, high=1_000_000),
     PV("SimTraceLength", "VME{crate}:{board}:SIM_TraceLength", "longout", Scope.SIM,
        "Simulated trace samples per event", initial=0, low=0, high=992, even=True,
@@ -128,11 +149,11 @@ PV_TABLE: tuple[PV, ...] = (
     PV("SimFault", "VME{crate}:{board}:SIM_Fault", "mbbo", Scope.SIM, "Inject a fault once",
        enums=SIM_FAULT_STATES, initial=0),
     PV("SimGenerated", "VME{crate}:{board}:SIM_Generated", "ai", Scope.SIM,
-       "Events accepted into the FIFO since run start", initial=0),
+       "Events accepted by the FIFO this run", initial=0),
     PV("SimDropped", "VME{crate}:{board}:SIM_Dropped", "ai", Scope.SIM,
-       "Events dropped by a full FIFO since run start", initial=0),
+       "Events dropped by a full FIFO this run", initial=0),
     PV("SimCleared", "VME{crate}:{board}:SIM_Cleared", "ai", Scope.SIM,
-       "Events cleared by FIFO resets since run start", initial=0),
+       "Events cleared by FIFO resets this run", initial=0),
     # inLoop.
     _stat("CrateNum", "DAQC{crate}_CV_CRATENUM", "Crate number"),
     _stat("InLoop1", "DAQC{crate}_CV_InLoop1", "MiB read since run start", egu="MiB"),
@@ -149,7 +170,7 @@ PV_TABLE: tuple[PV, ...] = (
     _stat("NumFreeBuffers", "DAQC{crate}_OL_NumFreeBuffers", "Buffers in qFree"),
     _stat("NumWrittenBuffers", "DAQC{crate}_OL_NumWrittenBuffers", "Buffers in qWritten"),
     _stat("NumSendBuffers", "DAQC{crate}_OL_NumSendBuffers", "Buffers in qSender"),
-    _card("OutLoop", "DAQC{crate}_CV_OutLoop{n}", "Errors or first-error record (see TraceBd)"),
+    _card("OutLoop", "DAQC{crate}_CV_OutLoop{n}", "Errors or first-error record (TraceBd)"),
     _card("DataRate", "DAQC{crate}_OL_DataRate{n}", "Data rate of card n", egu="kB/s", prec=1),
     _card("Data", "DAQC{crate}_OL_Data{n}", "Data from card n since run start", egu="MiB",
           prec=3),
@@ -163,17 +184,17 @@ PV_TABLE: tuple[PV, ...] = (
     PV("TraceLen", "DAQC{crate}_CV_TraceLen", "longin", Scope.CRATE, "Valid samples in Trace",
        initial=0),
     PV("TraceBd", "DAQC{crate}_CS_TraceBd", "longout", Scope.CRATE,
-       "Card to trace (4..7: first-error records)", initial=0, low=0, high=15),
+       "Card to trace (4..7: first-error rec.)", initial=0, low=0, high=15),
     PV("TraceChan", "DAQC{crate}_CS_TraceChan", "longout", Scope.CRATE, "Channel to trace",
        initial=0, low=0, high=9),
     PV("TraceHorns", "DAQC{crate}_CS_TraceHorns", "bo", Scope.CRATE, "Show trace mark bits",
        enums=("Hide", "Show"), initial=0),
     PV("HeaderCheckEnable", "DAQC{crate}_OL_HeaderCheckEnable", "ao", Scope.CRATE,
-       "Walk and check digitizer buffers", initial=1, **ON_OFF),
+       "Walk and check digitizer buffers", initial=1, access=Access.RUNPROTECT, **ON_OFF),
     PV("TimestampCheckEnable", "DAQC{crate}_OL_TimestampCheckEnable", "ao", Scope.CRATE,
-       "Check per-channel timestamp order", initial=1, **ON_OFF),
+       "Check per-channel timestamp order", initial=1, access=Access.RUNPROTECT, **ON_OFF),
     PV("DeepCheckEnable", "DAQC{crate}_OL_DeepCheckEnable", "ao", Scope.CRATE,
-       "Check every event (0: first 128)", initial=1, **ON_OFF),
+       "Check every event (0: first 128)", initial=1, access=Access.RUNPROTECT, **ON_OFF),
     PV("HeaderSummaryEnable", "DAQC{crate}_OL_HeaderSummaryEnable", "ao", Scope.CRATE,
        "Accepted, no effect", initial=0, low=0),
     PV("HeaderSummaryPrescale", "DAQC{crate}_OL_HeaderSummaryPrescale", "ao", Scope.CRATE,
@@ -205,7 +226,7 @@ PV_TABLE: tuple[PV, ...] = (
     _stat("SenderRequeued", "DAQC{crate}_CV_SenderRequeued", "Replies put back after a failure"),
     _stat("ReadErrors", "DAQC{crate}_CV_ReadErrors", "FIFO read errors this run"),
     PV("FirstError", "DAQC{crate}_OL_FirstError{n}", "waveform", Scope.CARD,
-       "First error of card n: code, offset, extra1, extra2", length=4, dtype="float64"),
+       "First error [code, offset, x1, x2]", length=4, dtype="float64"),
     PV("GlobalsConnected", "DAQC{crate}_CV_GlobalsConnected", "bi", Scope.CRATE,
        "Global run-control PVs reachable", enums=("Disconnected", "Connected"), initial=0),
 )

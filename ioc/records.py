@@ -4,7 +4,9 @@ Writable records validate every put against the table (range, enum index,
 evenness) plus any run-time rule the IOC adds (unique package data, faults
 only while running); a refused put leaves the value unchanged and the client
 sees a write failure. Publication goes through `Records.publish`, which skips
-values that did not change, because every record update costs CPU.
+values that did not change, because every record update costs CPU. Every
+record carries the access-security group of its table row in ASG (rules:
+db/dgs.acf, loaded by ioc/access.py).
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ class Records:
 
     def _build(self, inst: Instance, value: Any):
         pv = inst.pv
-        fields: dict[str, Any] = {"DESC": pv.desc[:_DESC_MAX]}
+        fields: dict[str, Any] = {"DESC": pv.desc[:_DESC_MAX], "ASG": pv.asg.value}
         if pv.egu:
             fields["EGU"] = pv.egu
         if pv.prec is not None:

@@ -225,7 +225,7 @@ def reply_ends(buf: Buffer, limit: int) -> list[int]:
 class _Connection:
     """One accepted receiver and what the sender knows about it."""
 
-    __slots__ = ("answered", "idle_since", "log", "logged", "peer", "received", "sock")
+    __slots__ = ("answered", "hangup", "idle_since", "log", "logged", "peer", "received", "sock")
 
     def __init__(self, sock: socket.socket, peer: str, now: float, log: logging.Logger) -> None:
         self.sock = sock
@@ -235,6 +235,13 @@ class _Connection:
         self.idle_since = now
         self.log = log
         self.logged: set[str] = set()
+        #: Reports a peer that closed or shut down its side, even with requests still queued.
+        self.hangup = select.poll()
+        self.hangup.register(sock, select.POLLRDHUP)
+
+    def peer_gone(self) -> bool:
+        """True once the receiver has closed: replies to it could only be lost."""
+        return bool(self.hangup.poll(0))
 
     @property
     def pending(self) -> int:
@@ -301,6 +308,8 @@ class Sender:
         self._polled: dict[int, int] = {}
         self._poller = select.poll()
         self._scratch = bytearray(65536)
+        #: A blocked read of the served receiver returns this often (idle timeouts need it).
+        self._read_slice = max(0.01, min(HOUSEKEEPING_S, config.idle_timeout_s / 4))
         # Statistics, under _lock.
         self._client = ""
         self._replies = 0
@@ -446,25 +455,26 @@ class Sender:
             self.log.info("listener closed: %s", why)
 
     def _accept_all(self, limit: bool = True) -> None:
+        """Accept every pending connection into the waiting list (up to MAX_WAITING)."""
         with self._lock:
             listener = self._listener
         while listener is not None and not (limit and len(self._waiting) >= MAX_WAITING):
             try:
                 sock, address = listener.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError as err:
                 self.log.warning("accept failed: %s", err)
-                return
+                break
             sock.setblocking(True)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             # Blocked sends and reads return in time for the thread to look at its clocks.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(SEND_SLICE_S))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(HOUSEKEEPING_S))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self._read_slice))
             peer = f"{address[0]}:{address[1]}"
             self._waiting.append(_Connection(sock, peer, time.monotonic(), self.log))
+            self._next_housekeeping = 0.0  # serve it at once if nobody is being served
             self.log.info("receiver %s connected", peer)
-        self._next_housekeeping = 0.0
 
     # ---------------------------------------------------------------- thread
 
@@ -474,30 +484,43 @@ class Sender:
             self._wake_w.send(b"\0")
 
     def _run(self) -> None:
-        """Serve the current receiver with blocking reads; poll only while nobody is served."""
+        """The sender thread: survives its own bugs (logged) rather than stop serving."""
         self._poll_set(self._wake_r.fileno(), select.POLLIN)
         try:
             while True:
-                now = time.monotonic()
-                if now >= self._next_housekeeping:
-                    if self._finished(now):
-                        break
-                    self._housekeeping(now)
-                    self._next_housekeeping = now + self._timer_interval(now)
-                conn = self._current
-                if conn is not None:
-                    self._serve(conn)
-                    continue
-                timeout_ms = max(0, int((self._next_housekeeping - now) * 1000) + 1)
-                for fd, _ in self._poller.poll(timeout_ms):
-                    if fd == self._listener_fd:
-                        self._accept_all()
-                    else:
-                        self._drain_wake_pipe()
-        except Exception:
-            self.log.exception("sender thread failed")
+                try:
+                    if self._step():
+                        return
+                except Exception:
+                    self.log.exception("sender error; dropping the current receiver")
+                    self._end_connection()
+                    time.sleep(HOUSEKEEPING_S)
         finally:
             self._close_all()
+
+    def _step(self) -> bool:
+        """Housekeeping when due, then serve the current receiver or wait; True when finished.
+
+        The receiver being served is read with blocking reads (as lean as a bare
+        server); the listener and the wake-up pipe are polled only while nobody is.
+        """
+        now = time.monotonic()
+        if now >= self._next_housekeeping:
+            if self._finished(now):
+                return True
+            self._housekeeping(now)
+            self._next_housekeeping = now + self._timer_interval(now)
+        conn = self._current
+        if conn is not None:
+            self._serve(conn)
+            return False
+        timeout_ms = max(0, int((self._next_housekeeping - now) * 1000) + 1)
+        for fd, _ in self._poller.poll(timeout_ms):
+            if fd == self._listener_fd:
+                self._accept_all()
+            else:
+                self._drain_wake_pipe()
+        return False
 
     def _housekeeping(self, now: float) -> None:
         self._drain_wake_pipe()
@@ -600,13 +623,7 @@ class Sender:
         """Close waiting connections whose peer has already gone."""
         alive = []
         for conn in self._waiting:
-            try:
-                gone = conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-            except (BlockingIOError, InterruptedError):
-                gone = False
-            except OSError:
-                gone = True
-            if gone:
+            if conn.peer_gone():
                 self.log.info("receiver %s left before being served", conn.peer)
                 conn.sock.close()
             else:
@@ -665,6 +682,10 @@ class Sender:
                 self._end_connection()
                 return
             conn.received += count
+            if conn.peer_gone():
+                conn.note_partial_request()
+                self._end_connection()
+                return
             try:
                 while conn.pending > 0:
                     if self._stopping and self._finished(time.monotonic()):
@@ -673,13 +694,17 @@ class Sender:
             except _ConnectionLost:
                 self._end_connection()
                 return
+            if self._held is None:
+                # Take the next buffer and plan its cuts now, while the receiver is busy
+                # reading: the next request is then answered without that delay.
+                self._next_buffer(wait=0.0)
             conn.idle_since = now = time.monotonic()
             if now >= self._next_housekeeping:
                 return
 
     def _reply(self, conn: _Connection) -> None:
         """Send one reply: the next slice of the head buffer, or INSUFF_DATA."""
-        buf = self._next_buffer()
+        buf = self._next_buffer(wait=self.config.idle_wait_s)
         if buf is None:
             self._send(conn, INSUFF_DATA_HEADER, None)
             conn.answered += 1
@@ -705,13 +730,13 @@ class Sender:
             self._replies += 1
             self._bytes_sent += end - start
 
-    def _next_buffer(self) -> Buffer | None:
-        """The buffer being served, or the head of qSender after up to ``idle_wait_s``."""
+    def _next_buffer(self, wait: float) -> Buffer | None:
+        """The buffer being served, or the head of qSender after up to ``wait`` seconds."""
         if self._held is not None and self._held_generation != self._generation:
             self._requeue_held()
         while self._held is None:
             with self.pool.lock:
-                buf = self.pool.q_sender.get(Owner.SENDER, self.config.idle_wait_s)
+                buf = self.pool.q_sender.get(Owner.SENDER, wait)
                 generation = self._generation
             if buf is None:
                 return None

@@ -108,6 +108,22 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str, perio
         time.sleep(period)
 
 
+_REFUSALS = ("failed", "error from put", "error:", "denied", "not permitted", "invalid")
+
+
+def _refusal(tool_output: str) -> bool:
+    """Whether a CA/PVA tool reported the write as refused (its exit code does not).
+
+    The Old/New value lines are skipped: a value such as "Read error" is not a refusal.
+    """
+    messages = [
+        line.lower()
+        for line in tool_output.splitlines()
+        if not line.lstrip().startswith(("Old :", "New :"))
+    ]
+    return any(word in line for line in messages for word in _REFUSALS)
+
+
 class IocProcess:
     """One `dgs-ioc` child process and the real EPICS tools pointed at it."""
 
@@ -204,15 +220,14 @@ class IocProcess:
 
     def put_ok(self, name: str, value: str | int | float) -> None:
         out = self.caput(name, value)
-        assert out.returncode == 0 and "Error" not in out.stderr + out.stdout, (
+        assert out.returncode == 0 and not _refusal(out.stdout + out.stderr), (
             f"caput {name} {value} failed: {out.stdout}{out.stderr}"
         )
 
     def put_refused(self, name: str, value: str | int | float) -> bool:
         """True if the IOC refused the write (the CA tool reports a write failure)."""
         out = self.caput(name, value)
-        text = out.stdout + out.stderr
-        return "failed" in text or "Error" in text or "invalid" in text
+        return _refusal(out.stdout + out.stderr)
 
     def wait_value(self, name: str, expected: str, timeout: float = 15.0) -> None:
         wait_until(lambda: self.get(name) == expected, timeout, f"{name} == {expected}", 0.1)

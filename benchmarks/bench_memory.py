@@ -1,0 +1,123 @@
+"""P7: resident memory of the crate IOC with its 200 x 1 MiB pool, after runs at load (spec 06).
+
+The demo crate (default 1 MiB FIFOs, 200-sample events) runs at about
+150 MB/s with a receiver for a short run, stops, and the IOC's resident set
+(VmRSS) is read; the figure is the median over the repetitions, and the peak
+(VmHWM) is reported too. The baseline, measured in the same run: the bare
+pythonSoftIOC process (`bare_ioc.py`) serving as many records and holding the
+same pool.
+
+As root, EPICS's iocInit locks the whole address space (mlockall), making
+every thread stack and malloc arena resident. So both processes are measured
+twice: as launched, and without CAP_IPC_LOCK (what an unprivileged account
+gets). Without root the two variants coincide and only one is measured.
+
+    .venv/bin/python benchmarks/bench_memory.py [--json FILE] [--repeat N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_end_to_end import CHANNELS, event_bytes, one_run
+from common import (
+    BareIoc,
+    BenchIoc,
+    Figure,
+    crate_config,
+    median,
+    print_table,
+    proc_rss_bytes,
+    proc_status_bytes,
+    without_memory_lock,
+    write_json,
+)
+
+RSS_TARGET_MB = 350.0
+LOAD_MB_S = 150.0
+SAMPLES = 200
+RUN_SECONDS = 1.5
+
+
+def measure(workdir: Path, prefix: list[str], repeat: int) -> dict:
+    """RSS of the crate IOC after each loaded run, and of the bare IOC with the pool."""
+    rate = LOAD_MB_S * 1e6 / (4 * CHANNELS * event_bytes(SAMPLES))
+    config = crate_config(workdir / "memory.toml", fifo_words=262144, event_rate_hz=rate,
+                          trace_samples=SAMPLES)
+    with BareIoc(workdir, pool=True, prefix=prefix) as bare:
+        bare_rss = proc_rss_bytes(bare.pid)
+        bare_locked = proc_status_bytes(bare.pid, "VmLck")
+    with BenchIoc(["--config", str(config)], workdir, prefix=prefix) as ioc:
+        at_start = proc_rss_bytes(ioc.pid)
+        after_runs = []
+        received = []
+        for _ in range(repeat):
+            run = one_run(ioc, SAMPLES, LOAD_MB_S, RUN_SECONDS)
+            received.append(run.received_mb_s)
+            after_runs.append(proc_rss_bytes(ioc.pid))
+        peak = proc_status_bytes(ioc.pid, "VmHWM")
+        locked = proc_status_bytes(ioc.pid, "VmLck")
+    return {
+        "prefix": prefix,
+        "rss_at_start_mb": at_start / 1e6,
+        "rss_after_runs_mb": [value / 1e6 for value in after_runs],
+        "peak_rss_mb": peak / 1e6,
+        "locked_mb": locked / 1e6,
+        "received_mb_s": received,
+        "bare_rss_mb": bare_rss / 1e6,
+        "bare_locked_mb": bare_locked / 1e6,
+    }
+
+
+def figure_of(result: dict, label: str) -> Figure:
+    locked = result["locked_mb"] > 0
+    return Figure(
+        id=label,
+        what="RSS after runs at load, 200 x 1 MiB pool"
+             + (", memory locked by EPICS (root)" if locked else ", memory not locked"),
+        value=median(result["rss_after_runs_mb"]),
+        unit="MB",
+        baseline=result["bare_rss_mb"],
+        baseline_what="bare softIOC + pool",
+        target=RSS_TARGET_MB,
+        higher_is_better=False,
+        runs=result["rss_after_runs_mb"],
+        note=(f"at start {result['rss_at_start_mb']:.0f} MB, peak {result['peak_rss_mb']:.0f} MB, "
+              f"locked {result['locked_mb']:.0f} MB; load "
+              f"{median(result['received_mb_s']):.0f} MB/s received"
+              + (" (launched without CAP_IPC_LOCK)" if result["prefix"] else "")),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument("--repeat", type=int, default=5, help="loaded runs (median; >= 5)")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    repeat = max(5, args.repeat)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-memory-"))
+    try:
+        results = [measure(workdir, [], repeat)]
+        unlocked = without_memory_lock()
+        if unlocked and results[0]["locked_mb"] > 0:
+            results.append(measure(workdir, unlocked, repeat))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    figures = [figure_of(result, label) for result, label in zip(results, ("P7", "P7u"))]
+    print_table(figures)
+    elapsed = time.monotonic() - started
+    print(f"elapsed {elapsed:.1f} s")
+    write_json(args.json, "P7", figures, elapsed_s=elapsed, measurements=results)
+    return 0 if all(fig.passed for fig in figures) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

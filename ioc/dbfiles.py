@@ -1,0 +1,272 @@
+"""The EPICS database material in ``db/``, generated from `ioc.pvs.PV_TABLE`.
+
+Engineers read the record list in ``db/`` rather than Python, and the IOC loads
+the access-security rules written here, so both are derived from the one PV
+table instead of being kept by hand:
+
+- ``db/crate.db``: every record of a crate (the demo crate's boards, crate id
+  as the macro ``$(CRATE)``), with the fields the IOC gives it;
+- ``db/globals.db``: the three global run-control records;
+- ``db/dgs.acf``: the access-security groups of the ASG fields.
+
+``python -m ioc.dbfiles --write`` regenerates them; ``--check`` fails when the
+files on disk differ from what the table gives (the test does the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import textwrap
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ioc.config import CrateConfig, demo_config
+from ioc.pvs import PV, PV_TABLE, Access, BoardRef, Instance, Scope, expand
+
+DB_DIR = Path(__file__).resolve().parent.parent / "db"
+CRATE_MACRO = "$(CRATE)"
+#: Characters of DESC an IOC keeps (a 40-byte field holding its terminating NUL).
+DESC_MAX = 39
+COMMENT_WIDTH = 96
+#: Field names of the 16 states of an mbbi/mbbo record.
+MBB_STATE_FIELDS = (
+    "ZRST", "ONST", "TWST", "THST", "FRST", "FVST", "SXST", "SVST",
+    "EIST", "NIST", "TEST", "ELST", "TVST", "TTST", "FTST", "FFST",
+)  # fmt: skip
+WAVEFORM_FTVL = {"int16": "SHORT", "float64": "DOUBLE"}
+#: The record whose value decides RUNPROTECT (0 = Stop).
+RUN_CONTROL_PV = "Online_CS_StartStop"
+
+#: Rules the IOC adds to the table's ranges at run time (app.py).
+RUNTIME_RULES = {
+    "PackageData": "unique in the system",
+    "SimFault": "a fault only while running with the board enabled",
+}
+ACCESS_NOTES = {
+    Access.DEFAULT: "clients may write at any time",
+    Access.RUNPROTECT: f"writable only while {RUN_CONTROL_PV} = Stop",
+    Access.READONLY: "never writable by clients",
+}
+
+
+@dataclass(frozen=True)
+class DbRecord:
+    """One record of a ``.db`` file: name, record type and fields in file order."""
+
+    name: str
+    rtype: str
+    fields: tuple[tuple[str, str], ...]
+
+    def field(self, name: str) -> str | None:
+        return dict(self.fields).get(name)
+
+
+def record_fields(pv: PV) -> tuple[tuple[str, str], ...]:
+    """The fields the IOC sets on a record of this table row (records.py)."""
+    fields = [("DESC", pv.desc[:DESC_MAX]), ("ASG", pv.asg.value)]
+    if pv.egu:
+        fields.append(("EGU", pv.egu))
+    if pv.prec is not None:
+        fields.append(("PREC", str(pv.prec)))
+    if pv.record in ("bi", "bo"):
+        fields += [("ZNAM", pv.enums[0]), ("ONAM", pv.enums[1])]
+    elif pv.record in ("mbbi", "mbbo"):
+        fields += list(zip(MBB_STATE_FIELDS, pv.enums))
+    elif pv.record == "waveform":
+        fields += [("NELM", str(pv.length)), ("FTVL", WAVEFORM_FTVL[pv.dtype])]
+    return tuple(fields)
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def writes_note(pv: PV) -> str:
+    """What a client may write, in words (the validator's rule), or '' for inputs."""
+    if pv.asg is Access.READONLY:
+        return ""
+    if pv.enums:
+        low = int(pv.low) if pv.low is not None else 0
+        high = int(pv.high) if pv.high is not None else len(pv.enums) - 1
+        if high - low < 4:
+            text = " / ".join(f'{i} "{pv.enums[i]}"' for i in range(low, high + 1))
+        else:
+            text = f"index {low}..{high}"
+    elif pv.low is not None and pv.high is not None:
+        text = f"{_number(pv.low)}..{_number(pv.high)}"
+    elif pv.low is not None:
+        text = f">= {_number(pv.low)}"
+    else:
+        text = "any value"
+    if pv.even:
+        text += ", even"
+    if pv.key in RUNTIME_RULES:
+        text += f", {RUNTIME_RULES[pv.key]}"
+    return f"writes {text}"
+
+
+def _comment(pv: PV) -> list[str]:
+    parts = [pv.desc, f"{pv.asg.value}: {ACCESS_NOTES[pv.asg]}"]
+    note = writes_note(pv)
+    if note:
+        parts.append(note)
+    if pv.scope is Scope.SIM:
+        parts.append("sim backend only")
+    return textwrap.wrap("; ".join(parts), COMMENT_WIDTH, initial_indent="# ",
+                         subsequent_indent="#   ")
+
+
+def render_records(instances: Iterable[Instance]) -> str:
+    """Records in `.db` syntax, one comment per table row before its first record."""
+    lines: list[str] = []
+    last: PV | None = None
+    for inst in instances:
+        if inst.pv is not last:
+            lines += ["", *_comment(inst.pv)]
+            last = inst.pv
+        lines.append(f'record({inst.pv.record}, "{inst.name}") {{')
+        lines += [f'    field({name}, "{value}")' for name, value in record_fields(inst.pv)]
+        lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def board_refs(crate: CrateConfig) -> tuple[BoardRef, ...]:
+    return tuple(BoardRef(b.name, b.kind) for b in sorted(crate.boards, key=lambda b: b.card))
+
+
+def demo_crate() -> CrateConfig:
+    return demo_config().crates[0]
+
+
+def crate_db(crate: CrateConfig | None = None, crate_id: str = CRATE_MACRO) -> str:
+    """Every crate record (not the globals) for the crate's boards, sim backend."""
+    crate = crate or demo_crate()
+    boards = ", ".join(f"{b.name} ({b.kind.name.lower()}, card {b.card})" for b in crate.boards)
+    header = "\n".join(
+        [
+            "# Records of one crate IOC (dgs-ioc), generated from ioc/pvs.py by",
+            "#   python -m ioc.dbfiles --write",
+            "# Do not edit: change the PV table and regenerate (tests compare this file with",
+            "# the table and with a running IOC).",
+            *textwrap.wrap(f"Crate id {crate_id}; boards: {boards}.", COMMENT_WIDTH,
+                           initial_indent="# ", subsequent_indent="#   "),
+            "# Per-board records exist once per configured board; SIM_* only with the sim",
+            "# backend; per-card arrays (...0 .. ...6) always all seven. ASG names the",
+            "# access-security group of db/dgs.acf.",
+        ]
+    )
+    body = render_records(expand(crate_id, board_refs(crate), with_globals=False))
+    return header + "\n" + body
+
+
+def globals_db() -> str:
+    """The global run-control records (a standalone crate or `--globals-only` serves them)."""
+    header = (
+        "# Global run-control records: one place per system (a standalone crate IOC, or\n"
+        "# `dgs-ioc --globals-only` for a multi-crate system). Generated from ioc/pvs.py by\n"
+        "#   python -m ioc.dbfiles --write"
+    )
+    body = render_records(expand("", (), with_globals=True, with_crate=False))
+    return header + "\n" + body
+
+
+def _group_members(group: Access) -> list[str]:
+    templates = []
+    for pv in PV_TABLE:
+        if pv.asg is group:
+            name = pv.template.format(crate=CRATE_MACRO, n="$(N)", board="$(BOARD)")
+            if name not in templates:
+                templates.append(name)
+    return templates
+
+
+def acf_text() -> str:
+    """The access-security file the IOC loads before iocInit (ioc/access.py)."""
+    lines = [
+        "# Access security of the DGS crate IOC, generated from ioc/pvs.py by",
+        "#   python -m ioc.dbfiles --write",
+        "# The IOC loads this text at start-up; every record's ASG field names its group.",
+        "# Rules at level 0 allow writes to values only (VAL, PROC), never to record",
+        "# configuration (DESC, EGU, ...). TRAPWRITE sends every write to the put log.",
+        f"# RUNPROTECT reads {RUN_CONTROL_PV} over Channel Access: while that link is",
+        "# down (globals IOC unreachable) the protected records refuse writes.",
+    ]
+    for group in Access:
+        lines += ["", f"# {group.value}: {ACCESS_NOTES[group]}."]
+        lines += [f"#   {name}" for name in _group_members(group)]
+    lines += [
+        "",
+        f"ASG({Access.DEFAULT.value}) {{",
+        "    RULE(1, READ)",
+        "    RULE(0, WRITE, TRAPWRITE)",
+        "}",
+        "",
+        f"ASG({Access.RUNPROTECT.value}) {{",
+        f'    INPA("{RUN_CONTROL_PV}")',
+        "    RULE(1, READ)",
+        "    RULE(0, WRITE, TRAPWRITE) {",
+        '        CALC("A=0")',
+        "    }",
+        "}",
+        "",
+        f"ASG({Access.READONLY.value}) {{",
+        "    RULE(1, READ)",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def generated_files() -> dict[str, str]:
+    """File name in ``db/`` -> contents."""
+    return {"crate.db": crate_db(), "globals.db": globals_db(), "dgs.acf": acf_text()}
+
+
+_RECORD = re.compile(r'record\(\s*(\w+)\s*,\s*"([^"]+)"\s*\)\s*\{(.*?)\}', re.S)
+_FIELD = re.compile(r'field\(\s*(\w+)\s*,\s*"([^"]*)"\s*\)')
+
+
+def parse_db(text: str, macros: dict[str, str] | None = None) -> list[DbRecord]:
+    """Records of a `.db` file in file order, ``$(NAME)`` macros substituted."""
+    for name, value in (macros or {}).items():
+        text = text.replace(f"$({name})", value)
+    return [
+        DbRecord(name, rtype, tuple(_FIELD.findall(body)))
+        for rtype, name, body in _RECORD.findall(text)
+    ]
+
+
+def stale_files(directory: Path = DB_DIR) -> list[str]:
+    """Names of the files in ``directory`` that differ from the generated ones."""
+    return [
+        name
+        for name, text in generated_files().items()
+        if not (directory / name).is_file() or (directory / name).read_text() != text
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ioc.dbfiles", description="Regenerate or check db/ from the PV table."
+    )
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--write", action="store_true", help="write the files into db/")
+    action.add_argument("--check", action="store_true", help="fail if db/ is out of date")
+    parser.add_argument("--dir", type=Path, default=DB_DIR, help="directory (default db/)")
+    args = parser.parse_args(argv)
+    if args.write:
+        args.dir.mkdir(parents=True, exist_ok=True)
+        for name, text in generated_files().items():
+            (args.dir / name).write_text(text)
+            print(f"wrote {args.dir / name}")
+        return 0
+    stale = stale_files(args.dir)
+    for name in stale:
+        print(f"{args.dir / name} is out of date: run python -m ioc.dbfiles --write")
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
