@@ -9,7 +9,7 @@ LOOPBACK_EPICS := EPICS_CAS_INTF_ADDR_LIST=127.0.0.1 EPICS_CAS_BEACON_ADDR_LIST=
 	EPICS_PVAS_INTF_ADDR_LIST=127.0.0.1 EPICS_PVAS_BEACON_ADDR_LIST=127.0.0.1 \
 	EPICS_PVAS_AUTO_BEACON_ADDR_LIST=NO EPICS_PVA_ADDR_LIST=127.0.0.1 EPICS_PVA_AUTO_ADDR_LIST=NO
 
-.PHONY: setup test lint generate run bench-sim clean
+.PHONY: setup test lint generate run system bench-sim clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,6 +34,10 @@ test: $(STAMP) lint
 
 run: $(STAMP)
 	$(LOOPBACK_EPICS) $(VENV)/bin/dgs-ioc --demo
+
+# Three simulated crates and their globals IOC on loopback; Ctrl-C stops the whole group.
+system: $(STAMP)
+	$(LOOPBACK_EPICS) $(VENV)/bin/dgs-system --config examples/three-crates.toml
 
 bench-sim: $(STAMP)
 	$(PY) benchmarks/bench_sim.py

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_end_to_end import CHANNELS, event_bytes, one_run
+from bench_end_to_end import CHANNELS, TMPFS, event_bytes, one_run
 from common import (
     BareIoc,
     BenchIoc,
@@ -46,7 +46,7 @@ SAMPLES = 200
 RUN_SECONDS = 1.5
 
 
-def measure(workdir: Path, prefix: list[str], repeat: int) -> dict:
+def measure(workdir: Path, out_dir: Path, prefix: list[str], repeat: int) -> dict:
     """RSS of the crate IOC after each loaded run, and of the bare IOC with the pool."""
     rate = LOAD_MB_S * 1e6 / (4 * CHANNELS * event_bytes(SAMPLES))
     config = crate_config(workdir / "memory.toml", fifo_words=262144, event_rate_hz=rate,
@@ -59,7 +59,7 @@ def measure(workdir: Path, prefix: list[str], repeat: int) -> dict:
         after_runs = []
         received = []
         for _ in range(repeat):
-            run = one_run(ioc, SAMPLES, LOAD_MB_S, RUN_SECONDS)
+            run = one_run(ioc, SAMPLES, LOAD_MB_S, RUN_SECONDS, out_dir)
             received.append(run.received_mb_s)
             after_runs.append(proc_rss_bytes(ioc.pid))
         peak = proc_status_bytes(ioc.pid, "VmHWM")
@@ -104,13 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     repeat = max(5, args.repeat)
     workdir = Path(tempfile.mkdtemp(prefix="bench-memory-"))
+    out_dir = Path(tempfile.mkdtemp(prefix="bench-memory-", dir=TMPFS if TMPFS.is_dir() else None))
     try:
-        results = [measure(workdir, [], repeat)]
+        results = [measure(workdir, out_dir, [], repeat)]
         unlocked = without_memory_lock()
         if unlocked and results[0]["locked_mb"] > 0:
-            results.append(measure(workdir, unlocked, repeat))
+            results.append(measure(workdir, out_dir, unlocked, repeat))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(out_dir, ignore_errors=True)
     figures = [figure_of(result, label) for result, label in zip(results, ("P7", "P7u"))]
     print_table(figures)
     elapsed = time.monotonic() - started

@@ -1,22 +1,22 @@
 """P3: `dgs-receiver` writing GEB files from the demo crate, 200-sample events (spec 06).
 
-The figure: the sustained payload rate the receiver absorbs from a real crate
-IOC (four simulated digitizers, 200-sample LED events) while decoding every
-reply, building its GEB records and writing them to per-board, per-channel
-files on tmpfs (``/dev/shm``). The simulated rate is raised with ``caput`` so
-the crate offers more than either client takes; the simulated FIFOs are made
-larger than a real board's (16 Mi words) so that the generator is not the
-limit (spec 06 allows this and asks to say so).
+The figure: the payload rate the receiver sustains from a real crate IOC (the
+demo crate's four simulated digitizers, 200-sample LED events) while decoding
+every reply, building its GEB records and writing them to per-board,
+per-channel files on tmpfs (``/dev/shm``). The simulated rate is raised with
+``caput`` to just above the P3 target (default 17 kHz per channel = 310 MB/s
+offered; ``--rate`` pushes harder). The simulated FIFOs are made larger than a
+real board's (16 Mi words instead of 256 Ki) so that short stalls of a shared
+machine do not overflow them; spec 06 allows this and asks to say so.
 
 The baseline, measured in the same run against the same IOC and stream: a bare
 receiver (same protocol, 6 requests in flight, every payload read into a
 preallocated buffer, nothing decoded or written). Repetitions alternate the
 two; each measures a window after a warm-up, from the clients' own counters.
 After each receiver repetition the run is stopped and the files are checked:
-every event the simulator generated is in them (records = ``SIM_Generated``)
-and no buffer was dropped by the IOC (``OL_TotalBufsLost``) — when the crate
-offers more than the receiver takes, the IOC's bypass drops buffers, so the
-benchmark reports those losses next to the rate.
+events in the files = ``SIM_Generated``, no buffer dropped by the IOC's bypass
+(``OL_TotalBufsLost``) and no FIFO overflow (``SIM_Dropped``). Pass: median
+rate >= 300 MB/s and every repetition complete.
 
 Run: ``.venv/bin/python benchmarks/bench_receiver.py [--json FILE] [--repeat N]
 [--seconds S] [--rate HZ]``
@@ -181,7 +181,6 @@ def receiver_run(crate: Crate, out_dir: Path, name: str, warmup: float, seconds:
     reader = threading.Thread(target=read_status, daemon=True)
     reader.start()
     wait_until(lambda: samples, 20, "receiver status")
-    before = crate.counters()
     crate.start()
     time.sleep(warmup)
     t0 = time.perf_counter()
@@ -208,7 +207,7 @@ def receiver_run(crate: Crate, out_dir: Path, name: str, warmup: float, seconds:
         "records": records,
         "generated": int(generated),
         "fifo_dropped": int(sum(after[f"VME01:{b}:SIM_Dropped"] for b in BOARDS)),
-        "buffers_lost": int(after["DAQC01_OL_TotalBufsLost"] - before["DAQC01_OL_TotalBufsLost"]),
+        "buffers_lost": int(after["DAQC01_OL_TotalBufsLost"]),
         "file_bytes": sum(p.stat().st_size for p in run_dir.iterdir()),
     }
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -221,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5, help="repetitions of each (default 5)")
     parser.add_argument("--seconds", type=float, default=2.5, help="measured window (default 2.5)")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds before the window")
-    parser.add_argument("--rate", type=float, default=20_000,
-                        help="simulated events/s per channel (default 20000: 365 MB/s offered)")
+    parser.add_argument("--rate", type=float, default=17_000,
+                        help="simulated events/s per channel (default 17000: 310 MB/s offered)")
     parser.add_argument("--out", type=Path, default=Path("/dev/shm") if Path("/dev/shm").is_dir()
                         else Path(tempfile.gettempdir()), help="where run files go (tmpfs)")
     args = parser.parse_args(argv)

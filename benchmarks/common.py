@@ -11,6 +11,7 @@ clock origin is known.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -38,17 +39,25 @@ LAUNCHER = Path(__file__).resolve().parent / "launch_ioc.py"
 CLOCK_ORIGIN_PREFIX = "crate clock origin "
 
 __all__ = [
+    "REPO",
+    "BareIoc",
+    "BareServer",
     "BenchIoc",
     "Figure",
     "IocProcess",
     "Ports",
+    "bare_server_mb_s",
+    "crate_config",
+    "crate_record_count",
+    "demo_boards",
+    "markdown_table",
     "median",
-    "percentile",
     "print_table",
     "proc_cpu_seconds",
     "proc_rss_bytes",
     "proc_status_bytes",
     "wait_until",
+    "without_memory_lock",
     "write_json",
 ]
 
@@ -170,17 +179,6 @@ def median(values: Iterable[float]) -> float:
     return statistics.median(values) if values else math.nan
 
 
-def percentile(values: Sequence[float], fraction: float) -> float:
-    """The ``fraction`` quantile (0..1) by linear interpolation."""
-    if not len(values):
-        return math.nan
-    ordered = sorted(values)
-    position = fraction * (len(ordered) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
 # ------------------------------------------------------- process figures
 
 
@@ -223,12 +221,40 @@ def without_memory_lock() -> list[str]:
 # -------------------------------------------------------------- the IOC
 
 
+def data_port() -> int:
+    """A free TCP port below the kernel's ephemeral range, for a listener bound later.
+
+    The IOC binds its data port only when a run starts; a port from the
+    ephemeral range could meanwhile become some client connection's local port.
+    """
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ephemeral.read_text().split()[0]) if ephemeral.exists() else 32768
+    span = low - DATA_PORTS_FROM
+    start = os.getpid() * 37 % span  # spread concurrent benchmark processes apart
+    for offset in range(span):
+        port = DATA_PORTS_FROM + (start + offset) % span
+        if port in _data_ports_given:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _data_ports_given.add(port)
+        return port
+    raise RuntimeError("no free data port below the ephemeral range")
+
+
+DATA_PORTS_FROM = 12000
+_data_ports_given: set[int] = set()
+
+
 class BenchIoc(IocProcess):
     """`dgs-ioc` started through `launch_ioc.py`, which also prints the crate clock origin."""
 
     def __init__(self, args: list[str], workdir: Path, ports: Ports | None = None,
                  prefix: Sequence[str] = ()) -> None:
-        ports = ports or Ports.allocate()
+        ports = ports or dataclasses.replace(Ports.allocate(), data=data_port())
         argv = list(args)
         if "--data-port" not in argv:
             argv += ["--data-port", str(ports.data)]
@@ -237,6 +263,7 @@ class BenchIoc(IocProcess):
         super().__init__(argv, workdir, ports)
         self.prefix = list(prefix)
         self.launched_ns = 0
+        self._pva_context = None
 
     def start(self, wait_ready: bool = True) -> BenchIoc:
         self._log_file = open(self.log_path, "w")  # noqa: SIM115 - lives as long as the process
@@ -265,6 +292,14 @@ class BenchIoc(IocProcess):
                 return int(line.split(CLOCK_ORIGIN_PREFIX)[1].split()[0])
         raise RuntimeError("the IOC did not print its crate clock origin")
 
+    def values(self, *names: str) -> list[float]:
+        """Numeric PVs over PV Access (exact for large counters), one client kept open."""
+        if self._pva_context is None:
+            from p4p.client.thread import Context
+
+            self._pva_context = Context("pva", conf=self.ports.p4p_conf(), useenv=False)
+        return [float(value) for value in self._pva_context.get(list(names), timeout=10.0)]
+
     def start_run(self, save: str = "Save") -> None:
         self.put_ok("Online_CS_SaveData", save)
         self.put_ok("Online_CS_StartStop", "Start")
@@ -278,6 +313,8 @@ class BenchIoc(IocProcess):
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
+        if self._pva_context is not None:
+            self._pva_context.close()
         try:
             self.stop(signal.SIGTERM, timeout=10.0)
         except AssertionError:

@@ -74,6 +74,23 @@ def epics_environment(system: SystemConfig, crate: CrateConfig | None) -> dict[s
     return env
 
 
+def globals_ports(system: SystemConfig, args: argparse.Namespace) -> dict[str, str]:
+    """Ports of a `--globals-only` IOC: the options, else `globals_ca` of a configuration
+    file (PVA on the next port), else the EPICS environment."""
+    env: dict[str, str] = {}
+    ca_port = args.ca_port
+    pva_port = args.pva_port
+    if ca_port is None and args.config:
+        ca_port = system.globals_endpoint[1]
+    if ca_port is not None:
+        env["EPICS_CA_SERVER_PORT"] = str(ca_port)
+        if pva_port is None and args.config:
+            pva_port = ca_port + 1
+    if pva_port is not None:
+        env["EPICS_PVAS_SERVER_PORT"] = env["EPICS_PVA_SERVER_PORT"] = str(pva_port)
+    return env
+
+
 def banner(crate: CrateConfig, data_port: int, ca_port: str, serve_globals: bool) -> str:
     c = crate.crate
     first = sorted(crate.boards, key=lambda b: b.card)[0].name if crate.boards else "MDIG1"
@@ -127,10 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     env = epics_environment(system, crate)
-    if args.globals_only and args.ca_port:
-        env["EPICS_CA_SERVER_PORT"] = str(args.ca_port)
-    if args.globals_only and args.pva_port:
-        env["EPICS_PVAS_SERVER_PORT"] = env["EPICS_PVA_SERVER_PORT"] = str(args.pva_port)
+    if args.globals_only:
+        env.update(globals_ports(system, args))
     os.environ.update(env)
     from epicscorelibs.path import get_lib
 

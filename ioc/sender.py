@@ -624,11 +624,19 @@ class Sender:
         alive = []
         for conn in self._waiting:
             if conn.peer_gone():
+                self._read_leftover_requests(conn)
+                conn.note_partial_request()
                 self.log.info("receiver %s left before being served", conn.peer)
                 conn.sock.close()
             else:
                 alive.append(conn)
         self._waiting = alive
+
+    def _read_leftover_requests(self, conn: _Connection) -> None:
+        """Count what a departed receiver still had queued (for the partial-request log)."""
+        with contextlib.suppress(OSError):
+            while count := conn.sock.recv_into(self._scratch, 0, socket.MSG_DONTWAIT):
+                conn.received += count
 
     def _data_waiting(self) -> bool:
         return self._held is not None or len(self.pool.q_sender) > 0
@@ -722,13 +730,13 @@ class Sender:
             raise
         conn.answered += 1
         buf.sent_bytes = end
+        with self._lock:
+            self._replies += 1
+            self._bytes_sent += end - start
         del self._ends[0]
         if not self._ends:
             self._held = None
             self.pool.release(buf)
-        with self._lock:
-            self._replies += 1
-            self._bytes_sent += end - start
 
     def _next_buffer(self, wait: float) -> Buffer | None:
         """The buffer being served, or the head of qSender after up to ``wait`` seconds."""

@@ -24,11 +24,12 @@ connection's trigger packets are filed as board 0 and counted as an error.
 from __future__ import annotations
 
 import argparse
+import queue
 import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -68,6 +69,8 @@ GROUPING = {
 }
 #: A reply is expected at least every idle wait (20 ms); this long without one is a dead link.
 READ_TIMEOUT_S = 10.0
+#: Record batches built ahead of the writer (each holds about one reply).
+WRITER_DEPTH = 4
 UNKNOWN_TRIGGER_BOARD = 0
 
 
@@ -122,15 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for an IOC (at start and after a lost link)")
     p.add_argument("--max-seconds", type=_positive(float), help="stop after this long (exit 1)")
     p.add_argument("--pv-ca", action="append", default=[], metavar="HOST:PORT",
-                   type=parse_address, help="CA server of each crate (snapshot)")
+                   type=parse_address,
+                   help="CA server of each crate (PV snapshot; crate-wide records)")
     p.add_argument("--pv-pva", action="append", default=[], metavar="HOST:PORT",
-                   type=parse_address, help="PVA server of each crate (snapshot)")
+                   type=parse_address,
+                   help="PVA server of each crate (PV snapshot, preferred: every record)")
     p.add_argument("--crate", action="append", default=[], metavar="NN", type=_crate_id,
                    help="crate id of each HOST:PORT, same order")
     p.add_argument("--trigger-board", action="append", default=[], type=int, metavar="ID",
                    help="package data of a master-trigger board")
-    p.add_argument("--geb-type-digitizer", type=int, default=geb.GEB_TYPE_DIGITIZER)
-    p.add_argument("--geb-type-trigger", type=int, default=geb.GEB_TYPE_TRIGGER)
+    p.add_argument("--geb-type-digitizer", type=int, default=geb.GEB_TYPE_DIGITIZER,
+                   help="GEB header type of digitizer records (default 14)")
+    p.add_argument("--geb-type-trigger", type=int, default=geb.GEB_TYPE_TRIGGER,
+                   help="GEB header type of trigger-board records (default 15)")
     p.add_argument("--save-raw", action="store_true",
                    help="also keep every data reply as received (<run>.replies_<n>)")
     p.add_argument("--status", choices=("plain", "tty", "auto"), default="auto",
@@ -174,7 +181,8 @@ class Counters:
     replies: int = 0
     data_replies: int = 0
     payload_bytes: int = 0
-    records: int = 0
+    records: int = 0  # GEB records written, type-F headers included
+    events: int = 0  # digitizer and trigger events among them
     errors: int = 0
     unknown_spans: int = 0
     reconnects: int = 0
@@ -190,12 +198,19 @@ class Counters:
 
 
 class TriggerIdentity:
-    """What a connection knows about its crate's trigger board (see the module text)."""
+    """What a connection knows about its crate's trigger board (see the module text).
 
-    def __init__(self, ids: set[int], slots: set[int]) -> None:
-        self.ids = set(ids)
+    ``ids`` are trigger package data: the crate's own from its PV snapshot
+    (``crate_ids``) and any given with ``--trigger-board``; ``slots`` the
+    trigger slots the snapshot shows. Trigger packets get ``board``: the
+    crate's own id, else the only id known, until a type-F header names it.
+    """
+
+    def __init__(self, crate_ids: set[int], slots: set[int], given: Collection[int] = ()):
+        self.ids = set(crate_ids) | set(given)
         self.slots = set(slots)
-        self.board = next(iter(self.ids)) if len(self.ids) == 1 else -1
+        own = crate_ids if len(crate_ids) == 1 else self.ids
+        self.board = next(iter(own)) if len(own) == 1 else -1
 
     def learn(self, type_f: np.ndarray) -> None:
         """Type-F headers from a trigger slot or with a trigger id name the board."""
@@ -206,6 +221,60 @@ class TriggerIdentity:
             board = int(type_f["board"][np.flatnonzero(mine)[0]])
             self.ids.add(board)
             self.board = board
+
+
+class Writer(threading.Thread):
+    """Writes a connection's record batches to the run's files, behind its puller.
+
+    Receiving, decoding and building (numpy) overlap with the file writes (the
+    kernel's work, outside the GIL) this way. The batches queue in order; the
+    scratch memory of each goes back to the puller once written.
+    """
+
+    def __init__(self, puller: Puller, depth: int = WRITER_DEPTH) -> None:
+        super().__init__(name=f"{puller.name}-writer", daemon=True)
+        self.puller = puller
+        self.queue: queue.Queue[tuple[geb.Batch, list[int], geb.Scratch] | None] = queue.Queue()
+        self.free: queue.Queue[geb.Scratch] = queue.Queue()
+        for _ in range(depth):
+            self.free.put(geb.Scratch())
+        self.error: BaseException | None = None
+
+    def scratch(self) -> geb.Scratch:
+        """Memory for the next batch; waits while ``depth`` batches are unwritten."""
+        while True:
+            if self.error is not None:
+                raise OSError(f"writing failed: {self.error}")
+            try:
+                return self.free.get(timeout=0.5)
+            except queue.Empty:
+                continue
+
+    def submit(self, batch: geb.Batch, ends: list[int], scratch: geb.Scratch) -> None:
+        self.queue.put((batch, ends, scratch))
+
+    def finish(self) -> None:
+        self.queue.put(None)
+        self.join()
+
+    def run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            batch, ends, scratch = item
+            if self.error is None:
+                try:
+                    self._write(batch, ends)
+                except Exception as error:  # reported by the puller
+                    self.error = error
+            self.free.put(scratch)
+
+    def _write(self, batch: geb.Batch, ends: list[int]) -> None:
+        run = self.puller.run_dir
+        for group in batch.groups:
+            key = run.key_for(group.board, group.channel, group.trigger)
+            run.write(key, batch.data, batch.bounds[group.first : group.stop + 1])
+        self.puller.summarise(batch.stats)
+        for board in ends:
+            run.close_board(board)
 
 
 class Puller(threading.Thread):
@@ -236,17 +305,21 @@ class Puller(threading.Thread):
         self.started_at = time.monotonic()
         self.raw: ChunkFile | None = None
         self._warned_trigger = False
-        self._scratch = geb.Scratch()
+        self.writer = Writer(self)
 
     # ----------------------------------------------------------- the loop
 
     def run(self) -> None:
+        self.writer.start()
         try:
             if self.args.save_raw:
                 self.raw = ChunkFile(
                     self.run_dir.path / f"{self.run_dir.run_name}.replies_{self.index}"
                 )
             self._pull()
+            self.writer.finish()
+            if self.writer.error is not None:
+                raise OSError(self.writer.error)
         except (ConnectionError, TimeoutError, ProtocolError) as error:
             self.failed = f"{self.label}: {error}"
         except OSError as error:
@@ -254,6 +327,8 @@ class Puller(threading.Thread):
         except Exception as error:  # reported, never a silent dead thread
             self.failed = f"{self.label}: internal error {error!r}"
         finally:
+            if self.writer.is_alive():
+                self.writer.finish()
             if self.raw is not None:
                 self.raw.close()
             if self.failed:
@@ -306,7 +381,7 @@ class Puller(threading.Thread):
         stopping = False
         while conn.outstanding:
             header, payload = conn.read_reply()
-            self._reply(header, payload)
+            self.process_reply(header, payload)
             if not stopping:
                 stopping = self.counters.all_done or self.stop_event.is_set()
                 if not stopping:
@@ -314,7 +389,8 @@ class Puller(threading.Thread):
 
     # ------------------------------------------------------------ a reply
 
-    def _reply(self, header: ReplyHeader, payload: memoryview) -> None:
+    def process_reply(self, header: ReplyHeader, payload: memoryview) -> None:
+        """Account, decode and hand one reply's records to the writer (in arrival order)."""
         counters = self.counters
         counters.replies += 1
         if header.type == INSUFF_DATA:
@@ -344,10 +420,11 @@ class Puller(threading.Thread):
         counters = self.counters
         kinds = events["kind"]
         type_f = kinds == KIND_TYPE_F
-        any_type_f = bool(type_f.any())
+        trigger_packets = kinds == KIND_TRIGGER
+        any_type_f, any_trigger = bool(type_f.any()), bool(trigger_packets.any())
         if any_type_f:
             self.trigger.learn(events[type_f])
-        if self.trigger.board < 0 and not self._warned_trigger and (kinds == KIND_TRIGGER).any():
+        if any_trigger and self.trigger.board < 0 and not self._warned_trigger:
             self._warned_trigger = True
             counters.errors += 1
             counters.messages.append(
@@ -355,32 +432,32 @@ class Puller(threading.Thread):
                 f" its packets are filed as board {UNKNOWN_TRIGGER_BOARD} until known"
             )
         trigger_board = self.trigger.board if self.trigger.board >= 0 else UNKNOWN_TRIGGER_BOARD
+        scratch = self.writer.scratch()
         batch = geb.make_batch(
             words, events, trigger_board=trigger_board, trigger_boards=self.trigger.ids,
-            grouping=self.grouping, types=self.types, scratch=self._scratch,
+            grouping=self.grouping, types=self.types, scratch=scratch,
         )
-        run = self.run_dir
-        for group in batch.groups:
-            key = run.key_for(group.board, group.channel, group.trigger)
-            run.write(key, batch.data, batch.bounds[group.first : group.stop + 1])
         counters.records += len(batch)
-        self._summarise(batch.stats)
-        trigger_packets = kinds == KIND_TRIGGER
-        if self.trigger.board >= 0 and trigger_packets.any():
+        counters.events += len(batch) - int(np.count_nonzero(type_f))
+        if any_trigger and self.trigger.board >= 0:
             counters.boards_seen.add(self.trigger.board)
-        boards = events["board"][~trigger_packets]
+        boards = events["board"][~trigger_packets] if any_trigger else events["board"]
         if boards.size:
             first = int(boards[0])
             if (boards == first).all():
                 counters.boards_seen.add(first)
             else:
                 counters.boards_seen.update(int(b) for b in np.unique(boards))
+        ends: list[int] = []
         if any_type_f:
-            ends = type_f & (events["channel"] == packets.CH_END_OF_RUN)
-            for board in events["board"][ends].tolist():
-                self._end_of_run(int(board))
+            end_of_run = type_f & (events["channel"] == packets.CH_END_OF_RUN)
+            ends = [int(board) for board in events["board"][end_of_run].tolist()]
+            for board in ends:
+                self._end_of_run(board)
+        self.writer.submit(batch, ends, scratch)
 
-    def _summarise(self, stats: geb.ChannelStats) -> None:
+    def summarise(self, stats: geb.ChannelStats) -> None:
+        """Add a written batch's per-channel sums to the end-of-run summary."""
         channels = self.counters.channels
         for board, channel, records, nbytes, first, last in zip(
             stats.board.tolist(), stats.channel.tolist(), stats.records.tolist(),
@@ -395,12 +472,12 @@ class Puller(threading.Thread):
             entry.last_timestamp = last
 
     def _end_of_run(self, board: int) -> None:
+        """The board's 0xD: the writer closes its files after writing this batch."""
         counters = self.counters
         if board in counters.boards_done:
             counters.errors += 1
             counters.messages.append(f"board {board}: a second end-of-run (0xD) header")
         counters.boards_done.add(board)
-        self.run_dir.close_board(board)
 
 
 # ------------------------------------------------------------------ status
@@ -443,7 +520,7 @@ class Status:
             self.previous[i] = (now, c.payload_bytes)
             lines.append(
                 f"{puller.label} {c.state:<12} {now - puller.started_at:7.1f} s "
-                f"{c.payload_bytes / 1e6:10.1f} MB {rate:8.1f} MB/s {c.records:10d} events "
+                f"{c.payload_bytes / 1e6:10.1f} MB {rate:8.1f} MB/s {c.events:10d} events "
                 f"{c.replies:8d} replies {c.errors:4d} errors "
                 f"boards {len(c.boards_done)}/{len(c.boards_seen)} done"
             )
@@ -476,6 +553,7 @@ def summary_document(run: RunDirectory, pullers: Sequence[Puller], code: int,
             "data_replies": c.data_replies,
             "payload_bytes": c.payload_bytes,
             "records": c.records,
+            "events": c.events,
             "errors": c.errors,
             "unknown_spans": c.unknown_spans,
             "reconnects": c.reconnects,
@@ -573,7 +651,7 @@ def run_receiver(args: argparse.Namespace, stop: threading.Event, out: TextIO,
     pullers = [
         Puller(
             i, address, args.crate[i] if args.crate else None, run, args,
-            TriggerIdentity(identities[i][0] | given, identities[i][1]), stop,
+            TriggerIdentity(identities[i][0], identities[i][1], given), stop,
         )
         for i, address in enumerate(args.addresses)
     ]

@@ -37,8 +37,6 @@ import numpy as np
 
 DEFAULT_CHUNK_BYTES = 2_000_000_000
 READ_ONLY = 0o444
-#: Python's write buffer gathers small pieces (type-F records); bigger writes bypass it.
-WRITE_BUFFER_BYTES = 1 << 16
 
 
 class Layout(enum.Enum):
@@ -86,27 +84,35 @@ class ClosedFile:
 
 
 class ChunkFile:
-    """One open chunk: written under a temporary name, renamed read-only on close."""
+    """One open chunk: written under a temporary name, renamed read-only on close.
+
+    Writes go straight to the file descriptor: a reply's records arrive as a
+    few large pieces, and a user-space buffer would only add a copy (measured
+    slower on tmpfs).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.part = path.with_name(f".{path.name}.part")
         if path.exists():
             raise RunExistsError(f"{path} already exists")
-        self._file = open(self.part, "xb", buffering=WRITE_BUFFER_BYTES)  # noqa: SIM115
+        self._fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self.opened_at = time.monotonic()
         self.nbytes = 0
         self.records = 0
 
     def write(self, data: memoryview | np.ndarray, records: int) -> None:
-        self._file.write(data)
-        self.nbytes += len(data) if isinstance(data, memoryview) else data.nbytes
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):  # a regular file may take less than asked
+            done += os.write(self._fd, view[done:])
+        self.nbytes += done
         self.records += records
 
     def close(self) -> ClosedFile:
-        """Flush, make read-only, and give the file its name (never replacing one)."""
-        self._file.close()
-        os.chmod(self.part, READ_ONLY)
+        """Make read-only, close, and give the file its name (never replacing one)."""
+        os.fchmod(self._fd, READ_ONLY)
+        os.close(self._fd)
         _publish(self.part, self.path)
         return ClosedFile(self.path, self.nbytes, self.records)
 

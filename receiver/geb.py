@@ -15,12 +15,13 @@ usual case: one board, one trace length), one gather otherwise.
 
 `make_batch` also orders the records for the file layout (grouped per board and
 channel, per board, or not at all, arrival order kept inside each group) and
-sums what the end-of-run summary needs per board and channel.
+sums what the end-of-run summary needs per board and channel. `decode_reply` is
+the shared decoder with a shortcut for such tiled replies; `read_records` walks
+a written file.
 """
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Collection
 from dataclasses import dataclass
 from itertools import pairwise
@@ -440,33 +441,42 @@ def _stats_unsorted(
 RECORD_DTYPE = np.dtype(
     [("offset", np.int64), ("type", np.int32), ("length", np.int32), ("timestamp", np.uint64)]
 )
-_LENGTH_FIELD = struct.Struct("<i")
 
 
 def read_records(data: bytes | bytearray | memoryview) -> np.ndarray:
     """Walk the records of a GEB file's bytes (`RECORD_DTYPE`, file order).
 
-    Raises ValueError when the chain of lengths does not end exactly at the
-    end of the data (a truncated or corrupt file).
+    Files are mostly runs of equal-length records, so the walk guesses that the
+    next records have the current length and checks a growing block of them at
+    once, stepping record by record only where the length changes. Raises
+    ValueError when the chain of lengths does not end exactly at the end of
+    the data (a truncated or corrupt file).
     """
-    view = memoryview(data).cast("B")
-    size = len(view)
-    found: list[int] = []
-    position = 0
-    unpack = _LENGTH_FIELD.unpack_from
-    while position + GEB_HEADER_BYTES <= size:
-        found.append(position)
-        (length,) = unpack(view, position + 4)
+    raw = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+    size = raw.size
+    field = np.arange(4, 8)
+    found: list[np.ndarray] = []
+    position, block = 0, 16
+    while position < size:
+        if position + GEB_HEADER_BYTES > size:
+            raise ValueError(f"a partial record header at byte {position}")
+        length = int(raw[position + field].view("<i4")[0])
         if length < 0:
             raise ValueError(f"negative record length at byte {position}")
-        position += GEB_HEADER_BYTES + length
+        step = GEB_HEADER_BYTES + length
+        count = max(1, min(block, (size - position) // step))
+        starts = position + step * np.arange(count, dtype=np.int64)
+        same = raw[starts[:, None] + field].copy().view("<i4")[:, 0] == length
+        run = count if bool(same.all()) else max(1, int(np.argmin(same)))
+        found.append(starts[:run])
+        position += run * step
+        block = block * 2 if run == count else 16
     if position != size:
         raise ValueError(f"records do not end at the end of the data ({position} != {size})")
-    offsets = np.array(found, dtype=np.int64)
+    offsets = np.concatenate(found) if found else np.empty(0, dtype=np.int64)
     records = np.zeros(offsets.size, dtype=RECORD_DTYPE)
     records["offset"] = offsets
     if offsets.size:
-        raw = np.frombuffer(view, dtype=np.uint8)
         heads = raw[offsets[:, None] + np.arange(GEB_HEADER_BYTES)].view(GEB_HEADER_DTYPE)[:, 0]
         for name in ("type", "length", "timestamp"):
             records[name] = heads[name]

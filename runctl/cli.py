@@ -63,7 +63,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     receivers.add_argument(
         "--no-receivers", action="store_true", help="start no receivers (others read the data)"
     )
-    p.add_argument("--timeout", type=float, metavar="S", help="wait for crates at most S seconds")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        metavar="S",
+        help="wait at most S seconds for crates (status: for IOCs)",
+    )
     p.add_argument(
         "--receiver-timeout",
         type=float,
@@ -186,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                 return code if code != EXIT_OK else report(operator.begin_run())
             if args.command == "stop":
                 return report(operator.end_run())
-            status = operator.status()
+            status = operator.status(args.timeout)
             print(format_status(status))
             return EXIT_OK if status.all_reachable else EXIT_FAILED
         except KeyboardInterrupt:

@@ -227,13 +227,10 @@ def wait_ready(members: list[Member], timeout: float, stop: threading.Event) -> 
                     f"{member.name} exited with {member.exit_code} during start-up "
                     f"({member.log_path}):\n{member.log_tail()}"
                 )
-        if pending and (time.monotonic() > deadline or stop.is_set()):
-            names = ", ".join(m.name for m in pending)
-            return (
-                f"not serving PVs within {timeout:g} s: {names}"
-                if not stop.is_set()
-                else ("interrupted during start-up")
-            )
+        if pending and stop.is_set():
+            return "interrupted during start-up"
+        if pending and time.monotonic() > deadline:
+            return f"not serving PVs within {timeout:g} s: {', '.join(m.name for m in pending)}"
         time.sleep(0.1)
     return None
 

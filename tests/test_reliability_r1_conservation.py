@@ -33,7 +33,7 @@ from dataflow import (
     stop_run,
     write_config,
 )
-from ioc_harness import IocProcess
+from ioc_harness import IocProcess, wait_until
 
 from sim.faults import PACKET_FAULTS, Fault
 
@@ -99,19 +99,26 @@ class PoolSampler:
 
 
 def inject_every_fault(pva: Pva) -> int:
-    """One round: every applicable fault on every board, one kind per poll pass (so each
+    """One round: every applicable fault on every board, one kind per scan pass (so each
     shows on its own rather than hidden by another's FIFO reset); returns the read errors."""
     read_errors = 0
     for fault in Fault:
         if fault is Fault.NONE:
             continue
-        polls = pva.number(f"DAQC{CRATE}_CV_InLoop3")
         for board in BOARD_SPECS:
             if fault in faults_for(board):
                 pva.put(f"VME{CRATE}:{board.name}:SIM_Fault", int(fault))
                 read_errors += fault is Fault.READ_ERROR
-        pva.wait(f"DAQC{CRATE}_CV_InLoop3", lambda v, before=polls: v > before, 10, "polls")
+        wait_next_pass(pva)
     return read_errors
+
+
+def wait_next_pass(pva: Pva) -> None:
+    """Until inLoop has polled again: a clean poll or a type-F header (an overflowing
+    board's polls all end in a reset and an 0xF header)."""
+    names = (f"DAQC{CRATE}_CV_InLoop2", f"DAQC{CRATE}_CV_InLoop3")
+    before = pva.numbers(*names)
+    wait_until(lambda: pva.numbers(*names) != before, 10, "the next inLoop pass", 0.1)
 
 
 def wait_read_errors(pva: Pva, count: int) -> None:

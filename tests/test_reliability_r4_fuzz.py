@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import re
 import socket
 import time
@@ -39,10 +40,13 @@ from ioc_harness import IocProcess
 from receiver.client import HEADER, INSUFF_DATA, SERVER_SUMMARY, DataConnection
 
 IDLE_TIMEOUT_S = 1.0
-EXAMPLES = 400
-MAX_CASES = 40
+#: About 10 000 connections in all (spec 06); DGS_FUZZ_EXAMPLES changes it for longer hunts.
+EXAMPLES = int(os.environ.get("DGS_FUZZ_EXAMPLES", "1450"))
+#: Connections per example. Each example ends with a receiver that waits its turn, so the
+#: IOC's accept backlog (16) never overflows into the kernel's 1-s SYN retries.
+MIN_CASES, MAX_CASES = 4, 12
 #: How long a client waits to be sure no further (unsolicited) reply comes.
-QUIET_S = 0.05
+QUIET_S = 0.02
 
 _SENDER_WARNING = re.compile(r"WARNING dgs\.sender: receiver (\S+): (.*)$")
 BAD_CASES = ("partial request", "connection lost", "took nothing", "no request for")
@@ -70,7 +74,9 @@ def cases(draw) -> Case:
     chunks = tuple(data[a:b] for a, b in itertools.pairwise(bounds) if b > a)
     requests = len(data) // 4
     read = draw(st.integers(0, min(requests, 3)))
-    return Case(chunks, read, draw(st.booleans()), read == requests and draw(st.booleans()))
+    # The check for unsolicited replies costs a wait, so only about one connection in eight.
+    quiet = read == requests and draw(st.integers(0, 7)) == 7
+    return Case(chunks, read, draw(st.booleans()), quiet)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +132,7 @@ def well_behaved_gets_data(port: int) -> None:
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(st.lists(cases(), min_size=1, max_size=MAX_CASES))
+@given(st.lists(cases(), min_size=MIN_CASES, max_size=MAX_CASES))
 def test_random_streams_partial_requests_and_closes_never_stop_the_service(crate, batch):
     for case in batch:
         play(crate.ports.data, case)
@@ -183,4 +189,5 @@ def test_each_bad_case_is_logged_once_and_a_run_still_ends_cleanly(crate):
     idle_logged = sum(1 for _, reason in warnings if reason == "no request for")
     assert idle_logged >= 3, "the idle timeouts were not logged"
     assert len(warnings) <= len(BAD_CASES) * sum(_peers.values())
+    assert sum(_peers.values()) >= MIN_CASES * EXAMPLES
     assert "Traceback" not in ioc.log()

@@ -205,7 +205,7 @@ def test_no_data_answers_type_5_after_the_idle_wait(make_sender):
     assert header == bytes.fromhex("00000005 00000000 00000000 00000000")
     assert payload == b""
     assert waited >= 0.2
-    assert sender.stats().idle_replies == 1
+    wait_until(lambda: sender.stats().idle_replies == 1, 5, "the INSUFF_DATA reply counted")
 
 
 def test_data_arriving_during_the_idle_wait_is_sent_instead_of_type_5(make_sender):
@@ -243,7 +243,7 @@ def test_a_request_split_over_three_writes_is_answered_once(make_sender):
         header, _ = read_reply(sock)
         assert header[:4] == bytes.fromhex("00000004")
         assert nothing_arrives(sock, 0.2)
-    assert sender.stats().replies == 1
+    wait_until(lambda: sender.stats().replies == 1, 5, "one data reply counted")
 
 
 def test_the_request_value_is_not_checked(make_sender):
@@ -487,7 +487,7 @@ def test_a_new_run_drops_the_previous_runs_leftovers_and_zeroes_the_counters(mak
     Receiver(HOST, sender.port, pipeline=1).run(max_replies=1)
     queue(pool, digitizer_events(2))
     queue(pool, digitizer_events(3))
-    assert sender.stats().replies == 1
+    wait_until(lambda: sender.stats().replies == 1, 5, "one data reply counted")
     sender.run_stopped()
     sender.run_started(save=True)
     stats = sender.stats()

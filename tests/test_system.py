@@ -160,7 +160,7 @@ def test_three_crates_run_ten_seconds_and_everything_generated_is_on_disk(tmp_pa
         assert response_kinds(start.stdout) == [*prepared, "done", *begun, "done"], start.stdout
         started = time.monotonic()
 
-        status = group.dgs_run("status")
+        status = group.dgs_run("--timeout", "15", "status")
         assert status.returncode == 0, status.stdout + status.stderr
         assert f"RUN run {before + 1}" in status.stdout
         for crate in CRATES:

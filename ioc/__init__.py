@@ -1,0 +1,1 @@
+"""The crate read-out IOC: configuration, buffer pool, stages, records, run control."""
