@@ -9,7 +9,7 @@ LOOPBACK_EPICS := EPICS_CAS_INTF_ADDR_LIST=127.0.0.1 EPICS_CAS_BEACON_ADDR_LIST=
 	EPICS_PVAS_INTF_ADDR_LIST=127.0.0.1 EPICS_PVAS_BEACON_ADDR_LIST=127.0.0.1 \
 	EPICS_PVAS_AUTO_BEACON_ADDR_LIST=NO EPICS_PVA_ADDR_LIST=127.0.0.1 EPICS_PVA_AUTO_ADDR_LIST=NO
 
-.PHONY: setup test lint generate run system bench-sim clean
+.PHONY: setup test lint generate run system bench-sim bench-receiver clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -41,6 +41,9 @@ system: $(STAMP)
 
 bench-sim: $(STAMP)
 	$(PY) benchmarks/bench_sim.py
+
+bench-receiver: $(STAMP)
+	$(PY) benchmarks/bench_receiver.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

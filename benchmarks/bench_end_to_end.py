@@ -230,19 +230,21 @@ def set_load(ioc: BenchIoc, samples: int, rate_hz: float) -> None:
 # --------------------------------------------------------------------- main
 
 
-def run_p3(workdir: Path, out_dir: Path, repeat: int, seconds: float) -> list[RunResult]:
+def run_p3(workdir: Path, out_dir: Path, repeat: int, seconds: float,
+           inloop: dict[str, float]) -> list[RunResult]:
     rate = rate_for(P3_OFFERED_MB_S, P3_SAMPLES)
     config = crate_config(workdir / "p3.toml", fifo_words=FIFO_WORDS, event_rate_hz=rate,
-                          trace_samples=P3_SAMPLES)
+                          trace_samples=P3_SAMPLES, inloop=inloop)
     with BenchIoc(["--config", str(config)], workdir) as ioc:
         return [one_run(ioc, P3_SAMPLES, P3_OFFERED_MB_S, seconds, out_dir)
                 for _ in range(repeat)]
 
 
-def run_sweep(workdir: Path, out_dir: Path, seconds: float) -> list[dict]:
+def run_sweep(workdir: Path, out_dir: Path, seconds: float,
+              inloop: dict[str, float]) -> list[dict]:
     """Per event size, search the highest offered load delivered without loss."""
     config = crate_config(workdir / "sweep.toml", fifo_words=FIFO_WORDS, event_rate_hz=0.0,
-                          trace_samples=P3_SAMPLES)
+                          trace_samples=P3_SAMPLES, inloop=inloop)
     points = []
     with BenchIoc(["--config", str(config)], workdir) as ioc:
         for samples in SWEEP_SAMPLES:
@@ -282,7 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5, help="P3 runs (median; >= 5)")
     parser.add_argument("--seconds", type=float, default=3.0, help="generation time of a run")
     parser.add_argument("--no-sweep", action="store_true", help="skip the event-size sweep")
+    parser.add_argument("--read-threshold", type=int, metavar="BYTES",
+                        help="inLoop read threshold (default: the IOC's, 64 KiB)")
     args = parser.parse_args(argv)
+    inloop = {"read_threshold_bytes": args.read_threshold} if args.read_threshold else {}
     if not DGS_RECEIVER.exists():
         raise SystemExit(f"{DGS_RECEIVER} is missing: install the project (pip install -e .)")
     started = time.monotonic()
@@ -291,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(tempfile.mkdtemp(prefix="bench-e2e-", dir=TMPFS if TMPFS.is_dir() else None))
     try:
         baseline_runs = bare_server_mb_s(repeat, 1.0, PIPELINE)
-        runs = run_p3(workdir, out_dir, repeat, args.seconds)
-        sweep = [] if args.no_sweep else run_sweep(workdir, out_dir, SWEEP_SECONDS)
+        runs = run_p3(workdir, out_dir, repeat, args.seconds, inloop)
+        sweep = [] if args.no_sweep else run_sweep(workdir, out_dir, SWEEP_SECONDS, inloop)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -309,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         target=P3_TARGET_MB_S,
         runs=[run.received_mb_s for run in runs],
         conditions_met=lossless,
-        note=(f"offered {P3_OFFERED_MB_S:g} MB/s for {args.seconds:g} s per run, sim FIFOs "
+        note=(f"offered {P3_OFFERED_MB_S:g} MB/s for {args.seconds:g} s per run"
+              + (f", read threshold {args.read_threshold} B" if args.read_threshold else "")
+              + ", sim FIFOs "
               f"{FIFO_WORDS * 4 >> 20} MiB per board (physical: 1 MiB); cores used: IOC "
               f"{median(run.ioc_cores for run in runs):.2f}, receiver "
               f"{median(run.receiver_cores for run in runs):.2f}; "
