@@ -1,21 +1,24 @@
 """P1: the sender component against a bare Python request/reply server (spec 06).
 
 The figure: `ioc.sender.Sender` serving pre-filled 1 MiB buffers of 200-sample
-digitizer events (a benchmark-only source thread keeps qSender full) to a null
-receiver. The source cycles ``--pool`` buffers: by default 16 MiB, about what
-a crate moves through its queues while the buffers are still in the last-level
-cache (in the IOC, inLoop has just written a buffer and outLoop has just
-checked it when the sender sends it); ``--pool 64`` shows cache-cold buffers.
+digitizer events (a benchmark-only source puts each released buffer straight
+back on qSender) to a null receiver. The source cycles ``--pool`` buffers: by
+default 16 MiB, about what a crate moves through its queues while the buffers
+are still in the last-level cache (in the IOC, inLoop has just written a buffer
+and outLoop has just checked it when the sender sends it); ``--pool 64`` shows
+cache-cold buffers.
 
 The baseline, measured in the same run: a bare server answering each 4-byte
 request with ``sendmsg([header, payload])`` of 280 000 bytes, TCP_NODELAY and
 the same maximum segment size. The null receiver runs in its own process (like
 a real receiver), reads each header and exactly recLen bytes into a
 preallocated buffer and decodes nothing. Both servers are measured with 1 and
-6 requests in flight, back to back, and the ratio is the median of the
-per-repetition ratios (at least 5 repetitions). For reference, the same bare
-loop also serves the sender's own buffers cut to the sender's reply sizes:
-that separates what serving 1 MiB pool buffers costs from what the sender adds.
+6 requests in flight, back to back; the ratio is that of the medians of at
+least 5 repetitions (the median of the per-repetition ratios, where load that
+comes and goes on a shared machine cancels out better, is printed too). For
+reference, the same bare loop also serves the sender's own buffers cut to the
+sender's reply sizes: that separates what serving 1 MiB pool buffers costs
+from what the sender adds.
 
 Run: ``.venv/bin/python benchmarks/bench_sender.py [--json FILE] [--repeat N]
 [--seconds S] [--pool N]``
@@ -41,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ioc import packets
 from ioc.config import SenderConfig
-from ioc.pool import BufferPool, Owner
+from ioc.pool import Buffer, BufferPool, Owner
 from ioc.sender import Sender, reply_ends
 from receiver.client import DataConnection
 
@@ -129,12 +132,12 @@ class BareServer:
         self.listener.close()
 
 
-def same_replies_as_the_sender(pool: BufferPool, nbytes: int, limit: int) -> list[memoryview]:
+def same_replies_as_the_sender(pool: BufferPool, limit: int) -> list[memoryview]:
     """The slices the sender sends from the pool buffers, for the like-for-like server."""
-    sample = pool.buffers[0]
-    sample.nbytes, sample.board_type = nbytes, 12
-    cuts = [0, *reply_ends(sample, limit)]
-    sample.clear()
+    sample = BufferPool(1)
+    sample_buf = sample.buffers[0]
+    sample_buf.nbytes, sample_buf.board_type = fill_buffers(sample), 12
+    cuts = [0, *reply_ends(sample_buf, limit)]
     return [
         memoryview(buf.data)[start:end]
         for buf in pool.buffers
@@ -157,35 +160,42 @@ def fill_buffers(pool: BufferPool) -> int:
     return nwords * 4
 
 
+class RecyclingPool(BufferPool):
+    """The benchmark-only source: a released buffer goes straight back to qSender, whole.
+
+    Refilling by reference inside ``release`` costs what a put to qFree costs and
+    needs no extra thread, so the measurement is not disturbed by thread hand-offs.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.nbytes = fill_buffers(self)
+
+    def prime(self) -> None:
+        """Queue every buffer (after the run start has emptied qSender)."""
+        buffers = self.q_free.get_all(Owner.INLOOP)
+        for buf in buffers:
+            buf.card, buf.board_type, buf.nbytes = 0, 12, self.nbytes
+        self.q_sender.put_many(buffers)
+
+    def release(self, buf: Buffer) -> None:
+        buf.sent_bytes = 0
+        self.q_sender.put(buf)
+
+
 class SenderUnderTest:
-    """The Sender with a source thread keeping qSender full of pre-filled buffers."""
+    """The Sender serving a pool that never runs dry."""
 
     def __init__(self, config: SenderConfig, pool_buffers: int) -> None:
-        self.pool = BufferPool(pool_buffers)
-        self.nbytes = fill_buffers(self.pool)
+        self.pool = RecyclingPool(pool_buffers)
+        self.nbytes = self.pool.nbytes
         self.sender = Sender(self.pool, config, "127.0.0.1", 0)
         self.sender.start()
         self.sender.run_started(save=True)
+        self.pool.prime()
         self.port = self.sender.port
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._source, daemon=True)
-        self.thread.start()
-
-    def _source(self) -> None:
-        """Wake only when the sender releases buffers (idle while the bare servers run)."""
-        while not self._stop.is_set():
-            if not self.pool.q_free.wait_nonempty(0.05):
-                continue
-            time.sleep(0.0005)  # let a few releases gather: fewer wake-ups
-            refill = self.pool.q_free.get_all(Owner.INLOOP)
-            for buf in refill:
-                buf.clear()
-                buf.card, buf.board_type, buf.nbytes = 0, 12, self.nbytes
-            self.pool.q_sender.put_many(refill)
 
     def close(self) -> None:
-        self._stop.set()
-        self.thread.join()
         self.sender.shutdown(deliver_timeout=0.0)
 
 
@@ -203,13 +213,12 @@ class Figure:
         return statistics.median(getattr(self, name))
 
     def paired_ratio(self, other: str) -> float:
-        """Median of the per-repetition ratios: each pair ran back to back, so load
-        that comes and goes on this shared machine mostly cancels out."""
+        """Median of the per-repetition ratios (each pair ran back to back)."""
         return statistics.median(a / b for a, b in zip(self.sender, getattr(self, other)))
 
     @property
     def ratio(self) -> float:
-        return self.paired_ratio("bare")
+        return self.median("sender") / self.median("bare")
 
     @property
     def passed(self) -> bool:
@@ -234,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "bare": BareServer(config.max_segment, [memoryview(bytearray(b"\xaa" * REPLY_BYTES))]),
         "same_buffers": BareServer(
             config.max_segment,
-            same_replies_as_the_sender(under_test.pool, under_test.nbytes, config.max_reply_bytes),
+            same_replies_as_the_sender(under_test.pool, config.max_reply_bytes),
         ),
     }
     ports = {"sender": under_test.port, **{name: srv.port for name, srv in servers.items()}}
@@ -275,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             "figure_mb_s": round(fig.median("sender"), 1),
             "baseline_mb_s": round(fig.median("bare"), 1),
             "ratio": round(fig.ratio, 3),
+            "paired_ratio": round(fig.paired_ratio("bare"), 3),
             "target_ratio": TARGET_RATIO,
             "pass": fig.passed,
             "same_buffers_mb_s": round(fig.median("same_buffers"), 1),
@@ -284,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         results.append(line)
         print(f"  pipeline {fig.pipeline}: sender {line['figure_mb_s']} MB/s, bare server "
-              f"{line['baseline_mb_s']} MB/s, ratio {line['ratio']:.3f}, target >= "
+              f"{line['baseline_mb_s']} MB/s, ratio {line['ratio']:.3f} (paired "
+              f"{line['paired_ratio']:.3f}), target >= "
               f"{TARGET_RATIO} -> {'PASS' if fig.passed else 'FAIL'}")
         print(f"    (bare server sending the sender's own buffers and reply sizes: "
               f"{line['same_buffers_mb_s']} MB/s; sender / that = "

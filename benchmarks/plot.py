@@ -39,7 +39,7 @@ def plot_sweep(sweep: list[dict], out: Path, subtitle: str = "",
     sizes = [point["event_bytes"] for point in points]
     mb_s = [point["received_mb_s"] for point in points]
     mevents = [point["received_mb_s"] * 1e6 / point["event_bytes"] / 1e6 for point in points]
-    figure, left = pyplot.subplots(figsize=(6.4, 3.8), dpi=100)
+    figure, left = pyplot.subplots(figsize=(6.4, 4.4), dpi=100)
     left.plot(sizes, mb_s, "o-", color="tab:blue", label="delivered without loss (MB/s)")
     lossy = [(point["event_bytes"], point["lowest_lossy_offered_mb_s"]) for point in points
              if point.get("lowest_lossy_offered_mb_s")]
@@ -61,10 +61,11 @@ def plot_sweep(sweep: list[dict], out: Path, subtitle: str = "",
     right.set_ylim(bottom=0, top=max([*mevents, 0.1]) * 1.3)
     lines = left.get_legend_handles_labels()
     more = right.get_legend_handles_labels()
-    left.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="upper center")
+    figure.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="lower center", ncol=2,
+                  frameon=False)
     title = "End to end: sim crate (4 digitizers) -> IOC -> dgs-receiver"
     left.set_title(title + (f"\n{subtitle}" if subtitle else ""), fontsize=9)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.1, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out)
     pyplot.close(figure)

@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         if remaining < MIN_LIMIT_S:
             figures.append(failed_figure(bench, "skipped: the time budget was used up"))
             continue
+        if not (BENCHMARKS_DIR / bench.script).exists():
+            figures.append(failed_figure(bench, f"benchmarks/{bench.script} does not exist"))
+            continue
         limit = min(bench.limit_s, remaining)
         print(f"bench: {bench.key} ({bench.script}, limit {limit:.0f} s) ...", end=" ", flush=True)
         got, records[bench.key] = run_one(bench, limit)

@@ -492,7 +492,8 @@ class Sender:
                     if self._step():
                         return
                 except Exception:
-                    self.log.exception("sender error; dropping the current receiver")
+                    self.log.exception("sender error: dropping the buffer being served")
+                    self._drop_held()
                     self._end_connection()
                     time.sleep(HOUSEKEEPING_S)
         finally:
@@ -609,18 +610,18 @@ class Sender:
             if idle >= self.config.idle_timeout_s and (self._data_waiting() or self._waiting):
                 conn.log_once("idle", "no request for %.1f s, closed", idle)
                 self._end_connection()
-        if self._current is None and self._waiting:
+        if self._waiting:
             self._prune_waiting()
-            if self._waiting:
-                conn = self._waiting.pop(0)
-                conn.idle_since = now
-                self._current = conn
-                with self._lock:
-                    self._client = conn.peer
-                self.log.debug("serving receiver %s", conn.peer)
+        if self._current is None and self._waiting:
+            conn = self._waiting.pop(0)
+            conn.idle_since = now
+            self._current = conn
+            with self._lock:
+                self._client = conn.peer
+            self.log.debug("serving receiver %s", conn.peer)
 
     def _prune_waiting(self) -> None:
-        """Close waiting connections whose peer has already gone."""
+        """Close waiting connections whose peer has already gone (they would hold a place)."""
         alive = []
         for conn in self._waiting:
             if conn.peer_gone():
@@ -671,7 +672,7 @@ class Sender:
     # --------------------------------------------------------------- serving
 
     def _serve(self, conn: _Connection) -> None:
-        """Read requests (blocking, at most ``HOUSEKEEPING_S`` each) and answer each in order.
+        """Read requests (each blocking read returns within ``_read_slice``); answer each in order.
 
         Returns when housekeeping is due, the receiver is quiet for a while, or it left.
         """
@@ -680,7 +681,7 @@ class Sender:
             try:
                 count = sock.recv_into(scratch)
             except (BlockingIOError, InterruptedError):
-                return  # SO_RCVTIMEO: no request for HOUSEKEEPING_S
+                return  # SO_RCVTIMEO: no request for a while; time for housekeeping
             except OSError as err:
                 conn.log_once("reset", "connection lost: %s", err)
                 self._end_connection()
@@ -786,6 +787,13 @@ class Sender:
             if self._stopping and now >= self._shutdown_deadline:
                 raise _ConnectionLost
             parts = _remaining(header, payload, done)
+
+    def _drop_held(self) -> None:
+        """Release the held buffer to qFree: a buffer that broke the sender is not retried."""
+        buf, self._held = self._held, None
+        self._ends = []
+        if buf is not None:
+            self.pool.release(buf)
 
     def _requeue_held(self) -> None:
         """Put the held buffer back at the head of qSender (released if from an older run)."""

@@ -163,9 +163,6 @@ class Pva:
     def numbers(self, *names: str) -> list[float]:
         return [float(v) for v in self.ctx.get(list(names), timeout=10.0)]
 
-    def int(self, name: str) -> int:
-        return int(self.get(name))
-
     def put(self, name: str, value) -> None:
         self.ctx.put(name, value, timeout=10.0)
 
@@ -377,8 +374,3 @@ def board_events(tallies: list[Tally], board: int) -> np.ndarray:
     """A board's records over several receivers, in the order they were received."""
     parts = [t.boards[board].events for t in tallies if board in t.boards]
     return np.concatenate(parts) if parts else np.empty(0, dtype=EVENT_DTYPE)
-
-
-def ioc_warnings(ioc: IocProcess, logger: str) -> list[str]:
-    """The WARNING lines one logger of the IOC wrote."""
-    return [line for line in ioc.log().splitlines() if f"WARNING {logger}:" in line]

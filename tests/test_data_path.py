@@ -13,7 +13,7 @@ import pytest
 from dataflow import (
     BOARDS,
     EVENT_BYTES,
-    MAX_REPLY,
+    EVENTS_PER_REPLY,
     Background,
     assert_channel_order,
     assert_end_of_run_last_and_once,
@@ -95,7 +95,7 @@ def test_receivers_killed_twenty_times_lose_at_most_their_in_flight_replies(demo
         assert_channel_order(np.concatenate(ordered))
         missing_total += count - union.size
     bypassed = sum(ioc.getf(f"DAQC01_OL_DataLost{card}") for card in range(4)) * 2**20
-    allowed = in_flight * (MAX_REPLY // EVENT_BYTES) + bypassed / EVENT_BYTES + 4 * 3  # KiB rounding
+    allowed = in_flight * EVENTS_PER_REPLY + bypassed / EVENT_BYTES + 4 * 3  # KiB rounding
     assert 0 <= missing_total <= allowed, (missing_total, in_flight, bypassed)
     ioc.wait_value("DAQC01_CV_BuffersAvail", "200", timeout=20)
     assert ioc.get("DAQC01_CV_BuffersOK") == "OK"

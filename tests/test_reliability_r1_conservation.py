@@ -175,7 +175,8 @@ def test_buffers_ok_never_leaks_under_load_faults_bypass_and_save_toggles(crate)
     sampler.assert_never_leaked(min_samples=20)
     free_seen = [s[1] for s in sampler.samples]
     assert min(free_seen) <= POOL_SIZE - 90, "the pool was never under load"
-    assert max(s[2] for s in sampler.samples) <= 100 + 1, "qSender beyond the bypass threshold"
+    # qSender stays at or below the bypass threshold; only 0xD headers (never bypassed) go past.
+    assert max(s[2] for s in sampler.samples) <= 100 + len(BOARD_SPECS)
     assert ioc.proc.poll() is None
     assert "Traceback" not in ioc.log()
 
@@ -191,15 +192,22 @@ def test_conservation_across_runs_without_a_receiver_and_a_start_while_draining(
         # take to fill their FIFO: they overflow and are reset at every poll from here on.
         inject_every_fault(pva)
         # Stop and Start at once: the Start waits for the drain; qSender's leftovers of the
-        # stopped run are dropped at the new run's start.
+        # stopped run, its 0xD headers included, are dropped at the new run's start.
+        states = Watch(pva, f"DAQC{CRATE}_CV_State")
         ioc.put_ok("Online_CS_StartStop", "Stop")
         ioc.put_ok("Online_CS_StartStop", "Start")
-        ioc.wait_value(f"DAQC{CRATE}_CV_State", "Running", timeout=20)
-        pva.wait(f"DAQC{CRATE}_OL_TotalBufsWritten", lambda v: v > 20, 20, "second run flowing")
+
+        def drained_and_running() -> bool:
+            seen = [str(v) for v in states.seen()]
+            return "Draining" in seen[:-1] and seen[-1] == "Running"
+
+        wait_until(drained_and_running, 20, "a drain, then the next run")
+        states.close()
         inject_every_fault(pva)
         stop_run(ioc)
         tally = receiver(ioc, pipeline=6).run(max_seconds=60)
         assert tally.all_done and len(tally.boards_seen) == len(BOARD_SPECS)
+        assert all(log.end_of_run == 1 for log in tally.boards.values()), "stale 0xD delivered"
         assert_pool_whole(ioc)
     finally:
         pva.close()

@@ -99,13 +99,20 @@ def assert_sent_bytes_received(pva: Pva, tally: Tally) -> None:
              f"SenderBytes = {received_kib} KiB received")
 
 
-@pytest.mark.parametrize(("pipeline", "rate_hz"), [(6, 500.0), (1, 1000.0)])
-def test_every_generated_event_arrives_exactly_once_and_in_order(crate, pipeline, rate_hz):
-    ioc = crate
+def set_digitizer_rate(ioc: IocProcess, rate_hz: float) -> None:
     with Pva(ioc) as pva:
         for board in DIGITIZERS:
             pva.put(f"VME{CRATE}:{board.name}:SIM_EventRate", rate_hz)
-    tally = run_with_receiver(ioc, pipeline, lambda pva: None)
+
+
+@pytest.mark.parametrize(("pipeline", "rate_hz"), [(6, 500.0), (1, 1000.0)])
+def test_every_generated_event_arrives_exactly_once_and_in_order(crate, pipeline, rate_hz):
+    ioc = crate
+    set_digitizer_rate(ioc, rate_hz)
+    try:
+        tally = run_with_receiver(ioc, pipeline, lambda pva: None)
+    finally:
+        set_digitizer_rate(ioc, DEMO_SPECS[0].rate_hz)
     with Pva(ioc) as pva:
         for board in DIGITIZERS:
             figures = sim_figures(pva, board.name)
@@ -123,8 +130,6 @@ def test_every_generated_event_arrives_exactly_once_and_in_order(crate, pipeline
         ]
         assert tally.unknown_words == 0
         assert_sent_bytes_received(pva, tally)
-        for board in DIGITIZERS:
-            pva.put(f"VME{CRATE}:{board.name}:SIM_EventRate", 500.0)
     assert_pool_whole(ioc)
 
 

@@ -528,6 +528,22 @@ def test_a_second_receiver_waits_and_is_served_when_the_first_leaves(make_sender
         assert read_reply(second)[1] == second_words.tobytes()
 
 
+def test_a_receiver_that_gave_up_while_waiting_is_not_answered(make_sender):
+    pool, sender = make_sender()
+    first = connect(sender.port)
+    wait_until(lambda: sender.stats().serving, 5, "the first receiver being served")
+    gave_up = connect(sender.port)
+    gave_up.sendall(REQUEST * 6)
+    gave_up.close()  # its requests are still queued at the sender when it is its turn
+    sent = [digitizer_events(3, first_ts=10 * i) for i in range(4)]
+    for words in sent:
+        queue(pool, words)
+    first.close()
+    receiver = Receiver(HOST, sender.port, pipeline=6, keep_payloads=True)
+    receiver.run(until_done=False, until=lambda t: t.insuff_replies > 0)
+    assert b"".join(receiver.tally.payloads) == b"".join(w.tobytes() for w in sent)
+
+
 def test_an_idle_receiver_is_closed_once_when_data_wait(make_sender, caplog):
     caplog.set_level(logging.INFO, logger="dgs.sender")
     pool, sender = make_sender(idle_timeout_s=0.3)
