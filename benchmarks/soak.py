@@ -23,7 +23,10 @@ where `OL_DataLost` has KiB resolution, so the discarded events are bounded
 by it, not counted exactly. The report also gives RSS of the IOC over time
 (``/proc/<pid>/status``) and ends with one PASS/FAIL line; exit code 0/1.
 
-    python benchmarks/soak.py [--minutes 10] [--rate 100] [--json FILE]
+    python benchmarks/soak.py [--minutes 10] [--rate 105] [--min-rate 100] [--json FILE]
+
+The offered rate is set a little above the pass threshold on the received rate:
+events that arrive while a FIFO is full are never generated (`SIM_Dropped`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import re
 import signal
 import socket
 import struct
@@ -88,6 +92,10 @@ DISCONNECTS = (CLEAN, *(KILL_BETWEEN, KILL_MID_PAYLOAD) * 4, KILL_BETWEEN)
 RSS_PERIOD_S = 10.0
 PROGRESS_PERIOD_S = 30.0
 RSS_TOLERANCE = 0.05
+#: inLoop's log lines of FIFO resets: "inLoop: card N: <cause>...".
+RESET_CAUSES = ("FIFO full", "FIFO underflow", "read error")
+_RESET_LINE = re.compile(r"inLoop: card (\d+): (FIFO full|FIFO underflow|read error)")
+_HELD_BACK = re.compile(r"\(\+(\d+) more")
 #: A mid-payload kill reads this much of the reply: header words of its first event.
 KILL_READ_BYTES = 4 * packets.TYPE_F_WORDS
 
@@ -327,6 +335,18 @@ def account(pva: Pva, report: ReceiverReport, injected: dict[str, Counter],
     return accounts
 
 
+def logged_resets(log: str) -> dict[str, Counter]:
+    """FIFO resets per card by cause, from inLoop's log (its throttled lines say how many
+    more happened since the previous line of the same kind)."""
+    found: dict[str, Counter] = {cause: Counter() for cause in RESET_CAUSES}
+    for line in log.splitlines():
+        match = _RESET_LINE.search(line)
+        if match and match.group(2) in found:
+            more = _HELD_BACK.search(line)
+            found[match.group(2)][int(match.group(1))] += 1 + (int(more.group(1)) if more else 0)
+    return found
+
+
 def soak_config(workdir: Path, rate_mb_s: float) -> Path:
     rate_hz = rate_mb_s * 1e6 / (len(DEMO_SPECS) * CHANNELS * EVENT_BYTES)
     specs = tuple(BoardSpec(b.name, b.card, b.slot, b.package_data, rate_hz=round(rate_hz, 1))
@@ -339,7 +359,9 @@ def soak_config(workdir: Path, rate_mb_s: float) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--rate", type=float, default=100.0, help="offered MB/s (default 100)")
+    parser.add_argument("--rate", type=float, default=105.0, help="offered MB/s (default 105)")
+    parser.add_argument("--min-rate", type=float, default=100.0,
+                        help="received MB/s needed to pass (default 100)")
     parser.add_argument("--fault-period", type=float, default=1.0, help="seconds")
     parser.add_argument("--disconnect-period", type=float, default=5.0, help="seconds")
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -435,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     balanced = all(a.balanced for a in accounts)
     ordered = all(a.order_breaks <= a.regressions_injected for a in accounts)
     ends = all(a.end_of_run == 1 for a in accounts)
-    rate_ok = delivered >= 0.95 * args.rate
+    rate_ok = delivered >= args.min_rate
     kills = report.disconnects[KILL_BETWEEN] + report.disconnects[KILL_MID_PAYLOAD]
 
     print(f"\nsoak: {elapsed / 60:.1f} min, offered {offered:.1f} MB/s (generated), received "
@@ -462,13 +484,21 @@ def main(argv: list[str] | None = None) -> int:
         print("  " + " ".join(f"{v!s:>11}" for v in row))
     print("  (*dropped: arrived while the FIFO was full, never generated; order: timestamp "
           "order breaks / regressions injected)")
+    resets = logged_resets(ioc.log())
+    injected_kind = {Fault.FIFO_OVERFLOW: "FIFO full", Fault.FIFO_UNDERFLOW: "FIFO underflow",
+                     Fault.READ_ERROR: "read error"}
+    print("FIFO resets behind 'cleared', as the IOC logged them (injected in brackets):")
+    for card, name in enumerate(BOARDS):
+        parts = [f"{cause} {resets[cause][card]} ({injected[name][fault]})"
+                 for fault, cause in injected_kind.items()]
+        print(f"  {name}: " + ", ".join(parts))
     print("\nIOC RSS over time (MiB): " + ", ".join(f"{t:.0f}s {m:.0f}" for t, m in rss[::3]))
     print(f"RSS after warm-up: baseline {baseline:.1f} MiB, range {min(warm, default=0):.1f}.."
           f"{max(warm, default=0):.1f} MiB (flat within ±{RSS_TOLERANCE:.0%}: {rss_flat})")
     print(f"IOC exit on SIGTERM: code {exit_code} after {exit_s:.1f} s")
     checks = {
         "conservation": conserved, "balance per board": balanced, "order": ordered,
-        "one 0xD per board": ends, "RSS flat": rss_flat, f"rate >= {0.95 * args.rate:g} MB/s":
+        "one 0xD per board": ends, "RSS flat": rss_flat, f"received >= {args.min_rate:g} MB/s":
         rate_ok, "receiver error-free": not report.error, "exit 0": exit_code == 0,
         "kills >= 100": kills >= 100 or duration < 600,
     }

@@ -49,6 +49,16 @@ def table_check(pv: PV, value: Any) -> str | None:
     return None
 
 
+def _reprocess_later(record) -> None:
+    """Process a record again with its kept value, from another thread.
+
+    A refused NaN/inf still leaves an ao record in UDF/INVALID alarm for the
+    processing that refused it; one more processing with the unchanged value
+    clears it, so a refused put leaves no trace on a screen.
+    """
+    threading.Thread(target=lambda: record.set(record.get()), daemon=True).start()
+
+
 class Records:
     """The records of one IOC, keyed by (table key, card/slot index or board name)."""
 
@@ -159,12 +169,14 @@ class Records:
     def _validator(self, inst: Instance):
         rule = self._rules.get(inst.pv.key)
 
-        def validate(_record, value) -> bool:
+        def validate(record, value) -> bool:
             reason = table_check(inst.pv, value)
             if reason is None and rule is not None:
                 reason = rule(inst, value)
             if reason is not None:
                 log.warning("refused put %s = %r: %s", inst.name, value, reason)
+                if isinstance(value, float) and not math.isfinite(value):
+                    _reprocess_later(record)
                 return False
             return True
 
