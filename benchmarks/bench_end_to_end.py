@@ -67,7 +67,7 @@ P3_SAMPLES = 200
 SWEEP_SAMPLES = (0, 50, 200, 500, 992)
 #: Sweep: first offered load per trace length (MB/s), then x1.5 after a lossless run
 #: and halfway (geometrically) back after a lossy one, SWEEP_STEPS runs per length.
-SWEEP_START_MB_S = {0: 80.0, 50: 200.0, 200: 300.0, 500: 300.0, 992: 300.0}
+SWEEP_START_MB_S = {0: 150.0, 50: 200.0, 200: 300.0, 500: 300.0, 992: 300.0}
 SWEEP_GROWTH = 1.5
 SWEEP_STEPS = 3
 SWEEP_SECONDS = 2.5

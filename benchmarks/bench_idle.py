@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--repeat", type=int, default=5, help="windows (median; >= 5)")
-    parser.add_argument("--window", type=float, default=2.0, help="seconds per window")
+    parser.add_argument("--window", type=float, default=3.0, help="seconds per window")
     args = parser.parse_args(argv)
     started = time.monotonic()
     repeat = max(5, args.repeat)

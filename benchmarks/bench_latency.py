@@ -177,20 +177,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     complete = all(run["all_done"] and run["events"] > 0 for run in runs)
-    common = {"unit": "ms", "higher_is_better": False, "conditions_met": complete,
+    shared = {"unit": "ms", "higher_is_better": False, "conditions_met": complete,
               "baseline_what": "coalescing only"}
     figures = [
         Figure(id="P5a", what=f"latency FIFO -> receiver, median, {RATE_HZ:g} Hz/channel",
                value=median(run["median_ms"] for run in runs),
                baseline=median(base["median_ms"] for base in baselines),
-               target=MEDIAN_TARGET_MS, runs=[run["median_ms"] for run in runs], **common),
+               target=MEDIAN_TARGET_MS, runs=[run["median_ms"] for run in runs], **shared),
         Figure(id="P5b", what=f"latency FIFO -> receiver, p99, {RATE_HZ:g} Hz/channel",
                value=median(run["p99_ms"] for run in runs),
                baseline=median(base["p99_ms"] for base in baselines),
                target=P99_TARGET_MS, runs=[run["p99_ms"] for run in runs],
                note=f"{sum(run['events'] for run in runs)} events in {len(runs)} runs of "
                     f"{args.seconds:g} s; worst event {max(run['max_ms'] for run in runs):.1f} ms",
-               **common),
+               **shared),
     ]
     print_table(figures)
     elapsed = time.monotonic() - started

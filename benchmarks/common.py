@@ -221,6 +221,10 @@ def without_memory_lock() -> list[str]:
 # -------------------------------------------------------------- the IOC
 
 
+DATA_PORTS_FROM = 12000
+_data_ports_given: set[int] = set()
+
+
 def data_port() -> int:
     """A free TCP port below the kernel's ephemeral range, for a listener bound later.
 
@@ -243,10 +247,6 @@ def data_port() -> int:
         _data_ports_given.add(port)
         return port
     raise RuntimeError("no free data port below the ephemeral range")
-
-
-DATA_PORTS_FROM = 12000
-_data_ports_given: set[int] = set()
 
 
 class BenchIoc(IocProcess):
@@ -327,8 +327,9 @@ def demo_boards() -> dict[str, int]:
 
 
 def crate_config(path: Path, *, fifo_words: int, event_rate_hz: float, trace_samples: int,
-                 enabled: bool = True, inloop: dict[str, float] | None = None) -> Path:
-    """Write the demo crate as a TOML file with the given simulation settings; returns ``path``.
+                 inloop: dict[str, float] | None = None) -> Path:
+    """Write the demo crate (every board enabled) as a TOML file with these simulation
+    settings; returns ``path``.
 
     ``inloop`` sets keys of ``[crate.inloop]`` (the reader's coalescing settings).
     """
@@ -342,7 +343,7 @@ def crate_config(path: Path, *, fifo_words: int, event_rate_hz: float, trace_sam
         lines += [
             "[[crate.board]]", f'name = "{name}"', 'kind = "digitizer_master"',
             f"card = {card}", f"slot = {card + 3}", f"package_data = {package}",
-            f"enabled = {'true' if enabled else 'false'}",
+            "enabled = true",
             "[crate.board.sim]", f"event_rate_hz = {float(event_rate_hz)!r}",
             f"trace_samples = {trace_samples}", f"fifo_words = {fifo_words}", "",
         ]

@@ -6,9 +6,14 @@ into `Figure` rows: figure, baseline measured in the same run, ratio, target,
 PASS/FAIL. A benchmark that fails to finish shows up as a FAIL row saying
 why. Results go to ``bench-results/results.json`` (with the machine, every
 benchmark's own JSON and its output log) and ``bench-results/table.md``; the
-P3 sweep is drawn to ``benchmarks/throughput.png``.
+P3 sweep is drawn to ``benchmarks/throughput.png``. A run of some benchmarks
+only (``--only``) writes ``results-partial.json`` / ``table-partial.md`` and
+leaves the full results and the plot alone.
 
-    .venv/bin/python benchmarks/run_all.py [--only P3,P5] [--budget SECONDS]
+    .venv/bin/python benchmarks/run_all.py [--only P3,P5] [--budget SECONDS] [--strict]
+
+Exit code 1 when a benchmark did not report (crashed, timed out, skipped);
+with ``--strict`` also when a figure misses its target.
 """
 
 from __future__ import annotations
@@ -187,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated ids to run (e.g. P3,P5)")
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
                         help="seconds for everything (default 570)")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 1 when a target is missed, not only when a benchmark breaks")
     args = parser.parse_args(argv)
     chosen = [b for b in BENCHMARKS
               if not args.only or b.key in {key.strip() for key in args.only.split(",")}]
@@ -227,13 +234,16 @@ def main(argv: list[str] | None = None) -> int:
         "figures": [f.as_dict() for f in figures],
         "benchmarks": records,
     }
-    (RESULTS_DIR / "results.json").write_text(json.dumps(document, indent=2, default=float))
-    (RESULTS_DIR / "table.md").write_text(markdown_table(figures) + "\n")
+    suffix = "" if not args.only else "-partial"  # a partial run never replaces the full one
+    results_path = RESULTS_DIR / f"results{suffix}.json"
+    results_path.write_text(json.dumps(document, indent=2, default=float))
+    (RESULTS_DIR / f"table{suffix}.md").write_text(markdown_table(figures) + "\n")
     sweep = records.get("P3", {}).get("document", {}).get("sweep")
-    if sweep:
+    if sweep and not args.only:
         print(f"plot: {plot_sweep(sweep, DEFAULT_PNG, about['summary'])}")
-    print(f"results: {RESULTS_DIR / 'results.json'}")
-    return 0 if passed == len(figures) else 1
+    print(f"results: {results_path}")
+    broken = any(not math.isfinite(f.value) for f in figures)
+    return 1 if broken or (args.strict and passed < len(figures)) else 0
 
 
 if __name__ == "__main__":

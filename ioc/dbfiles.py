@@ -238,13 +238,18 @@ def parse_db(text: str, macros: dict[str, str] | None = None) -> list[DbRecord]:
     ]
 
 
-def stale_files(directory: Path = DB_DIR) -> list[str]:
-    """Names of the files in ``directory`` that differ from the generated ones."""
+def stale(generated: dict[str, str], directory: Path) -> list[str]:
+    """Names of the ``generated`` files that are missing or different in ``directory``."""
     return [
         name
-        for name, text in generated_files().items()
+        for name, text in generated.items()
         if not (directory / name).is_file() or (directory / name).read_text() != text
     ]
+
+
+def stale_files(directory: Path = DB_DIR) -> list[str]:
+    """Names of the files in ``directory`` that differ from the generated ones."""
+    return stale(generated_files(), directory)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from ioc.config import ConfigError, CrateConfig, SystemConfig, demo_config, load_config
+from ioc.dbfiles import stale
 from ioc.hardware import BoardKind
 from ioc.pool import POOL_SIZE
 from ioc.pvs import CARDS, DIGITIZERS, PV, PV_TABLE, SLOTS
@@ -687,11 +688,8 @@ def check_screen(path: Path) -> list[str]:
 
 
 def stale_screens(directory: Path = OPI_DIR) -> list[str]:
-    return [
-        name
-        for name, text in generated_screens().items()
-        if not (directory / name).is_file() or (directory / name).read_text() != text
-    ]
+    """Names of the screens in ``directory`` that differ from the generated ones."""
+    return stale(generated_screens(), directory)
 
 
 def main(argv: list[str] | None = None) -> int:
