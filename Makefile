@@ -9,7 +9,7 @@ LOOPBACK_EPICS := EPICS_CAS_INTF_ADDR_LIST=127.0.0.1 EPICS_CAS_BEACON_ADDR_LIST=
 	EPICS_PVAS_INTF_ADDR_LIST=127.0.0.1 EPICS_PVAS_BEACON_ADDR_LIST=127.0.0.1 \
 	EPICS_PVAS_AUTO_BEACON_ADDR_LIST=NO EPICS_PVA_ADDR_LIST=127.0.0.1 EPICS_PVA_AUTO_ADDR_LIST=NO
 
-.PHONY: setup test lint generate run system bench-sim bench-receiver clean
+.PHONY: setup test lint generate run system bench-sim bench-receiver soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -44,6 +44,10 @@ bench-sim: $(STAMP)
 
 bench-receiver: $(STAMP)
 	$(PY) benchmarks/bench_receiver.py
+
+# R8 (spec 06): 10 minutes at >= 100 MB/s, a fault every second, a receiver disconnect every 5 s.
+soak: $(STAMP)
+	$(PY) benchmarks/soak.py --minutes 10
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
