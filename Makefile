@@ -9,7 +9,7 @@ LOOPBACK_EPICS := EPICS_CAS_INTF_ADDR_LIST=127.0.0.1 EPICS_CAS_BEACON_ADDR_LIST=
 	EPICS_PVAS_INTF_ADDR_LIST=127.0.0.1 EPICS_PVAS_BEACON_ADDR_LIST=127.0.0.1 \
 	EPICS_PVAS_AUTO_BEACON_ADDR_LIST=NO EPICS_PVA_ADDR_LIST=127.0.0.1 EPICS_PVA_AUTO_ADDR_LIST=NO
 
-.PHONY: setup test lint generate run system bench-sim bench-receiver soak clean
+.PHONY: setup test lint generate run system bench bench-sim bench-receiver soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -38,6 +38,16 @@ run: $(STAMP)
 # Three simulated crates and their globals IOC on loopback; Ctrl-C stops the whole group.
 system: $(STAMP)
 	$(LOOPBACK_EPICS) $(VENV)/bin/dgs-system --config examples/three-crates.toml
+
+BENCH_STAMP := $(VENV)/.bench-stamp
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+# Benchmarks P1-P8 of spec 06: one table, bench-results/results.json, benchmarks/throughput.png (< 10 min).
+bench: $(BENCH_STAMP)
+	$(LOOPBACK_EPICS) $(PY) benchmarks/run_all.py
 
 bench-sim: $(STAMP)
 	$(PY) benchmarks/bench_sim.py

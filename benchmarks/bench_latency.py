@@ -2,7 +2,7 @@
 
 The demo crate (4 digitizers x 10 channels, 200-sample events) runs at 1 kHz
 per channel. Each event's timestamp is the crate tick at which it entered its
-FIFO; `launch_ioc.py` prints the crate clock origin (``time.monotonic_ns()``
+FIFO; `dgs-ioc` prints the crate clock origin (``time.monotonic_ns()``
 at tick 0), and CLOCK_MONOTONIC is one clock for all processes of the host,
 so a receiver in its own process computes, per event, the arrival time of the
 reply that carried it minus ``origin + 10 ns x timestamp``. Each repetition is

@@ -4,8 +4,7 @@ Every benchmark script reports `Figure` rows: the measured value, the baseline
 measured in the same run, their ratio and the target of spec 06. The scripts
 write them with `write_json` (key ``figures``), and `run_all.py` gathers them
 into one table. IOC processes are started on isolated loopback ports with the
-test harness (tests/ioc_harness.py), through `launch_ioc.py` so the crate
-clock origin is known.
+test harness (tests/ioc_harness.py); `dgs-ioc` prints its crate clock origin.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import json
 import math
 import multiprocessing
 import os
-import shutil
 import signal
 import socket
 import statistics
@@ -35,7 +33,6 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from ioc_harness import IocProcess, Ports, wait_until  # noqa: E402
 
-LAUNCHER = Path(__file__).resolve().parent / "launch_ioc.py"
 CLOCK_ORIGIN_PREFIX = "crate clock origin "
 
 __all__ = [
@@ -57,7 +54,6 @@ __all__ = [
     "proc_rss_bytes",
     "proc_status_bytes",
     "wait_until",
-    "without_memory_lock",
     "write_json",
 ]
 
@@ -206,18 +202,6 @@ def proc_status_bytes(pid: int, key: str) -> int:
     return 0
 
 
-def without_memory_lock() -> list[str]:
-    """A command prefix that takes CAP_IPC_LOCK away, or [] when there is none to take.
-
-    As root, EPICS's iocInit locks the whole address space (mlockall), which
-    makes every thread stack and malloc arena resident; an unprivileged
-    account cannot, so this shows the memory a facility account would see.
-    """
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        return []
-    return ["setpriv", "--inh-caps=-ipc_lock", "--bounding-set=-ipc_lock"]
-
-
 # -------------------------------------------------------------- the IOC
 
 
@@ -250,10 +234,9 @@ def data_port() -> int:
 
 
 class BenchIoc(IocProcess):
-    """`dgs-ioc` started through `launch_ioc.py`, which also prints the crate clock origin."""
+    """`dgs-ioc` as the tests start it, plus what the benchmarks read from it."""
 
-    def __init__(self, args: list[str], workdir: Path, ports: Ports | None = None,
-                 prefix: Sequence[str] = ()) -> None:
+    def __init__(self, args: list[str], workdir: Path, ports: Ports | None = None) -> None:
         ports = ports or dataclasses.replace(Ports.allocate(), data=data_port())
         argv = list(args)
         if "--data-port" not in argv:
@@ -261,23 +244,12 @@ class BenchIoc(IocProcess):
         if "--state-dir" not in argv:
             argv += ["--state-dir", str(workdir / f"state-{ports.ca}")]
         super().__init__(argv, workdir, ports)
-        self.prefix = list(prefix)
         self.launched_ns = 0
         self._pva_context = None
 
     def start(self, wait_ready: bool = True) -> BenchIoc:
-        self._log_file = open(self.log_path, "w")  # noqa: SIM115 - lives as long as the process
         self.launched_ns = time.monotonic_ns()
-        self.proc = subprocess.Popen(
-            [*self.prefix, sys.executable, str(LAUNCHER), *self.args],
-            env={**os.environ, **self.ports.server_env(), "PYTHONUNBUFFERED": "1"},
-            cwd=self.workdir,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        if wait_ready:
-            wait_until(self._ready, 30.0, f"IOC ready ({self.log_path})")
+        super().start(wait_ready)
         return self
 
     @property
@@ -365,10 +337,10 @@ class BareIoc:
 
     READY = "bare_ioc: ready"
 
-    def __init__(self, workdir: Path, *, pool: bool = False, prefix: Sequence[str] = ()) -> None:
+    def __init__(self, workdir: Path, *, pool: bool = False) -> None:
         self.ports = Ports.allocate()
         self.log_path = workdir / f"bare-{self.ports.ca}.log"
-        self.argv = [*prefix, sys.executable, str(Path(__file__).resolve().parent / "bare_ioc.py"),
+        self.argv = [sys.executable, str(Path(__file__).resolve().parent / "bare_ioc.py"),
                      "--records", str(crate_record_count()), *(["--pool"] if pool else [])]
         self.proc: subprocess.Popen | None = None
         self.launched_ns = 0
