@@ -27,20 +27,19 @@ Run: ``.venv/bin/python benchmarks/bench_sender.py [--json FILE] [--repeat N]
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import multiprocessing
-import socket
 import statistics
-import struct
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import BareServer
 
 from ioc import packets
 from ioc.config import SenderConfig
@@ -91,45 +90,6 @@ def _receiver_worker(commands) -> None:
 
 
 # ---------------------------------------------------------------- servers
-
-
-class BareServer:
-    """Blocking request/reply, one gather write per reply, cycling through ``payloads``."""
-
-    def __init__(self, max_segment: int, payloads: list[memoryview]) -> None:
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if max_segment:
-            self.listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, max_segment)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(4)
-        self.port = self.listener.getsockname()[1]
-        self.replies = [[struct.pack(">iiii", 4, len(p), 0, 1), p] for p in payloads]
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        requests = bytearray(4096)
-        replies, count, next_reply = self.replies, len(self.replies), 0
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            leftover = 0
-            with sock:
-                while received := sock.recv_into(requests):
-                    leftover += received
-                    for _ in range(leftover // 4):
-                        sock.sendmsg(replies[next_reply])
-                        next_reply = (next_reply + 1) % count
-                    leftover %= 4
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
 
 
 def same_replies_as_the_sender(pool: BufferPool, limit: int) -> list[memoryview]:

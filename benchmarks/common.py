@@ -387,12 +387,12 @@ class BareIoc:
 class BareServer:
     """P1's baseline: a bare Python request/reply server, one gather write per reply.
 
-    Every 4-byte request is answered with a 16-byte header and ``reply_bytes``
-    of payload in one ``sendmsg``, with TCP_NODELAY and the sender's maximum
-    segment size: the most a Python server can push on this machine.
+    Every 4-byte request is answered with a 16-byte header and the next of
+    ``payloads`` (cycling) in one ``sendmsg``, with TCP_NODELAY and the
+    sender's maximum segment size: the most a Python server can push here.
     """
 
-    def __init__(self, reply_bytes: int = 280_000, max_segment: int = 32764) -> None:
+    def __init__(self, max_segment: int, payloads: list[memoryview]) -> None:
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if max_segment:
@@ -400,27 +400,28 @@ class BareServer:
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(4)
         self.port = self.listener.getsockname()[1]
-        self.header = struct.pack(">iiii", 4, reply_bytes, 0, 1)
-        self.payload = memoryview(bytearray(b"\xaa" * reply_bytes))
+        self.replies = [[struct.pack(">iiii", 4, len(p), 0, 1), p] for p in payloads]
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
     def _serve(self) -> None:
         requests = bytearray(4096)
+        replies, count, next_reply = self.replies, len(self.replies), 0
         while True:
             try:
                 sock, _ = self.listener.accept()
             except OSError:
                 return
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            pending = 0
+            leftover = 0
             with sock:
                 try:
-                    while count := sock.recv_into(requests):
-                        pending += count
-                        for _ in range(pending // 4):
-                            sock.sendmsg([self.header, self.payload])
-                        pending %= 4
+                    while received := sock.recv_into(requests):
+                        leftover += received
+                        for _ in range(leftover // 4):
+                            sock.sendmsg(replies[next_reply])
+                            next_reply = (next_reply + 1) % count
+                        leftover %= 4
                 except OSError:
                     continue
 
@@ -453,7 +454,7 @@ def null_receiver_mb_s(port: int, pipeline: int, seconds: float) -> float:
 
 def bare_server_mb_s(repeat: int, seconds: float, pipeline: int = 6) -> list[float]:
     """P1's bare server measured with a null receiver in its own process, ``repeat`` times."""
-    server = BareServer()
+    server = BareServer(32764, [memoryview(bytearray(b"\xaa" * 280_000))])
     context = multiprocessing.get_context("spawn")
     try:
         with context.Pool(1) as workers:
