@@ -29,10 +29,9 @@ from common import (
     BenchIoc,
     Figure,
     crate_config,
+    finish,
     median,
-    print_table,
     proc_cpu_seconds,
-    write_json,
 )
 
 TARGET_PERCENT = 5.0
@@ -99,11 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         note=(f"{repeat} windows of {args.window:g} s; {replies:.0f} data replies (the 0xE "
               f"empty headers); receiver process {median(windows['receiver']):.1f} % core"),
     )
-    print_table([figure])
-    elapsed = time.monotonic() - started
-    print(f"elapsed {elapsed:.1f} s")
-    write_json(args.json, "P6", [figure], elapsed_s=elapsed, windows=windows)
-    return 0 if figure.passed else 1
+    return finish(args.json, "P6", [figure], started, windows=windows)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, BenchIoc, Figure, crate_config, median, print_table, write_json
+from common import REPO, BenchIoc, Figure, crate_config, finish, median
 
 from ioc import packets
 from ioc.config import InLoopConfig
@@ -192,11 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{args.seconds:g} s; worst event {max(run['max_ms'] for run in runs):.1f} ms",
                **shared),
     ]
-    print_table(figures)
-    elapsed = time.monotonic() - started
-    print(f"elapsed {elapsed:.1f} s")
-    write_json(args.json, "P5", figures, elapsed_s=elapsed, runs=runs, baseline_runs=baselines)
-    return 0 if all(fig.passed for fig in figures) else 1
+    return finish(args.json, "P5", figures, started, runs=runs, baseline_runs=baselines)
 
 
 if __name__ == "__main__":

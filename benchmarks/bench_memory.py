@@ -32,11 +32,10 @@ from common import (
     BenchIoc,
     Figure,
     crate_config,
+    finish,
     median,
-    print_table,
     proc_rss_bytes,
     proc_status_bytes,
-    write_json,
 )
 
 RSS_TARGET_MB = 350.0
@@ -106,11 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(out_dir, ignore_errors=True)
     figure = figure_of(result)
-    print_table([figure])
-    elapsed = time.monotonic() - started
-    print(f"elapsed {elapsed:.1f} s")
-    write_json(args.json, "P7", [figure], elapsed_s=elapsed, measurement=result)
-    return 0 if figure.passed else 1
+    return finish(args.json, "P7", [figure], started, measurement=result)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BareIoc, Figure, Ports, median, print_table, write_json
+from common import BareIoc, Figure, Ports, finish, median
 
 TARGET_S = 3.0
 LAUNCH_TIMEOUT_S = 30.0
@@ -132,12 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         note=(f"median of {repeat} launches; 'dgs-ioc: ready' printed after "
               f"{median(launch['ready_line_s'] for launch in launches):.2f} s"),
     )
-    print_table([figure])
-    elapsed = time.monotonic() - started
-    print(f"elapsed {elapsed:.1f} s")
-    write_json(args.json, "P8", [figure], elapsed_s=elapsed, launches=launches,
-               bare_launches_s=bare)
-    return 0 if figure.passed else 1
+    return finish(args.json, "P8", [figure], started, launches=launches, bare_launches_s=bare)
 
 
 if __name__ == "__main__":

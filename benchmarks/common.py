@@ -47,6 +47,7 @@ __all__ = [
     "crate_config",
     "crate_record_count",
     "demo_boards",
+    "finish",
     "markdown_table",
     "median",
     "print_table",
@@ -165,6 +166,17 @@ def write_json(path: Path | None, benchmark: str, figures: Sequence[Figure], **d
         return
     document = {"benchmark": benchmark, "figures": [fig.as_dict() for fig in figures], **details}
     path.write_text(json.dumps(document, indent=2, default=float) + "\n")
+
+
+def finish(
+    path: Path | None, benchmark: str, figures: Sequence[Figure], started: float, **details
+) -> int:
+    """Close a benchmark: the table, the elapsed time, the JSON; exit code 0 when all pass."""
+    print_table(figures)
+    elapsed = time.monotonic() - started
+    print(f"elapsed {elapsed:.1f} s")
+    write_json(path, benchmark, figures, elapsed_s=elapsed, **details)
+    return 0 if all(fig.passed for fig in figures) else 1
 
 
 # ------------------------------------------------------------- statistics

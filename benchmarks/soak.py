@@ -63,6 +63,7 @@ from dataflow import (  # noqa: E402
     Pva,
     Watch,
     crate_toml,
+    read_exactly,
     sim_figures,
 )
 from ioc_harness import IocProcess, Ports  # noqa: E402
@@ -190,13 +191,13 @@ class CountingReceiver:
         """Ask once more and die after the first event header of a data reply."""
         for _ in range(1000):
             conn.request(1)
-            header = ReplyHeader(*HEADER.unpack(_read(conn.sock, HEADER.size)))
+            header = ReplyHeader(*HEADER.unpack(read_exactly(conn.sock, HEADER.size)))
             if header.type == SERVER_SUMMARY and header.length > 2 * KILL_READ_BYTES:
-                head = np.frombuffer(_read(conn.sock, KILL_READ_BYTES), dtype=WORD)
+                head = np.frombuffer(read_exactly(conn.sock, KILL_READ_BYTES), dtype=WORD)
                 self.pending_kill = (_first_event_key(head), header.length // EVENT_BYTES)
                 _abort(conn.sock)
                 return
-            payload = _read(conn.sock, header.length)
+            payload = read_exactly(conn.sock, header.length)
             conn.outstanding -= 1
             self.count(header, memoryview(payload))
             if self.done:
@@ -250,16 +251,6 @@ class CountingReceiver:
             count.order_breaks += int(ts[0] <= last[channel]) + int(np.count_nonzero(
                 np.diff(ts) <= 0))
             last[channel] = ts[-1]
-
-
-def _read(sock: socket.socket, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError("closed")
-        data += chunk
-    return bytes(data)
 
 
 def _abort(sock: socket.socket) -> None:
