@@ -229,8 +229,8 @@ def receiver_run(crate: Crate, out_dir: Path, name: str, warmup: float, seconds:
 def replay(replies: list, out_dir: Path) -> dict:
     """The receiver's own capacity: recorded replies through its processing, no IOC.
 
-    Each reply goes through `Puller.process_reply` (decode, GEB records, the
-    writer thread's files on tmpfs) as fast as it can take them. Baseline: a
+    Each reply goes through `Puller.process_reply` (decode, GEB records, files
+    on tmpfs) as fast as it can take them. Baseline: a
     numpy copy of the same payloads into one preallocated buffer.
     """
     from receiver import cli
@@ -241,11 +241,9 @@ def replay(replies: list, out_dir: Path) -> dict:
     run = RunDirectory.create(out_dir, "replay", layout=Layout.CLASSIC)
     puller = cli.Puller(0, ("127.0.0.1", 1), None, run, args,
                         cli.TriggerIdentity(set(), set()), threading.Event())
-    puller.writer.start()
     start = time.perf_counter()
     for header, payload in replies:
         puller.process_reply(header, memoryview(payload))
-    puller.writer.finish()
     run.close()
     elapsed = time.perf_counter() - start
     shutil.rmtree(run.path, ignore_errors=True)

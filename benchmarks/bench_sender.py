@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BareServer
 
 from ioc import packets
+from ioc.checker import Checker
 from ioc.config import SenderConfig
 from ioc.pool import Buffer, BufferPool, Owner
 from ioc.sender import Sender, reply_ends
@@ -132,10 +133,12 @@ class RecyclingPool(BufferPool):
         self.nbytes = fill_buffers(self)
 
     def prime(self) -> None:
-        """Queue every buffer (after the run start has emptied qSender)."""
+        """Queue every buffer (after the run start has emptied qSender), checked as outLoop does."""
         buffers = self.q_free.get_all(Owner.INLOOP)
+        checker = Checker()
         for buf in buffers:
             buf.card, buf.board_type, buf.nbytes = 0, 12, self.nbytes
+            buf.packet_words = checker.check(buf.payload_words(), buf.card).packet_words
         self.q_sender.put_many(buffers)
 
     def release(self, buf: Buffer) -> None:

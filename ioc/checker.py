@@ -67,6 +67,17 @@ class CheckResult:
     #: capture. Filled for fatal buffers too; such buffers are discarded, so
     #: callers capturing traces of delivered data skip them.
     first_event_by_channel: dict[int, tuple[int, int]] = field(default_factory=dict)
+    #: Words per packet when the walk found one unbroken chain of equal-size packets
+    #: over the whole buffer, else 0: the sender then cuts replies without a walk of its own.
+    packet_words: int = 0
+
+
+def _uniform_packet_words(offsets: np.ndarray, lengths: np.ndarray, nwords: int) -> int:
+    """Words per packet if the unbroken chain at ``offsets`` is equal-size packets to the end."""
+    stride = int(lengths[0]) + 1
+    if offsets.size * stride != nwords or int(offsets[-1]) + stride != nwords:
+        return 0
+    return stride if int(lengths.min()) == int(lengths.max()) else 0
 
 
 class _Scratch:
@@ -190,6 +201,8 @@ class Checker:
                 )
                 if channel < packets.DIGITIZER_CHANNELS
             }
+            if not breaks:
+                result.packet_words = _uniform_packet_words(offsets, event_lengths, nwords)
         if len(errors) > 1:
             errors.sort(key=lambda error: error.offset)
         result.errors = errors

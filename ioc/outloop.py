@@ -242,6 +242,7 @@ class OutLoop:
         if result.fatal:
             c.lost_bytes_by_card[card] += buf.nbytes
             return False
+        buf.packet_words = result.packet_words
         for channel, (offset, length) in result.first_event_by_channel.items():
             if (card, channel) not in seen:
                 seen.add((card, channel))

@@ -53,6 +53,7 @@ class Buffer:
         "is_type_f",
         "nbytes",
         "owner",
+        "packet_words",
         "sent_bytes",
         "words",
     )
@@ -77,6 +78,9 @@ class Buffer:
         self.nbytes = 0
         #: Bytes of the payload already delivered by the sender.
         self.sent_bytes = 0
+        #: Set by outLoop when its check found equal-size packets chained over the
+        #: whole payload (words per packet); 0 = unknown, the sender finds the cuts itself.
+        self.packet_words = 0
 
     def payload(self) -> memoryview:
         """The valid bytes, zero-copy."""

@@ -207,7 +207,7 @@ def reply_ends(buf: Buffer, limit: int) -> list[int]:
         step = limit - limit % TRIGGER_PACKET_BYTES or word_limit
         return [*range(start + step, end, step), end]
     words = buf.words[start // 4 : end // 4]
-    stride = uniform_packet_words(words) * 4
+    stride = (buf.packet_words or uniform_packet_words(words)) * 4
     if 0 < stride <= limit:
         step = limit - limit % stride
         return [*range(start + step, end, step), end]
@@ -691,16 +691,13 @@ class Sender:
                 self._end_connection()
                 return
             conn.received += count
-            if conn.peer_gone():
-                conn.note_partial_request()
-                self._end_connection()
-                return
             try:
                 while conn.pending > 0:
                     if self._stopping and self._finished(time.monotonic()):
                         return
                     self._reply(conn)
             except _ConnectionLost:
+                conn.note_partial_request()
                 self._end_connection()
                 return
             if self._held is None:
@@ -712,8 +709,14 @@ class Sender:
                 return
 
     def _reply(self, conn: _Connection) -> None:
-        """Send one reply: the next slice of the head buffer, or INSUFF_DATA."""
+        """Send one reply: the next slice of the head buffer, or INSUFF_DATA.
+
+        A receiver that has closed (done, or killed with requests queued) gets
+        nothing more: a reply sent now would be lost, so its buffer stays queued.
+        """
         buf = self._next_buffer(wait=self.config.idle_wait_s)
+        if conn.peer_gone():
+            raise _ConnectionLost
         if buf is None:
             self._send(conn, INSUFF_DATA_HEADER, None)
             conn.answered += 1

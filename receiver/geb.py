@@ -338,10 +338,13 @@ def _records(
     if fields.from_trigger.any():
         record_types = np.where(fields.from_trigger, types.trigger, types.digitizer)
     if tiled_length >= 0:
-        stride = tiled_length + 1
-        rows = native[: count * stride].reshape(count, stride)
+        # Each packet moves as one opaque item (a memcpy, not 113 word copies), its
+        # marker word included: that lands on header word 3, written below.
+        packet = np.dtype((np.void, (tiled_length + 1) * 4))
         table = out.reshape(count, tiled_length + GEB_HEADER_WORDS)
-        table[:, GEB_HEADER_WORDS:] = rows[:, 1:] if order is None else rows[order, 1:]
+        source = native[: packet.itemsize // 4 * count].view(packet)
+        target = table[:, GEB_HEADER_WORDS - 1 :].view(packet)[:, 0]
+        target[...] = source if order is None else source[order]
         header = table.view(_LITTLE)[:, :GEB_HEADER_WORDS]
     else:
         # Output word i of a record starting at output word s comes from input word
@@ -371,7 +374,10 @@ def _cuts(key: np.ndarray | None) -> np.ndarray:
     """Start index of each run of equal ``key`` values (``[0]`` for no key)."""
     if key is None:
         return np.zeros(1, dtype=np.int64)
-    return np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    starts = np.empty(key.size, dtype=bool)
+    starts[:1] = True
+    np.not_equal(key[1:], key[:-1], out=starts[1:])
+    return np.flatnonzero(starts)
 
 
 def _groups(
@@ -405,7 +411,7 @@ def _stats(
     timestamp: np.ndarray,
 ) -> ChannelStats:
     """Per (board, channel) sums of records already grouped by (board, channel)."""
-    stop = np.r_[cuts[1:], board.size].astype(np.int64)
+    stop = np.append(cuts[1:], board.size).astype(np.int64)
     return ChannelStats(
         board=board[cuts],
         channel=channel[cuts],

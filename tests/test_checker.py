@@ -45,6 +45,19 @@ def test_clean_buffer_has_no_errors_and_counts_every_event():
     assert result.events == 300
 
 
+def test_packet_words_only_for_one_unbroken_chain_of_equal_packets():
+    uniform = join(*(pack_event(i % 10, i, samples=200) for i in range(50)))
+    assert Checker().check(uniform, card=0).packet_words == packets.HEADER_WORDS + 100
+    equal_total = join(pack_event(samples=20), pack_event(samples=18), pack_event(samples=22))
+    assert equal_total.size == 3 * (packets.HEADER_WORDS + 10)
+    assert Checker().check(equal_total, card=0).packet_words == 0
+    junk_inside = join(uniform[:114], [7], uniform[114:-1])
+    assert Checker().check(junk_inside, card=0).packet_words == 0
+    longer = join(*(pack_event(i % 10, i) for i in range(SHALLOW_EVENTS + 1)))
+    assert Checker().check(longer, card=0, max_events=SHALLOW_EVENTS).packet_words == 0
+    assert Checker().check(longer, card=0).packet_words == 14
+
+
 def test_code_1_empty_buffer():
     result = Checker().check(np.zeros(0, dtype=WORD), card=0)
     assert records(result) == [(1, 0, 0, 0)]

@@ -79,6 +79,7 @@ def test_fatal_error_discards_only_its_own_buffer_and_no_save_frees_everything()
     pool.q_written.put_many([good, bad, later])
     outloop.process_batch()
     assert [b.id for b in pool.q_sender.snapshot()] == [good.id, later.id]
+    assert good.packet_words == later.packet_words == 14, "the sender skips its own walk"
     assert outloop.stats().errors_by_card[2] == 1
     assert outloop.stats().first_errors[2][0] == 5
     assert outloop.stats().lost_bytes_by_card[2] == bad.nbytes

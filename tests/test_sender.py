@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from ioc_harness import free_port, wait_until
 
 from ioc import packets
+from ioc.checker import Checker
 from ioc.config import SenderConfig
 from ioc.decoder import decode
 from ioc.hardware import WORD
@@ -276,6 +277,8 @@ def _check_cuts(words: np.ndarray, limit: int, start: int = 0) -> list[int]:
     buf.words[: words.size] = words
     buf.nbytes, buf.board_type, buf.sent_bytes = words.nbytes, DIGITIZER, start
     ends = reply_ends(buf, limit)
+    buf.packet_words = Checker().check(words, card=0).packet_words
+    assert reply_ends(buf, limit) == ends, "outLoop's packet size changed the cuts"
     assert ends[-1] == words.nbytes
     cuts = [start, *ends]
     assert all(b > a and b - a <= limit and b % 4 == 0 for a, b in itertools.pairwise(cuts))
@@ -588,6 +591,22 @@ def test_a_receiver_that_stops_asking_and_closes_loses_nothing(make_sender):
     second.run(until_done=False, until=lambda t: t.insuff_replies > 0)
     assert b"".join(first.payloads + second.tally.payloads) == b"".join(w.tobytes() for w in sent)
     wait_until(lambda: all_free(pool), 5, "every buffer back in qFree")
+
+
+def test_a_receiver_that_closes_while_its_requests_wait_for_data_loses_nothing(
+    make_sender, caplog
+):
+    caplog.set_level(logging.INFO, logger="dgs.sender")
+    pool, sender = make_sender(idle_wait_s=2.0)
+    with connect(sender.port) as done:
+        done.sendall(REQUEST * 6)
+        assert nothing_arrives(done, 0.3)  # the sender holds its requests, waiting for data
+    sent = [digitizer_events(5, first_ts=100 * i) for i in range(3)]
+    for words in sent:
+        queue(pool, words)
+    after = Receiver(HOST, sender.port, pipeline=1, keep_payloads=True).run(max_replies=3)
+    assert after.payloads == [w.tobytes() for w in sent]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_a_receiver_reset_mid_reply_leaves_that_reply_whole_for_the_next(make_sender):
