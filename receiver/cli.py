@@ -188,6 +188,8 @@ class Counters:
     boards_done: set[int] = field(default_factory=set)
     channels: dict[tuple[int, int], ChannelSummary] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)
+    #: Wall-clock time (epoch seconds) when the last board's 0xD was written.
+    completed_at: float | None = None
 
     @property
     def all_done(self) -> bool:
@@ -393,6 +395,8 @@ class Puller(threading.Thread):
             for board in ends:
                 self._end_of_run(board)
         self._write(batch, ends)
+        if ends and counters.completed_at is None and counters.all_done:
+            counters.completed_at = time.time()
 
     def _write(self, batch: geb.Batch, ends: list[int]) -> None:
         """Append the records to their files; a board's files close after its 0xD."""
@@ -507,6 +511,7 @@ def summary_document(run: RunDirectory, pullers: Sequence[Puller], code: int,
             "reconnects": c.reconnects,
             "boards_seen": sorted(c.boards_seen),
             "boards_done": sorted(c.boards_done),
+            "completed_at": c.completed_at,
             "trigger_board": puller.trigger.board if puller.trigger.board >= 0 else None,
             "messages": c.messages,
             "channels": [

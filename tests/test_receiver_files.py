@@ -20,6 +20,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -165,8 +166,10 @@ def test_demo_run_files_are_byte_exact_and_a_second_run_is_refused(demo_ioc, tmp
     receiver = ReceiverThread(argv)
     start_run(ioc)
     ioc.wait_numeric("DAQC01_OL_TotalBufsWritten", lambda v: v > 40, timeout=30)
+    stopped_at = time.time()
     stop_run(ioc)
     assert receiver.join() == 0, receiver.out.getvalue()
+    joined_at = time.time()
     run_dir = tmp_path / "run00042"
     assert_closed_and_read_only(run_dir)
 
@@ -200,6 +203,7 @@ def test_demo_run_files_are_byte_exact_and_a_second_run_is_refused(demo_ioc, tmp
     assert sum(r["events"] for r in rows if r["board"] == 104 and r["channel"] not in "DEF") == (
         counts[104]
     )
+    assert stopped_at < summary["iocs"][0]["completed_at"] < joined_at
     assert "104" in receiver.out.getvalue() and "snapshot" in receiver.out.getvalue()
 
     before = digests(run_dir)
@@ -241,6 +245,7 @@ def test_rotation_and_ctrl_c_leave_complete_read_only_chunks(demo_ioc, tmp_path)
     assert "Traceback" not in output
     assert "MB/s" in output and "events" in output
     assert_closed_and_read_only(run_dir)
+    assert json.loads((run_dir / "rot.summary.json").read_text())["iocs"][0]["completed_at"] is None
 
     expected = reference_records(saved_replies(run_dir / "rot.replies_0"))
     files = run_files(run_dir, "rot", "dat")
