@@ -13,12 +13,12 @@ request with ``sendmsg([header, payload])`` of 280 000 bytes, TCP_NODELAY and
 the same maximum segment size. The null receiver runs in its own process (like
 a real receiver), reads each header and exactly recLen bytes into a
 preallocated buffer and decodes nothing. Both servers are measured with 1 and
-6 requests in flight, back to back; the ratio is that of the medians of at
-least 5 repetitions (the median of the per-repetition ratios, where load that
-comes and goes on a shared machine cancels out better, is printed too). For
-reference, the same bare loop also serves the sender's own buffers cut to the
-sender's reply sizes: that separates what serving 1 MiB pool buffers costs
-from what the sender adds.
+6 requests in flight, back to back; the ratio is that of the medians of 11
+repetitions by default (at least 5); the median of the per-repetition ratios,
+where load that comes and goes on a shared machine cancels out better, is
+printed too. For reference, the same bare loop also serves the sender's own
+buffers cut to the sender's reply sizes: that separates what serving 1 MiB
+pool buffers costs from what the sender adds.
 
 Run: ``.venv/bin/python benchmarks/bench_sender.py [--json FILE] [--repeat N]
 [--seconds S] [--pool N]``
@@ -190,7 +190,7 @@ class Figure:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=7, help="repetitions (median; >= 5)")
+    parser.add_argument("--repeat", type=int, default=11, help="repetitions (median; >= 5)")
     parser.add_argument("--seconds", type=float, default=0.5, help="length of one measurement")
     parser.add_argument("--pool", type=int, default=POOL_BUFFERS, help="1 MiB buffers cycled")
     parser.add_argument("--json", type=Path, help="also write the results here")
