@@ -38,7 +38,6 @@ import contextlib
 import itertools
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -57,6 +56,8 @@ from common import (
     bare_server_mb_s,
     crate_config,
     demo_boards,
+    fill_tmpfs,
+    free_tmpfs,
     median,
     print_table,
     proc_cpu_seconds,
@@ -261,39 +262,6 @@ def one_run(ioc: BenchIoc, samples: int, offered_mb_s: float, seconds: float,
         ioc_cores=ioc_cores,
         receiver_cores=report["cpu_s"] / until_exit_s if until_exit_s > 0 else 0.0,
     )
-
-
-def fill_tmpfs(directory: Path, nbytes: int) -> float:
-    """Write ``nbytes`` of ballast into ``directory``; returns the MB/s the write ran at.
-
-    This virtual machine hands memory the guest freed back to the hypervisor
-    within seconds (virtio-balloon free page reporting), and the first write
-    into such memory is several times slower than into memory just freed
-    (measured: 400-800 MB/s against ~2.8 GB/s on tmpfs). A real DAQ machine
-    does not do that, so each run writes into memory freed just before it
-    starts: the ballast (first run) or the files of the run before
-    (`free_tmpfs`). The ballast's own rate shows what fresh memory costs.
-    """
-    block = memoryview(bytearray(1 << 20))
-    started = time.perf_counter()
-    fd = os.open(directory / "ballast", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        for _ in range(nbytes >> 20):
-            os.write(fd, block)
-    finally:
-        os.close(fd)
-    return nbytes / (time.perf_counter() - started) / 1e6
-
-
-def free_tmpfs(directory: Path, keep: Path) -> None:
-    """Delete everything in ``directory`` but ``keep`` (the run about to start)."""
-    for entry in directory.iterdir():
-        if entry == keep:
-            continue
-        if entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
 
 
 def set_load(ioc: BenchIoc, samples: int, rate_hz: float) -> None:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 from ioc_harness import BIN, wait_until
 
@@ -68,15 +69,26 @@ def test_camonitor_follows_a_run_through_draining_to_stopped(demo_ioc):
         text=True,
         start_new_session=True,
     )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(monitor.stdout), daemon=True)
+    reader.start()
+
+    def states() -> list[str]:
+        return [line.split()[-1] for line in list(lines) if line.startswith("DAQC01_CV_State")]
+
     try:
+        wait_until(states, 20, "camonitor's first value")  # connected before the run starts
         ioc.put_ok("Online_CS_StartStop", "Start")
         ioc.wait_value("DAQC01_CV_State", "Running")
         ioc.wait_numeric("DAQC01_OL_TotalBufsWritten", lambda v: v > 5)
         ioc.put_ok("Online_CS_StartStop", "Stop")
         ioc.wait_value("DAQC01_CV_State", "Stopped", timeout=20)
+        wait_until(lambda: states()[-1:] == ["Stopped"] and len(states()) > 1, 10,
+                   "camonitor to show Stopped")
     finally:
         os.killpg(monitor.pid, signal.SIGKILL)  # the AppImage tool ignores SIGTERM
-        lines = monitor.communicate(timeout=10)[0].splitlines()
-    states = [line.split()[-1] for line in lines if line.startswith("DAQC01_CV_State")]
-    assert states[0] == "Stopped"
-    assert states[1:] == ["Running", "Draining", "Stopped"]
+        monitor.wait(10)
+        reader.join(10)
+    seen = states()
+    assert seen[0] == "Stopped"
+    assert seen[1:] == ["Running", "Draining", "Stopped"]
