@@ -148,8 +148,11 @@ class OutLoop:
         last_stats = time.monotonic()
         last_bytes_to_sender = 0
         last_bytes = [0] * CARDS
+        next_batch = time.monotonic() + BATCH_PERIOD_S
         while not self._stop.is_set():
-            self._stop.wait(BATCH_PERIOD_S)
+            # A fixed 50 ms cadence: the time spent checking does not stretch the period.
+            self._stop.wait(max(0.0, next_batch - time.monotonic()))
+            next_batch = max(next_batch, time.monotonic()) + BATCH_PERIOD_S
             self.process_batch()
             if self._flush_requested.is_set():
                 self._flush_requested.clear()
@@ -189,18 +192,15 @@ class OutLoop:
                 self._bypass(batch, c)
                 return len(batch)
             seen_channels: set[tuple[int, int]] = set()
-            to_sender: list[Buffer] = []
             to_free: list[Buffer] = []
             for buf in batch:
-                if self._check(buf, c, seen_channels):
-                    to_sender.append(buf)
+                if self._check(buf, c, seen_channels) and save:
+                    # Each buffer goes on as soon as it is checked: the sender need not
+                    # wait for the whole batch, and the pool gets it back sooner.
+                    c.bytes_to_sender += buf.nbytes
+                    self.pool.q_sender.put(buf)
                 else:
                     to_free.append(buf)
-            if save:
-                c.bytes_to_sender += sum(buf.nbytes for buf in to_sender)
-                self.pool.q_sender.put_many(to_sender)
-            else:
-                to_free.extend(to_sender)
         self.pool.release_many(to_free)
         return len(batch)
 
