@@ -532,12 +532,18 @@ class Sender:
         self._sync_poll()
 
     def _finished(self, now: float) -> bool:
-        """Shutting down and either everything is delivered, nobody can take it, or time is up."""
+        """Shutting down and either everything is delivered, nobody can take it, or time is up.
+
+        After a Stop, "everything" includes what the drain has still to queue (the
+        end-of-run headers last): an empty qSender before `drain_complete` means
+        outLoop has not handed it over yet, not that it was delivered.
+        """
         with self._lock:
             if not self._stopping:
                 return False
             deadline = self._shutdown_deadline
-        if now >= deadline or not self._data_waiting():
+            draining = self._stopped_at is not None and not self._drained
+        if now >= deadline or not (draining or self._data_waiting()):
             return True
         return self._current is None and not self._waiting
 

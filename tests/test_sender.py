@@ -749,6 +749,32 @@ def test_shutdown_lets_the_receiver_take_what_is_queued(make_sender):
     assert all_free(pool)
 
 
+def test_shutdown_after_stop_waits_for_the_drain_to_deliver_the_end_of_run(make_sender):
+    pool, sender = make_sender()
+    data, end = digitizer_events(50), end_of_run(101)
+    queue(pool, data)
+    receiver = Receiver(HOST, sender.port, pipeline=1, keep_payloads=True)
+    total = data.nbytes + end.nbytes
+    puller = threading.Thread(
+        target=receiver.run,
+        kwargs={"until_done": False, "until": lambda t: t.payload_bytes == total},
+        daemon=True,
+    )
+    puller.start()
+    wait_until(lambda: receiver.tally.payload_bytes == data.nbytes, 5, "the data delivered")
+    sender.run_stopped()
+    started = time.monotonic()
+    shutdown = threading.Thread(target=sender.shutdown, kwargs={"deliver_timeout": 5.0})
+    shutdown.start()  # qSender is empty, but the drain has not queued its 0xD yet
+    assert nothing_changes(lambda: shutdown.is_alive(), 0.3)
+    queue(pool, end)
+    sender.drain_complete()
+    shutdown.join(10)
+    puller.join(10)
+    assert time.monotonic() - started < 5.0
+    assert receiver.tally.payloads == [data.tobytes(), end.tobytes()]
+
+
 def test_shutdown_with_nobody_connected_returns_at_once(make_sender):
     pool, sender = make_sender()
     queue(pool, digitizer_events(3))
