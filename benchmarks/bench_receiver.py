@@ -17,8 +17,8 @@ After each receiver repetition the run is stopped and the files are checked:
 events in the files = ``SIM_Generated``, no buffer dropped by the IOC's bypass
 (``OL_TotalBufsLost``) and no FIFO overflow (``SIM_Dropped``). Pass: median
 rate >= 300 MB/s and every repetition complete. A run's files stay until the
-next receiver run is about to start, so that each writes into memory freed
-just before it (`common.fill_tmpfs` says why).
+next receiver run, which frees them as it writes (`common.fill_tmpfs` says
+why).
 
 A second figure isolates the receiver from the IOC it shares the machine with:
 about 250 MB of replies recorded from the same crate are fed through the
@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import fill_tmpfs, free_tmpfs  # noqa: E402
+from common import fill_tmpfs, releasing_tmpfs  # noqa: E402
 from ioc_harness import IocProcess, Ports, wait_until  # noqa: E402
 
 from receiver import geb  # noqa: E402
@@ -171,7 +171,8 @@ def bare_receive(crate: Crate, warmup: float, seconds: float, keep: list | None 
     return {"mb_s": (last - first) / (t1 - t0) / 1e6}
 
 
-def receiver_run(crate: Crate, out_dir: Path, name: str, warmup: float, seconds: float) -> dict:
+def receiver_run(crate: Crate, out_dir: Path, name: str, warmup: float, seconds: float,
+                 offered_mb_s: float) -> dict:
     """The figure: `dgs-receiver` writing classic-layout files to ``out_dir``."""
     proc = subprocess.Popen(
         [
@@ -198,14 +199,14 @@ def receiver_run(crate: Crate, out_dir: Path, name: str, warmup: float, seconds:
     reader = threading.Thread(target=read_status, daemon=True)
     reader.start()
     wait_until(lambda: samples, 20, "receiver status")
-    free_tmpfs(out_dir, keep=out_dir / name)
-    crate.start()
-    time.sleep(warmup)
-    t0 = time.perf_counter()
-    time.sleep(seconds)
-    t1 = time.perf_counter()
-    crate.stop()
-    code = proc.wait(60)
+    with releasing_tmpfs(out_dir, (out_dir / name,), offered_mb_s):
+        crate.start()
+        time.sleep(warmup)
+        t0 = time.perf_counter()
+        time.sleep(seconds)
+        t1 = time.perf_counter()
+        crate.stop()
+        code = proc.wait(60)
     reader.join(10)
     after = crate.counters()
     window = [s for s in samples if t0 <= s[0] <= t1]
@@ -291,13 +292,13 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         fresh_mb_s = fill_tmpfs(out_dir, int(1.5 * offered * 1e6 * (args.warmup + args.seconds)))
         print(f"  tmpfs: fresh memory took {fresh_mb_s:.0f} MB/s (each receiver run writes into "
-              "memory freed just before it; see common.fill_tmpfs)", flush=True)
+              "memory freed as it runs; see common.fill_tmpfs)", flush=True)
         for i in range(args.repeat):
             if time.monotonic() - started > TIME_BUDGET_S - 4 * (args.seconds + args.warmup):
                 print("time budget reached; stopping early", flush=True)
                 break
             base = bare_receive(crate, args.warmup, args.seconds)
-            run = receiver_run(crate, out_dir, f"bench{i}", args.warmup, args.seconds)
+            run = receiver_run(crate, out_dir, f"bench{i}", args.warmup, args.seconds, offered)
             baselines.append(base["mb_s"])
             figures.append(run["mb_s"])
             runs.append(run)

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,13 +50,13 @@ __all__ = [
     "demo_boards",
     "fill_tmpfs",
     "finish",
-    "free_tmpfs",
     "markdown_table",
     "median",
     "print_table",
     "proc_cpu_seconds",
     "proc_rss_bytes",
     "proc_status_bytes",
+    "releasing_tmpfs",
     "wait_until",
     "write_json",
 ]
@@ -399,37 +399,76 @@ class BareIoc:
 # ------------------------------------------------------- tmpfs on this VM
 
 
+#: Ballast files are this big, so they can be released a piece at a time.
+BALLAST_FILE_BYTES = 32 << 20
+#: Memory is released this much faster than the run writes, after a first piece at once.
+RELEASE_LEAD = 1.2
+
+
 def fill_tmpfs(directory: Path, nbytes: int) -> float:
-    """Write ``nbytes`` of ballast into ``directory``; returns the MB/s the write ran at.
+    """Write ``nbytes`` of ballast files into ``directory``; returns the MB/s the write ran at.
 
     This virtual machine hands memory the guest freed back to the hypervisor
-    within seconds (virtio-balloon free page reporting), and the first write
-    into such memory is several times slower than into memory just freed
-    (measured: 400-800 MB/s against ~2.8 GB/s on tmpfs). A real DAQ machine
-    does not do that, so each run writes into memory freed just before it
-    starts: the ballast (first run) or the files of the run before
-    (`free_tmpfs`). The ballast's own rate shows what fresh memory costs.
+    within ~2 s (virtio-balloon free page reporting), and the first write into
+    such memory is several times slower than into memory just freed (measured:
+    400-800 MB/s against ~2.8 GB/s on tmpfs). A real DAQ machine does not do
+    that, so the benchmarks that write GBs of run files let each run write into
+    memory freed while it runs (`releasing_tmpfs`): the ballast for the first
+    run, the files of the run before for the next. The ballast's own rate shows
+    what fresh memory costs.
     """
     block = memoryview(bytearray(1 << 20))
     started = time.perf_counter()
-    fd = os.open(directory / "ballast", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    for index in range(max(1, nbytes // BALLAST_FILE_BYTES)):
+        fd = os.open(directory / f"ballast{index:04d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            for _ in range(BALLAST_FILE_BYTES >> 20):
+                os.write(fd, block)
+        finally:
+            os.close(fd)
+    return max(1, nbytes // BALLAST_FILE_BYTES) * BALLAST_FILE_BYTES / (
+        time.perf_counter() - started) / 1e6
+
+
+@contextlib.contextmanager
+def releasing_tmpfs(directory: Path, keep: Collection[Path], mb_s: float) -> Iterator[None]:
+    """Delete what is in ``directory`` but ``keep`` while the block runs, at about ``mb_s``.
+
+    Files go oldest first, a first piece at once and then a little faster
+    than the run writes, so the run's writes land in memory freed moments
+    before (see `fill_tmpfs`); whatever is left goes when the block ends.
+    """
+    stop = threading.Event()
+    files = sorted(
+        (path for path in directory.rglob("*")
+         if path.is_file() and not ({path, *path.parents} & set(keep))),
+        key=lambda path: path.stat().st_mtime,
+    )
+
+    def release() -> None:
+        freed, started = 0, time.monotonic()
+        for path in files:
+            ahead_s = (freed - BALLAST_FILE_BYTES) / (RELEASE_LEAD * mb_s * 1e6)
+            if stop.wait(max(0.0, ahead_s - (time.monotonic() - started))):
+                return
+            with contextlib.suppress(OSError):
+                freed += path.stat().st_size
+                path.unlink()
+
+    releaser = threading.Thread(target=release, name="tmpfs-release", daemon=True)
+    releaser.start()
     try:
-        for _ in range(nbytes >> 20):
-            os.write(fd, block)
+        yield
     finally:
-        os.close(fd)
-    return nbytes / (time.perf_counter() - started) / 1e6
-
-
-def free_tmpfs(directory: Path, keep: Path) -> None:
-    """Delete everything in ``directory`` but ``keep`` (the run about to start)."""
-    for entry in directory.iterdir():
-        if entry == keep:
-            continue
-        if entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+        stop.set()
+        releaser.join(10)
+        for entry in directory.iterdir():
+            if entry in keep:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 # --------------------------------------------------- P1's bare server
