@@ -91,8 +91,6 @@ DATA_CHANNELS = {f"{channel:X}" for channel in range(CHANNELS)}
 WATCH_PERIOD_S = 0.02
 #: What `dgs-receiver` prints just before it starts connecting.
 READY_LINE = "dgs-receiver: PV snapshot"
-#: Ballast written to tmpfs before the first run, as a multiple of one run's files.
-BALLAST_FACTOR = 1.5
 _run_numbers = itertools.count(1)
 
 
@@ -338,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     out_dir = Path(tempfile.mkdtemp(prefix="bench-e2e-", dir=TMPFS if TMPFS.is_dir() else None))
     try:
-        fresh_mb_s = fill_tmpfs(out_dir, int(BALLAST_FACTOR * P3_OFFERED_MB_S * 1e6 * args.seconds))
+        fresh_mb_s = fill_tmpfs(out_dir, P3_OFFERED_MB_S * 1e6 * args.seconds)
         baseline_runs = bare_server_mb_s(repeat, 1.0, PIPELINE)
         runs = run_p3(workdir, out_dir, repeat, args.seconds, inloop)
         sweep = [] if args.no_sweep else run_sweep(workdir, out_dir, SWEEP_SECONDS, inloop)

@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  receiver capacity on {capacity['mb']:.0f} MB of recorded replies (no IOC): "
               f"{capacity['mb_s']:.0f} MB/s; numpy copy {capacity['copy_mb_s']:.0f} MB/s",
               flush=True)
-        fresh_mb_s = fill_tmpfs(out_dir, int(1.5 * offered * 1e6 * (args.warmup + args.seconds)))
+        fresh_mb_s = fill_tmpfs(out_dir, offered * 1e6 * (args.warmup + args.seconds))
         print(f"  tmpfs: fresh memory took {fresh_mb_s:.0f} MB/s (each receiver run writes into "
               "memory freed as it runs; see common.fill_tmpfs)", flush=True)
         for i in range(args.repeat):

@@ -401,12 +401,14 @@ class BareIoc:
 
 #: Ballast files are this big, so they can be released a piece at a time.
 BALLAST_FILE_BYTES = 32 << 20
+#: The ballast holds this many runs' worth of files.
+BALLAST_FACTOR = 1.5
 #: Memory is released this much faster than the run writes, after a first piece at once.
 RELEASE_LEAD = 1.2
 
 
-def fill_tmpfs(directory: Path, nbytes: int) -> float:
-    """Write ``nbytes`` of ballast files into ``directory``; returns the MB/s the write ran at.
+def fill_tmpfs(directory: Path, run_bytes: float) -> float:
+    """Write ballast files for a run of ``run_bytes`` into ``directory``; returns their MB/s.
 
     This virtual machine hands memory the guest freed back to the hypervisor
     within ~2 s (virtio-balloon free page reporting), and the first write into
@@ -417,17 +419,17 @@ def fill_tmpfs(directory: Path, nbytes: int) -> float:
     run, the files of the run before for the next. The ballast's own rate shows
     what fresh memory costs.
     """
+    files = max(1, int(BALLAST_FACTOR * run_bytes) // BALLAST_FILE_BYTES)
     block = memoryview(bytearray(1 << 20))
     started = time.perf_counter()
-    for index in range(max(1, nbytes // BALLAST_FILE_BYTES)):
+    for index in range(files):
         fd = os.open(directory / f"ballast{index:04d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             for _ in range(BALLAST_FILE_BYTES >> 20):
                 os.write(fd, block)
         finally:
             os.close(fd)
-    return max(1, nbytes // BALLAST_FILE_BYTES) * BALLAST_FILE_BYTES / (
-        time.perf_counter() - started) / 1e6
+    return files * BALLAST_FILE_BYTES / (time.perf_counter() - started) / 1e6
 
 
 @contextlib.contextmanager

@@ -247,6 +247,23 @@ def stale(generated: dict[str, str], directory: Path) -> list[str]:
     ]
 
 
+def write_or_check(generated: dict[str, str], directory: Path, write: bool, command: str) -> int:
+    """The ``--write`` / ``--check`` of a generator: write the files, or list the stale ones.
+
+    Returns the exit code: 1 when checking found stale files, else 0.
+    """
+    if write:
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, text in generated.items():
+            (directory / name).write_text(text)
+            print(f"wrote {directory / name}")
+        return 0
+    names = stale(generated, directory)
+    for name in names:
+        print(f"{directory / name} is out of date: run {command} --write")
+    return 1 if names else 0
+
+
 def stale_files(directory: Path = DB_DIR) -> list[str]:
     """Names of the files in ``directory`` that differ from the generated ones."""
     return stale(generated_files(), directory)
@@ -261,16 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     action.add_argument("--check", action="store_true", help="fail if db/ is out of date")
     parser.add_argument("--dir", type=Path, default=DB_DIR, help="directory (default db/)")
     args = parser.parse_args(argv)
-    if args.write:
-        args.dir.mkdir(parents=True, exist_ok=True)
-        for name, text in generated_files().items():
-            (args.dir / name).write_text(text)
-            print(f"wrote {args.dir / name}")
-        return 0
-    stale = stale_files(args.dir)
-    for name in stale:
-        print(f"{args.dir / name} is out of date: run python -m ioc.dbfiles --write")
-    return 1 if stale else 0
+    return write_or_check(generated_files(), args.dir, args.write, "python -m ioc.dbfiles")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from ioc.config import ConfigError, CrateConfig, SystemConfig, demo_config, load_config
-from ioc.dbfiles import stale
+from ioc.dbfiles import stale, write_or_check
 from ioc.hardware import BoardKind
 from ioc.pool import POOL_SIZE
 from ioc.pvs import CARDS, DIGITIZERS, PV, PV_TABLE, SLOTS
@@ -708,17 +708,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crate", metavar="NN", help="crate for --url")
     parser.add_argument("--dir", type=Path, default=OPI_DIR, help="screen directory (opi/)")
     args = parser.parse_args(argv)
-    if args.write:
-        args.dir.mkdir(parents=True, exist_ok=True)
-        for name, text in generated_screens().items():
-            (args.dir / name).write_text(text)
-            print(f"wrote {args.dir / name}")
-        return 0
-    if args.check:
-        stale = stale_screens(args.dir)
-        for name in stale:
-            print(f"{args.dir / name} is out of date: run python -m ioc.screens --write")
-        return 1 if stale else 0
+    if args.write or args.check:
+        return write_or_check(generated_screens(), args.dir, args.write, "python -m ioc.screens")
     system = load_config(args.config) if args.config else demo_config()
     if args.system:
         title = f"DGS system ({Path(args.config).stem if args.config else 'demo'})"
