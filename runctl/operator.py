@@ -20,14 +20,19 @@ kind                meaning
 acknowledged        the request is accepted for the current state (always first)
 crate-ready         prepare_run: crate N is Stopped, pool whole, globals connected
 run-number          prepare_run: ``Online_CS_RunNumber`` advanced; names the run
-receiver-started    prepare_run: crate N's receiver is up (its run directory
-                    exists) and keeps trying to connect until Start opens the
-                    crate's data port
+                    (numbers whose data directory exists already are skipped)
+receiver-started    prepare_run: crate N's receiver is up (its begin-of-run PV
+                    snapshot is saved) and keeps trying to connect until Start
+                    opens the crate's data port
 crate-running       begin_run: crate N is Running (or running with no boards)
 crate-drained       end_run: crate N is Stopped again: drained and flushed
 receiver-finished   end_run: crate N's receiver exited (its exit code is in the
                     message; 0 = every board's end-of-run marker received)
+data-lost           end_run: crate N lost data this run: bytes and events per
+                    reason (`runctl.losses`)
 done                final: the new state was reached
+lost                final: end_run reached STOP and logged the run, but data
+                    were lost (the data-lost responses say where and why)
 timeout             final: something did not happen in time (the message names
                     each crate and what it was waiting for, e.g. an IOC that
                     does not answer)
@@ -41,13 +46,25 @@ refused             final, and the only response: the call does not fit the
 Crate responses come in the order the crates get there. Every generator ends
 with exactly one final response; `Progress.final` tells which one it is.
 
+The run state is the IOCs' as much as this host's: ``Online_CS_StartStop``,
+``Online_CS_RunNumber`` and each crate's ``CV_State`` say whether a run is
+going on, wherever it was started. So `status` shows a run started by another
+operator host or by hand, prepare_run refuses while the IOCs run, and end_run
+ends such a run too (without its receivers, which are not this host's).
+``end_run(force=True)`` ends the recorded run even when the IOCs are gone:
+what answers is stopped as usual, the receivers are stopped, and the run is
+logged as forced.
+
 Receivers: one ``dgs-receiver`` process per crate (so one slow or failing
 crate affects only its own files and exit code), started by prepare_run on
-this host, writing ``<data_dir>/crate<NN>/<run>/``. end_run waits for each to
-exit by itself (every board's 0xD received); one whose crate never drained, or
-that overruns ``Timeouts.receivers_s``, is stopped with SIGTERM (it closes its
-files cleanly). Trigger boards of the configuration are passed to it with
-``--trigger-board``; no PV snapshot is asked for, so it connects at once.
+this host with ``--run N``, writing ``<data_dir>/crate<NN>/<run>/``, and with
+``--crate NN --pv-pva HOST:PORT`` so it saves the crate's PV snapshots at the
+begin and end of the run. end_run waits for each to exit by itself (every
+board's 0xD received); one whose crate never drained, or that overruns
+``Timeouts.receivers_s``, is stopped with SIGTERM (it closes its files
+cleanly). Trigger boards of the configuration are passed to it with
+``--trigger-board``. A run that is cancelled or fails before it starts leaves
+no run directory behind unless it holds data.
 
 The state lives in ``<control_dir>/state.json`` so that ``dgs-run start`` and
 a later ``dgs-run stop`` (another process) agree; a lock file keeps two
@@ -55,12 +72,16 @@ operators from acting on one system at once. Receivers run under
 `runctl.supervise`, which keeps each one's exit code in a file, because the
 process that stops a run is usually not the one that started the receivers.
 Finished runs go to the run log ``<control_dir>/runs.jsonl`` (`runctl.runlog`).
+By default the control directory is ``./data`` (ignored by git), and the run
+data go to its ``crate<NN>/`` subdirectories.
 
 PVs are read and written over PV Access (p4p): one client context per IOC,
 pinned to that IOC's ``host:pva_port`` as a TCP name server, so several IOCs
-on one host never shadow each other and no UDP search is needed. The globals
-IOC's PVA port is not in the configuration: by default it is its CA port + 1
-(``dgs-system`` starts it there), else ``globals_pva``.
+on one host never shadow each other and no UDP search is needed. A crate
+whose configuration names no ``pva_port`` is looked for where a PVA client
+would: ``EPICS_PVA_SERVER_PORT``, else 5075. The globals IOC's PVA port is not
+in the configuration: by default it is its CA port + 1 (``dgs-system`` starts
+it there), else ``globals_pva``.
 """
 
 from __future__ import annotations
@@ -71,6 +92,7 @@ import enum
 import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -82,6 +104,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import p4p
 from p4p.client.thread import Context, RemoteError
 from p4p.nt.enum import ntenum
@@ -89,9 +112,12 @@ from p4p.nt.enum import ntenum
 from ioc.config import DEFAULT_PVA_PORT, CrateConfig, SystemConfig
 from ioc.hardware import BoardKind
 from ioc.pvs import PV_TABLE, Scope
+from runctl.losses import LOSS_PVS, Loss
 from runctl.runlog import (
     RESULT_CANCELLED,
     RESULT_ERROR,
+    RESULT_FORCED,
+    RESULT_LOST,
     RESULT_OK,
     RESULT_TIMEOUT,
     CrateRecord,
@@ -108,13 +134,16 @@ RECEIVER_STARTED = "receiver-started"
 CRATE_RUNNING = "crate-running"
 CRATE_DRAINED = "crate-drained"
 RECEIVER_FINISHED = "receiver-finished"
+DATA_LOST = "data-lost"
 DONE = "done"
+LOST = "lost"
 TIMEOUT = "timeout"
 ERROR = "error"
 REFUSED = "refused"
-FINAL_KINDS = frozenset({DONE, TIMEOUT, ERROR, REFUSED})
+FINAL_KINDS = frozenset({DONE, LOST, TIMEOUT, ERROR, REFUSED})
 
-DEFAULT_CONTROL_DIR = "dgs-run"
+#: Control files and run data, relative to the working directory (ignored by git).
+DEFAULT_CONTROL_DIR = "data"
 STATE_FILE = "state.json"
 LOCK_FILE = "lock"
 RUN_LOG_FILE = "runs.jsonl"
@@ -133,15 +162,23 @@ CRATE_PVS = (
     "CV_SenderBytes",
     "CV_SendRate",
     "CV_SenderWireRate",
-    "OL_BufLostPerecnt",
     "CV_SenderClient",
     "CV_InLoop1",
 )
 STATE_STOPPED, STATE_RUNNING, STATE_NO_BOARDS = 0, 1, 3
+START = 1  # Online_CS_StartStop
+#: How much longer `status` waits for the loss counters once the rest answers.
+LOSS_CONNECT_S = 1.0
+ELSEWHERE_NOTE = (
+    "started elsewhere (another operator host, or by hand): its start time and receivers "
+    "are not known here"
+)
 POLL_S = 0.05
 #: The IOC publishes statistics every 0.5 s.
 PUBLISH_PERIOD_S = 0.5
 PUT_TIMEOUT_S = 5.0
+#: How long the end-of-run counts may take to read.
+FINAL_READ_S = 2.0
 #: How long a receiver has to exit after SIGTERM before it is killed.
 TERM_GRACE_S = 5.0
 MIB = 1 << 20
@@ -207,12 +244,14 @@ class ReceiverProcess:
 
 @dataclass
 class RunStatus:
-    """The operator state shared by every process through the state file."""
+    """The operator state shared by every process through the state file; ``config`` and
+    ``globals_pva`` name the system it was last about, so later commands find it."""
 
     state: RunState = RunState.STOP
     run: int | None = None
     name: str | None = None
     config: str = ""
+    globals_pva: str = ""
     data_dir: str = ""
     prepared: str | None = None
     start: str | None = None
@@ -236,11 +275,17 @@ class RunStatus:
 class CrateStatus:
     crate: str
     endpoint: Endpoint
-    values: dict[str, Any]  # CRATE_PVS suffix -> plain value; missing when unreachable
+    #: CRATE_PVS and LOSS_PVS suffix -> plain value; missing when unreachable
+    values: dict[str, Any]
 
     @property
     def reachable(self) -> bool:
         return all(name in self.values for name in CRATE_PVS)
+
+    @property
+    def loss(self) -> Loss | None:
+        """What the crate lost in the current (or last) run; None if it does not say."""
+        return Loss.from_values(self.values)
 
 
 @dataclass(frozen=True)
@@ -253,6 +298,15 @@ class SystemStatus:
     @property
     def all_reachable(self) -> bool:
         return all(n in self.globals for n in GLOBAL_PVS) and all(c.reachable for c in self.crates)
+
+    @property
+    def ioc_state(self) -> RunState | None:
+        """RUN or STOP as the IOCs show it (READY is this host's alone); None when the
+        global records do not answer."""
+        started = self.globals.get("Online_CS_StartStop")
+        if started is None:
+            return None
+        return RunState.RUN if started == START else RunState.STOP
 
 
 #: Enum strings by global PV name or crate PV suffix (``CV_State``), from the PV table.
@@ -269,7 +323,7 @@ def choice(name: str, index: int) -> str:
     return choices[index] if 0 <= index < len(choices) else str(index)
 
 
-def _plain(value: Any) -> int | float | str:
+def _plain(value: Any) -> int | float | str | tuple[float, ...]:
     """A p4p value as plain Python: enums as their index (monitor updates after the
     first one carry no choices), numbers and strings as themselves (p4p's wrappers
     print a time stamp with ``str()``)."""
@@ -279,6 +333,8 @@ def _plain(value: Any) -> int | float | str:
         return float(value)
     if isinstance(value, str):
         return str.__str__(value)
+    if isinstance(value, np.ndarray):
+        return tuple(float(v) for v in value)
     return repr(value)
 
 
@@ -292,7 +348,15 @@ def run_name(number: int) -> str:
 
 
 def crate_endpoint(crate: CrateConfig) -> Endpoint:
-    return Endpoint(crate.host, crate.pva_port or DEFAULT_PVA_PORT)
+    """Where the crate serves PVA: its ``pva_port``, else where a PVA client looks by
+    default (``EPICS_PVA_SERVER_PORT``, else 5075), as the IOC itself falls back."""
+    if crate.pva_port:
+        return Endpoint(crate.host, crate.pva_port)
+    try:
+        port = int(os.environ.get("EPICS_PVA_SERVER_PORT", DEFAULT_PVA_PORT))
+    except ValueError:
+        port = DEFAULT_PVA_PORT
+    return Endpoint(crate.host, port)
 
 
 def globals_endpoint(system: SystemConfig, globals_pva: str | None = None) -> Endpoint:
@@ -360,8 +424,15 @@ class IocLink:
         with self._lock:
             return all(name in self._values for name in names)
 
-    def get(self, name: str, timeout: float = PUT_TIMEOUT_S) -> int | float | str:
-        return _plain(self._context.get(name, timeout=timeout))
+    def get_many(self, names: Sequence[str], timeout: float = PUT_TIMEOUT_S) -> dict[str, Any]:
+        """Current values read now (not the monitors' last), of the names that answered
+        within ``timeout``; all of them are asked at once."""
+        values = self._context.get(list(names), timeout=timeout, throw=False)
+        return {
+            name: _plain(value)
+            for name, value in zip(names, values, strict=True)
+            if not isinstance(value, Exception)
+        }
 
     def put(self, name: str, value: int, timeout: float = PUT_TIMEOUT_S) -> None:
         self._context.put(name, value, timeout=timeout)
@@ -383,6 +454,47 @@ def _data_files(run_dir: Path) -> list[Path]:
         for path in run_dir.iterdir()
         if path.is_file() and not path.name.startswith(".") and path.suffix != ".json"
     ]
+
+
+#: The receiver's side files of a run (``<run>.<name>.json``): they describe the run, they
+#: are not its data.
+BEGIN_SNAPSHOT = "pvs_begin"
+SIDE_FILES = ("summary", BEGIN_SNAPSHOT, "pvs_end")
+RUN_DIR_NAME = re.compile(r"run(\d{5,})")
+
+
+def _holds_something(path: Path) -> bool:
+    """Whether a would-be run directory is in use (the receiver accepts only an empty one)."""
+    if path.is_symlink() or path.is_file():
+        return True
+    return path.is_dir() and any(path.iterdir())
+
+
+def used_run_numbers(crate_dir: Path) -> set[int]:
+    """Run numbers whose directory under ``crate_dir`` exists and holds something."""
+    if not crate_dir.is_dir():
+        return set()
+    return {
+        int(match[1])
+        for path in crate_dir.iterdir()
+        if (match := RUN_DIR_NAME.fullmatch(path.name)) and _holds_something(path)
+    }
+
+
+def remove_unused_run_dir(run_dir: Path) -> bool:
+    """Remove the run directory of a run that never started, if it holds no data: only the
+    receiver's side files of that run go, and only then the (empty) directory. True if it
+    is gone; anything else in it keeps it, untouched."""
+    if not run_dir.is_dir():
+        return not run_dir.exists()
+    side = {f"{run_dir.name}.{name}.json" for name in SIDE_FILES}
+    entries = list(run_dir.iterdir())
+    if any(entry.name not in side or not entry.is_file() for entry in entries):
+        return False
+    for entry in entries:
+        entry.unlink()
+    run_dir.rmdir()
+    return True
 
 
 def _dir_usage(run_dir: Path) -> tuple[int, int]:
@@ -417,9 +529,10 @@ class Operator:
         """``receiver_command`` None runs without receivers (someone else reads the data)."""
         self.system = system
         self.control_dir = Path(control_dir).absolute()
-        self.data_dir = Path(data_dir).absolute() if data_dir else self.control_dir / "data"
+        self.data_dir = Path(data_dir).absolute() if data_dir else self.control_dir
         self.receiver_command = list(receiver_command) if receiver_command else None
         self.timeouts = timeouts
+        self.globals_pva = globals_pva or ""  # as given, remembered in the state file
         self.globals_endpoint = globals_endpoint(system, globals_pva)
         self.run_log = RunLog(self.control_dir / RUN_LOG_FILE)
         self._links: dict[Endpoint, IocLink] = {}
@@ -436,12 +549,14 @@ class Operator:
         """READY -> RUN; ``timeout_s`` bounds the wait for every crate to run."""
         return self._exclusive(lambda: self._begin(timeout_s or self.timeouts.running_s))
 
-    def end_run(self, timeout_s: float | None = None) -> Iterator[Progress]:
-        """RUN -> STOP (READY -> STOP cancels); ``timeout_s`` bounds the drain."""
-        return self._exclusive(lambda: self._end(timeout_s or self.timeouts.drain_s))
+    def end_run(self, timeout_s: float | None = None, *, force: bool = False) -> Iterator[Progress]:
+        """RUN -> STOP (READY -> STOP cancels); ``timeout_s`` bounds the drain. ``force``
+        ends the recorded run even when IOCs do not answer (logged as forced)."""
+        return self._exclusive(lambda: self._end(timeout_s or self.timeouts.drain_s, force))
 
     @property
     def state(self) -> RunState:
+        """This host's record of the run state (`status` adds what the IOCs show)."""
         return self.read_status().state
 
     def read_status(self) -> RunStatus:
@@ -456,13 +571,17 @@ class Operator:
         deadline = time.monotonic() + (timeout_s or self.timeouts.connect_s)
         while not self._all_connected() and time.monotonic() < deadline:
             time.sleep(POLL_S)
+        # Loss counters connect with the rest; an IOC that has none must not hold us long.
+        deadline = min(deadline, time.monotonic() + LOSS_CONNECT_S)
+        while not self._losses_connected() and time.monotonic() < deadline:
+            time.sleep(POLL_S)
         crates = [
             CrateStatus(
                 c.crate,
                 crate_endpoint(c),
                 {
                     suffix: value
-                    for suffix in CRATE_PVS
+                    for suffix in (*CRATE_PVS, *LOSS_PVS)
                     if (value := self._crate_link(c).value(f"DAQC{c.crate}_{suffix}")) is not None
                 },
             )
@@ -505,13 +624,22 @@ class Operator:
             )
             return
         crates = list(self.system.crates)
+        self._watch_all()
+        problem = self._wait_globals()
+        elsewhere = None if problem else self._globals_now()
+        if elsewhere is not None and elsewhere[0]:
+            yield Progress(
+                REFUSED,
+                f"prepare_run refused: the IOCs are running run {elsewhere[1]} "
+                f"(Online_CS_StartStop = Start), not started from {self.control_dir}; "
+                "end_run (dgs-run stop) ends it first",
+            )
+            return
         yield Progress(
             ACKNOWLEDGED,
             f"prepare run: checking the globals ({self.globals_endpoint}) and {len(crates)} "
             f"crate(s) {', '.join(c.crate for c in crates)}",
         )
-        self._watch_all()
-        problem = self._wait_globals()
         if problem:
             yield Progress(TIMEOUT, problem)
             return
@@ -519,43 +647,61 @@ class Operator:
         if missing:
             yield Progress(TIMEOUT, f"not ready within {timeout:g} s: {_listed(missing)}")
             return
-        number = int(self._globals_link().value("Online_CS_RunNumber")) + 1
-        name = run_name(number)
+        now = self._globals_now()
+        if now is None:
+            yield Progress(
+                TIMEOUT,
+                f"the global run-control records stopped answering ({self.globals_endpoint})",
+            )
+            return
+        number, skipped = now[1] + 1, ""
         if self.receiver_command:
-            taken = [str(d) for c in crates if (d := self._run_dir(c, name)).exists()]
-            if taken:
-                yield Progress(
-                    ERROR,
-                    f"data of {name} already exist ({', '.join(taken)}); nothing was "
-                    "overwritten: check Online_CS_RunNumber or choose another data directory",
-                )
-                return
+            number, skipped = self._free_run_number(crates, number)
+        name = run_name(number)
         failure = self._put_globals(("Online_CS_RunNumber", number), ("Online_CS_SaveData", 1))
         if failure:
             yield Progress(ERROR, failure)
             return
-        yield Progress(RUN_NUMBER, f"run {number} reserved ({name}); SaveData = Save")
+        yield Progress(RUN_NUMBER, f"run {number} reserved ({name}); SaveData = Save{skipped}")
         status = RunStatus(
             state=RunState.READY,
             run=number,
             name=name,
             config=self.system.source,
+            globals_pva=self.globals_pva,
             data_dir=str(self.data_dir),
             prepared=now_text(),
             crates=[c.crate for c in crates],
         )
+        self._save(status)  # from here on, end_run can cancel whatever was started
         if self.receiver_command:
             problem = yield from self._start_receivers(crates, status)
             if problem:
                 for receiver in status.receivers:
                     self._signal(receiver, signal.SIGTERM)
                 exits, _late = yield from self._finish_receivers(status.receivers, set())
-                message = f"{problem}; run {number} abandoned, STOP"
+                message = f"{problem}; run {number} abandoned, STOP{self._clear_unstarted(status)}"
                 self._log_unstarted(status, RESULT_ERROR, exits, message)
+                self._save(self._stopped())
                 yield Progress(ERROR, message)
                 return
-        self._save(status)
         yield Progress(DONE, f"READY: run {number} ({name}); begin_run starts it")
+
+    def _free_run_number(self, crates: Sequence[CrateConfig], first: int) -> tuple[int, str]:
+        """The first run number from ``first`` on whose run directory is free for every crate
+        (nothing is ever overwritten), and a note naming the numbers skipped."""
+        used: set[int] = set()
+        for crate in crates:
+            used |= used_run_numbers(self.data_dir / f"crate{crate.crate}")
+        number = first
+        while number in used:
+            number += 1
+        if number == first:
+            return number, ""
+        names = (
+            run_name(first) if number == first + 1 else f"{run_name(first)}..{run_name(number - 1)}"
+        )
+        return number, f"; skipped {names}: their data directories in {self.data_dir} are in use"
 
     def _begin(self, timeout: float) -> Iterator[Progress]:
         status = self.read_status()
@@ -576,7 +722,7 @@ class Operator:
             yield Progress(TIMEOUT, problem)
             return
         start = now_text()
-        failure = self._put_globals(("Online_CS_StartStop", 1))
+        failure = self._put_globals(("Online_CS_StartStop", START))
         if failure:
             yield Progress(ERROR, failure)
             return
@@ -600,27 +746,60 @@ class Operator:
             return
         yield Progress(DONE, f"RUN: run {status.run} running on {len(crates)} crate(s)")
 
-    def _end(self, timeout: float) -> Iterator[Progress]:
+    def _end(self, timeout: float, force: bool) -> Iterator[Progress]:
         status = self.read_status()
-        if status.state is RunState.STOP:
-            yield Progress(
-                REFUSED, "end_run refused: no run is prepared or running (the system is STOP)"
-            )
-            return
         if status.state is RunState.READY:
             yield from self._cancel(status)
             return
+        adopted = status.state is RunState.STOP
+        if adopted:
+            self._watch_all()
+            now = None if self._wait_globals() else self._globals_now()
+            if now is None or not now[0]:
+                iocs = (
+                    f"the global run-control records do not answer on {self.globals_endpoint}"
+                    if now is None
+                    else "the IOCs show Online_CS_StartStop = Stop"
+                )
+                yield Progress(
+                    REFUSED,
+                    f"end_run refused: no run is prepared or running (STOP in "
+                    f"{self.control_dir}, and {iocs})",
+                )
+                return
+            status = self._run_of_the_iocs(now[1])
         crates = self._crates_of(status)
-        yield Progress(ACKNOWLEDGED, f"end run {status.run}: StartStop = Stop")
+        yield Progress(
+            ACKNOWLEDGED,
+            f"end run {status.run}: StartStop = Stop" + (f"; {ELSEWHERE_NOTE}" if adopted else ""),
+        )
         self._watch_all()
         problem = self._wait_globals()
         failure = problem or self._put_globals(("Online_CS_StartStop", 0))
-        if failure:
-            yield Progress(TIMEOUT if problem else ERROR, f"{failure}; still RUN")
+        if failure and not force:
+            yield Progress(
+                TIMEOUT if problem else ERROR,
+                f"{failure}; still RUN (end_run with force, `dgs-run stop --force`, ends the "
+                "recorded run without the IOCs)",
+            )
             return
         stop = now_text()
-        missing = yield from self._each_crate(crates, CRATE_DRAINED, self._drained_check, timeout)
-        exits, late = yield from self._finish_receivers(status.receivers, set(missing))
+        # Forced: crates that do not answer, or that never got the Stop, cannot drain.
+        unreachable = self._unreachable_crates(crates) if force else {}
+        drain = [] if failure else [c for c in crates if c.crate not in unreachable]
+        gone = {"globals": failure} if failure else {}
+        gone |= {f"crate {crate}": why for crate, why in unreachable.items()}
+        missing = yield from self._each_crate(drain, CRATE_DRAINED, self._drained_check, timeout)
+        stop_now = set(missing) | {c.crate for c in crates if c not in drain}
+        exits, late = yield from self._finish_receivers(status.receivers, stop_now)
+        sent, losses = self._final_counts(crates)
+        for crate in crates:
+            if losses.get(crate.crate):
+                yield Progress(
+                    DATA_LOST,
+                    f"crate {crate.crate} lost {losses[crate.crate].describe()}",
+                    crate.crate,
+                )
         problem = ""
         if missing:
             problem = f"not drained within {timeout:g} s: {_listed(missing)}"
@@ -629,31 +808,96 @@ class Operator:
                 f"receivers still running after {self.timeouts.receivers_s:g} s were stopped: "
                 + ", ".join(f"crate {crate}" for crate in sorted(late))
             )
-        record = self._log_run(status, stop, exits, problem)
-        self._save(RunStatus())
         failed = [f"crate {crate} ({code})" for crate, code in exits.items() if code != 0]
-        if problem:
+        if gone:
+            result = RESULT_FORCED
+        elif problem:
+            result = RESULT_TIMEOUT
+        elif failed:
+            result = RESULT_ERROR
+        elif any(losses.values()):
+            result = RESULT_LOST
+        else:
+            result = RESULT_OK
+        forced = "did not answer: " + "; ".join(f"{who}: {why}" for who, why in gone.items())
+        message = "; ".join(
+            text
+            for text in (
+                forced if gone else "",
+                problem,
+                ELSEWHERE_NOTE if adopted else "",
+            )
+            if text
+        )
+        record = self._log_run(status, stop, exits, sent, losses, result, message)
+        self._save(self._stopped())
+        ended = f"run {status.run} ended" + (
+            f" after {record.duration_s:.1f} s" if record.duration_s is not None else ""
+        )
+        if result == RESULT_FORCED:
+            yield Progress(
+                DONE, f"STOP: {ended} by force ({forced}); receivers stopped, logged as forced"
+            )
+        elif problem:
             yield Progress(TIMEOUT, f"{problem}; run {status.run} logged, STOP")
         elif failed:
             yield Progress(
                 ERROR, f"receivers failed: {', '.join(failed)}; run {status.run} logged, STOP"
             )
         else:
-            sent = sum(c.sender_bytes or 0 for c in record.crates.values()) / MIB
-            yield Progress(
-                DONE,
-                f"STOP: run {status.run} ended after {record.duration_s:.1f} s, "
-                f"{len(crates)} crate(s), {sent:.1f} MiB sent",
-            )
+            total = sum(sent.values()) / MIB
+            summary = f"STOP: {ended}, {len(crates)} crate(s), {total:.1f} MiB sent"
+            if result == RESULT_LOST:
+                lost = ", ".join(
+                    f"crate {crate}: {loss.describe()}" for crate, loss in losses.items() if loss
+                )
+                yield Progress(LOST, f"{summary}; DATA LOST: {lost}")
+            else:
+                yield Progress(DONE, summary)
 
     def _cancel(self, status: RunStatus) -> Iterator[Progress]:
         yield Progress(ACKNOWLEDGED, f"cancel run {status.run}: it was prepared, never started")
         for receiver in status.receivers:
             self._signal(receiver, signal.SIGTERM)
         exits, _late = yield from self._finish_receivers(status.receivers, set())
-        self._log_unstarted(status, RESULT_CANCELLED, exits, "")
-        self._save(RunStatus())
-        yield Progress(DONE, f"STOP: run {status.run} cancelled before it began")
+        kept = self._clear_unstarted(status)
+        self._log_unstarted(status, RESULT_CANCELLED, exits, kept.removeprefix("; "))
+        self._save(self._stopped())
+        yield Progress(DONE, f"STOP: run {status.run} cancelled before it began{kept}")
+
+    def _clear_unstarted(self, status: RunStatus) -> str:
+        """Remove the run directories the receivers of a run that never began created, unless
+        they hold data; a note naming the ones kept, or ""."""
+        kept = [r.run_dir for r in status.receivers if not remove_unused_run_dir(Path(r.run_dir))]
+        return f"; kept {', '.join(kept)}: they hold data" if kept else ""
+
+    def _globals_now(self) -> tuple[bool, int] | None:
+        """(StartStop = Start, RunNumber) as the global records show them now, or None
+        while they do not answer."""
+        values = self._globals_link().snapshot(GLOBAL_PVS)
+        if len(values) < len(GLOBAL_PVS):
+            return None
+        return values["Online_CS_StartStop"] == START, int(values["Online_CS_RunNumber"])
+
+    def _run_of_the_iocs(self, number: int) -> RunStatus:
+        """The run the IOCs are in, when this host has no record of it: every crate, no
+        receivers (they are not this host's), start time unknown."""
+        return RunStatus(
+            state=RunState.RUN,
+            run=number,
+            name=run_name(number),
+            config=self.system.source,
+            globals_pva=self.globals_pva,
+            data_dir=str(self.data_dir),
+            crates=[c.crate for c in self.system.crates],
+        )
+
+    def _unreachable_crates(self, crates: Sequence[CrateConfig]) -> dict[str, str]:
+        """Crate -> why, for crates whose IOC does not answer within the connect timeout."""
+        deadline = time.monotonic() + self.timeouts.connect_s
+        while time.monotonic() < deadline and any(self._crate_values(c) is None for c in crates):
+            time.sleep(POLL_S)
+        return {c.crate: self._unreachable(c) for c in crates if self._crate_values(c) is None}
 
     # -- waiting for crates -------------------------------------------------
 
@@ -740,20 +984,22 @@ class Operator:
     def _start_receivers(
         self, crates: Sequence[CrateConfig], status: RunStatus
     ) -> Generator[Progress, None, str]:
-        """Start one receiver per crate; yield receiver-started as each is up (its run
-        directory exists, so it is trying to connect). Return a problem, or ""."""
-        assert status.name is not None
+        """Start one receiver per crate; yield receiver-started as each is up (its begin
+        PV snapshot is saved, so it shows the set-up before Start, and it is trying to
+        connect). Return a problem, or ""."""
         for crate in crates:
             try:
-                status.receivers.append(self._start_receiver(crate, status.name))
+                status.receivers.append(self._start_receiver(crate, status))
             except OSError as err:
                 return f"crate {crate.crate}: cannot start a receiver: {err}"
+            self._save(status)
         pending = list(status.receivers)
         deadline = time.monotonic() + self.timeouts.receiver_ready_s
         while pending:
             for receiver in list(pending):
                 crate = self.system.crate(receiver.crate)
-                if Path(receiver.run_dir).is_dir():
+                run_dir = Path(receiver.run_dir)
+                if (run_dir / f"{run_dir.name}.{BEGIN_SNAPSHOT}.json").is_file():
                     pending.remove(receiver)
                     yield Progress(
                         RECEIVER_STARTED,
@@ -775,7 +1021,9 @@ class Operator:
     def _run_dir(self, crate: CrateConfig, name: str) -> Path:
         return self.data_dir / f"crate{crate.crate}" / name
 
-    def _start_receiver(self, crate: CrateConfig, name: str) -> ReceiverProcess:
+    def _start_receiver(self, crate: CrateConfig, status: RunStatus) -> ReceiverProcess:
+        assert status.run is not None and status.name is not None
+        name = status.name
         if crate.data_port == 0:
             raise OSError(f"crate {crate.crate} has data_port 0: a receiver cannot find it")
         logs = self.control_dir / RECEIVER_DIR
@@ -797,8 +1045,12 @@ class Operator:
             *self.receiver_command,
             "--out",
             str(out),
-            "--run-name",
-            name,
+            "--run",
+            str(status.run),
+            "--crate",
+            crate.crate,
+            "--pv-pva",
+            str(crate_endpoint(crate)),
             "--connect-timeout",
             f"{self.timeouts.receiver_connect_s:g}",
             "--status",
@@ -899,30 +1151,32 @@ class Operator:
     # -- the run log --------------------------------------------------------
 
     def _log_run(
-        self, status: RunStatus, stop: str, exits: dict[str, int | None], problem: str
+        self,
+        status: RunStatus,
+        stop: str,
+        exits: dict[str, int | None],
+        sent: dict[str, int],
+        losses: dict[str, Loss],
+        result: str,
+        message: str,
     ) -> RunRecord:
-        """Append the run to the log: bytes sent and written per crate, and the result."""
-        crates = self._crates_of(status)
-        sent = self._final_sender_bytes(crates)
+        """Append the run to the log: bytes sent, written and lost per crate, the result."""
         by_crate = {}
-        for crate in crates:
-            run_dir = self._run_dir_of(status, crate.crate)
+        for crate in status.crates:
+            run_dir = self._run_dir_of(status, crate)
             files, nbytes = _dir_usage(run_dir)
             received, records = _receiver_summary(run_dir)
-            by_crate[crate.crate] = CrateRecord(
-                sender_bytes=sent.get(crate.crate),
+            loss = losses.get(crate)
+            by_crate[crate] = CrateRecord(
+                sender_bytes=sent.get(crate),
                 received_bytes=received,
                 records=records,
                 file_bytes=nbytes,
                 files=files,
-                receiver_exit=exits.get(crate.crate),
+                receiver_exit=exits.get(crate),
+                lost_bytes=dict(loss.bytes) if loss is not None else None,
+                lost_events=dict(loss.events) if loss is not None else None,
             )
-        if problem:
-            result = RESULT_TIMEOUT
-        elif any(code != 0 for code in exits.values()):
-            result = RESULT_ERROR
-        else:
-            result = RESULT_OK
         record = RunRecord(
             run=status.run or 0,
             name=status.name or "",
@@ -932,7 +1186,7 @@ class Operator:
             stop=stop,
             data_dir=status.data_dir,
             crates=by_crate,
-            message=problem,
+            message=message,
         )
         self.run_log.append(record)
         return record
@@ -961,9 +1215,12 @@ class Operator:
                 return Path(receiver.run_dir)
         return Path(status.data_dir) / f"crate{crate}" / (status.name or "")
 
-    def _final_sender_bytes(self, crates: Sequence[CrateConfig]) -> dict[str, int]:
-        """``_CV_SenderBytes`` after delivery ended: the pool is whole again, and one
-        publish period has passed so the last count is out."""
+    def _final_counts(
+        self, crates: Sequence[CrateConfig]
+    ) -> tuple[dict[str, int], dict[str, Loss]]:
+        """Bytes sent (``_CV_SenderBytes``) and losses by reason per crate after delivery
+        ended: the pool is whole again, and one publish period has passed so the last
+        counts are out. Crates that do not answer, or count no losses, are left out."""
         deadline = time.monotonic() + self.timeouts.connect_s
         while time.monotonic() < deadline:
             values = [self._crate_values(c) for c in crates]
@@ -973,14 +1230,22 @@ class Operator:
                 break
             time.sleep(POLL_S)
         time.sleep(PUBLISH_PERIOD_S + 0.1)
-        sent = {}
+        sent: dict[str, int] = {}
+        losses: dict[str, Loss] = {}
         for crate in crates:
-            try:
-                mib = float(self._crate_link(crate).get(f"DAQC{crate.crate}_CV_SenderBytes", 2.0))
-            except (TimeoutError, RemoteError):
+            if self._crate_values(crate) is None:
                 continue
-            sent[crate.crate] = round(mib * MIB)
-        return sent
+            prefix = f"DAQC{crate.crate}_"
+            read = self._crate_link(crate).get_many(
+                [prefix + suffix for suffix in ("CV_SenderBytes", *LOSS_PVS)], FINAL_READ_S
+            )
+            values = {name.removeprefix(prefix): value for name, value in read.items()}
+            if "CV_SenderBytes" in values:
+                sent[crate.crate] = round(float(values["CV_SenderBytes"]) * MIB)
+            loss = Loss.from_values(values)
+            if loss is not None:
+                losses[crate.crate] = loss
+        return sent, losses
 
     # -- plumbing -----------------------------------------------------------
 
@@ -998,6 +1263,10 @@ class Operator:
                 )
                 return
             yield from step()
+
+    def _stopped(self) -> RunStatus:
+        """STOP, remembering which system this control directory is about."""
+        return RunStatus(config=self.system.source, globals_pva=self.globals_pva)
 
     def _save(self, status: RunStatus) -> None:
         path = self.control_dir / STATE_FILE
@@ -1022,11 +1291,17 @@ class Operator:
     def _watch_all(self) -> None:
         self._globals_link().watch(GLOBAL_PVS)
         for crate in self.system.crates:
-            self._crate_link(crate).watch(f"DAQC{crate.crate}_{s}" for s in CRATE_PVS)
+            self._crate_link(crate).watch(f"DAQC{crate.crate}_{s}" for s in (*CRATE_PVS, *LOSS_PVS))
 
     def _all_connected(self) -> bool:
         return self._globals_link().has_all(GLOBAL_PVS) and all(
             self._crate_values(c) is not None for c in self.system.crates
+        )
+
+    def _losses_connected(self) -> bool:
+        return all(
+            self._crate_link(c).has_all(f"DAQC{c.crate}_{s}" for s in LOSS_PVS)
+            for c in self.system.crates
         )
 
     def _wait_globals(self) -> str | None:

@@ -16,10 +16,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from runctl.losses import Loss
+
 RESULT_OK = "ok"
+RESULT_LOST = "lost"  # ended as planned, but a crate lost data (per reason in its record)
 RESULT_CANCELLED = "cancelled"  # prepared, never started
 RESULT_TIMEOUT = "timeout"
 RESULT_ERROR = "error"
+RESULT_FORCED = "forced"  # ended with `dgs-run stop --force`: IOCs did not answer
 
 
 def now_text() -> str:
@@ -37,6 +41,15 @@ class CrateRecord:
     file_bytes: int = 0  # bytes in the receiver's data files of this run
     files: int = 0
     receiver_exit: int | None = None  # None: no receiver, or it did not finish
+    #: Bytes and events lost per reason (`runctl.losses`); None: the IOC did not say.
+    lost_bytes: dict[str, int] | None = None
+    lost_events: dict[str, int] | None = None
+
+    @property
+    def loss(self) -> Loss | None:
+        if self.lost_bytes is None or self.lost_events is None:
+            return None
+        return Loss(self.lost_bytes, self.lost_events)
 
 
 @dataclass(frozen=True)
@@ -102,6 +115,11 @@ def _mib(nbytes: int | None) -> str:
     return "?" if nbytes is None else f"{nbytes / 1048576:.1f}"
 
 
+def _loss_text(record: CrateRecord) -> str:
+    loss = record.loss
+    return "lost ?" if loss is None else f"lost {loss.describe()}"
+
+
 def format_table(records: list[RunRecord]) -> str:
     """A readable table: one line per run, then one indented line per crate."""
     lines = [f"{'run':>6}  {'result':<9}  {'start':<19}  {'stop':<19}  {'seconds':>8}  crates"]
@@ -118,7 +136,8 @@ def format_table(records: list[RunRecord]) -> str:
             lines.append(
                 f"{'':>8}crate {crate}: sent {_mib(values.sender_bytes)} MiB, received "
                 f"{_mib(values.received_bytes)} MiB, {records} records in {values.files} "
-                f"files ({_mib(values.file_bytes)} MiB), receiver exit {exit_text}"
+                f"files ({_mib(values.file_bytes)} MiB), receiver exit {exit_text}, "
+                f"{_loss_text(values)}"
             )
         if record.message:
             lines.append(f"{'':>8}{record.message}")

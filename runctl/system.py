@@ -9,9 +9,12 @@ as child processes on this host, waits until each serves its PVs, prints where
 everything is and writes ``<run-dir>/system.json`` so that ``dgs-run`` finds the
 system without options. Receivers are per run: ``dgs-run start`` starts them.
 
-Ctrl-C / SIGTERM stops the group cleanly: a run in progress is ended first
-(``end_run``: drained, receivers finished, run logged), then every crate IOC
-gets SIGTERM, then the globals IOC; exit 0 when every child exited 0.
+Ctrl-C / SIGTERM / SIGHUP stops the group cleanly: a run in progress is ended
+first (``end_run``: drained, receivers finished, run logged; forced if an IOC
+is already gone), then every crate IOC gets SIGTERM, then the globals IOC;
+exit 0 when every child exited 0. Everything it prints also goes to
+``<run-dir>/logs/dgs-system.log``, and output that cannot be written (``| tee``
+ended by the same Ctrl-C, a closed stdout) never stops it from ending the run.
 ``--crate`` and ``--no-globals`` select part of the file, which is how the same
 file lays a system out over several hosts (one crate per host, globals on one).
 
@@ -34,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ioc.config import DEFAULT_CA_PORT, ConfigError, SystemConfig, load_config
+from runctl.console import Console
 from runctl.operator import (
     DEFAULT_CONTROL_DIR,
     Endpoint,
@@ -45,6 +49,9 @@ from runctl.operator import (
 
 SYSTEM_FILE = "system.json"
 LOG_DIR = "logs"
+OWN_LOG = "dgs-system.log"
+#: Signals that stop the group (Ctrl-C, kill, a closed terminal).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 READY_LINE = "dgs-ioc: ready"
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
@@ -91,6 +98,7 @@ class Member:
     where: str  # its other ports, for people
     process: subprocess.Popen | None = None
     reported: bool = False
+    killed: bool = False  # it did not exit in time after SIGTERM
 
     def start(self, env: dict[str, str]) -> None:
         with open(self.log_path, "wb") as log:
@@ -132,7 +140,7 @@ class Member:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(5)
-            print(f"dgs-system: {self.name} did not exit within {STOP_TIMEOUT_S:g} s: killed")
+            self.killed = True
             return EXIT_FAILED
 
 
@@ -213,7 +221,9 @@ def child_environment(system: SystemConfig) -> dict[str, str]:
     return env
 
 
-def wait_ready(members: list[Member], timeout: float, stop: threading.Event) -> str | None:
+def wait_ready(
+    members: list[Member], timeout: float, stop: threading.Event, console: Console
+) -> str | None:
     """None once every member serves its PVs, else what went wrong."""
     deadline = time.monotonic() + timeout
     pending = list(members)
@@ -221,7 +231,7 @@ def wait_ready(members: list[Member], timeout: float, stop: threading.Event) -> 
         for member in list(pending):
             if member.ready:
                 pending.remove(member)
-                print(f"dgs-system: {member.name} ready", flush=True)
+                console.say(f"dgs-system: {member.name} ready")
             elif member.exit_code is not None:
                 return (
                     f"{member.name} exited with {member.exit_code} during start-up "
@@ -235,17 +245,18 @@ def wait_ready(members: list[Member], timeout: float, stop: threading.Event) -> 
     return None
 
 
-def end_active_run(system: SystemConfig, run_dir: Path, globals_pva: str) -> None:
-    """A run left open would lose its receivers' last data: end it like `dgs-run stop`."""
+def end_active_run(system: SystemConfig, run_dir: Path, globals_pva: str, console: Console) -> None:
+    """A run left open would lose its receivers' last data: end it like `dgs-run stop`,
+    by force if an IOC is already gone, because the group's IOCs stop next anyway."""
     with Operator(system, control_dir=run_dir, globals_pva=globals_pva) as operator:
         if operator.state is RunState.STOP:
             return
-        print("dgs-system: ending the open run first", flush=True)
-        for response in operator.end_run():
-            print(f"dgs-system: {response}", flush=True)
+        console.say("dgs-system: ending the open run first")
+        for response in operator.end_run(force=True):
+            console.say(f"dgs-system: {response}")
 
 
-def stop_group(members: list[Member]) -> bool:
+def stop_group(members: list[Member], console: Console) -> bool:
     """Crates first (in parallel), then the globals they follow; True if all exited 0."""
     crates = [m for m in members if m.name != "globals"]
     codes: dict[str, int] = {}
@@ -259,8 +270,13 @@ def stop_group(members: list[Member]) -> bool:
     for member in members:
         if member.name == "globals":
             codes[member.name] = member.stop()
-    for name, code in codes.items():
-        print(f"dgs-system: {name} exited with {code}", flush=True)
+    for member in members:
+        if member.killed:
+            console.say(
+                f"dgs-system: {member.name} did not exit within {STOP_TIMEOUT_S:g} s: killed"
+            )
+        elif member.name in codes:
+            console.say(f"dgs-system: {member.name} exited with {codes[member.name]}")
     return all(code == 0 for code in codes.values())
 
 
@@ -280,25 +296,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     run_dir = Path(args.run_dir).absolute()
     log_dir = run_dir / LOG_DIR
+    console = Console()
     try:
         system = load_config(Path(args.config).absolute())
         members, pva = plan(system, args, log_dir)
     except ConfigError as err:
-        print(f"dgs-system: {err}", file=sys.stderr)
+        console.warn(f"dgs-system: {err}")
         return EXIT_CONFIG
     log_dir.mkdir(parents=True, exist_ok=True)
+    console.copy_to = log_dir / OWN_LOG
 
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, lambda *_: stop.set())
 
     env = child_environment(system)
     for member in members:
         member.start(env)
-    problem = wait_ready(members, args.ready_timeout, stop)
+    problem = wait_ready(members, args.ready_timeout, stop, console)
     if problem:
-        print(f"dgs-system: {problem}", file=sys.stderr, flush=True)
-        stop_group(members)
+        console.warn(f"dgs-system: {problem}")
+        stop_group(members, console)
         return EXIT_FAILED
 
     system_file = run_dir / SYSTEM_FILE
@@ -313,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             indent=1,
         )
     )
-    print(describe(members, run_dir), flush=True)
+    console.say(describe(members, run_dir))
 
     failed = False
     while not stop.wait(0.5):
@@ -322,16 +340,17 @@ def main(argv: list[str] | None = None) -> int:
             if code is not None and not member.reported:
                 member.reported = True
                 failed = True
-                print(
+                console.say(
                     f"dgs-system: {member.name} exited with {code} ({member.log_path}):\n"
-                    f"{member.log_tail()}",
-                    flush=True,
+                    f"{member.log_tail()}"
                 )
 
-    print("dgs-system: stopping the group", flush=True)
-    end_active_run(system, run_dir, str(pva))
-    clean = stop_group(members)
-    system_file.unlink(missing_ok=True)
+    console.say("dgs-system: stopping the group")
+    try:
+        end_active_run(system, run_dir, str(pva), console)
+    finally:
+        clean = stop_group(members, console)
+        system_file.unlink(missing_ok=True)
     return EXIT_OK if clean and not failed else EXIT_FAILED
 
 

@@ -92,3 +92,21 @@ def test_camonitor_follows_a_run_through_draining_to_stopped(demo_ioc):
     seen = states()
     assert seen[0] == "Stopped"
     assert seen[1:] == ["Running", "Draining", "Stopped"]
+
+
+def test_the_readme_tools_exit_non_zero_when_they_fail(demo_ioc):
+    """`export PATH=$PWD/.venv/bin:$PATH` then `caget ...`, as the README says: a script can
+    tell a failure from its exit code, and the message goes to stderr."""
+    env = {**demo_ioc.env, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+    def shell(command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["sh", "-c", command], env=env, capture_output=True, text=True, timeout=30
+        )
+
+    for command in ("caget -w 1 NO_SUCH_PV", "caput -w 1 NO_SUCH_PV 1", "pvget -w 1 NO_SUCH_PV"):
+        failed = shell(command)
+        assert failed.returncode != 0, f"{command}: {failed.stdout}{failed.stderr}"
+    assert "NO_SUCH_PV" in shell("caget -w 1 NO_SUCH_PV").stderr
+    found = shell("caget -t DAQC01_CV_State")
+    assert (found.returncode, found.stdout.strip()) == (0, "Stopped"), found.stderr

@@ -211,7 +211,8 @@ def test_remote_globals_follow_disconnect_and_reconnect(start_ioc, tmp_path):
     )
     crate.wait_value("DAQC01_CV_GlobalsConnected", "Connected")
     # The crate does not serve the globals itself: they live in the globals IOC only.
-    assert "not found" in crate.tool("caget", "-w", "1", "Online_CS_StartStop").stdout
+    missing = crate.tool("caget", "-w", "1", "Online_CS_StartStop")
+    assert "not found" in missing.stdout + missing.stderr
     globals_ioc.put_ok("Online_CS_StartStop", "Start")
     crate.wait_value("DAQC01_CV_State", "Running")
     assert globals_ioc.stop() == 0

@@ -6,6 +6,7 @@ process; the globals are checked with the real `caget`.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -147,12 +148,20 @@ def test_a_run_yields_the_documented_responses_in_order(system, tmp_path):
     record = RunLog(tmp_path / "ctl" / RUN_LOG_FILE).records()[-1]
     assert (record.run, record.name, record.result) == (before + 1, f"run{before + 1:05d}", "ok")
     crate = record.crates["01"]
-    run_dir = tmp_path / "ctl" / "data" / "crate01" / record.name
+    run_dir = tmp_path / "ctl" / "crate01" / record.name
     files = [p for p in run_dir.iterdir() if p.suffix != ".json"]
     assert crate.receiver_exit == 0 and crate.files == len(files) > 0
     assert crate.file_bytes == sum(p.stat().st_size for p in files)
     assert crate.sender_bytes > 0 and crate.records > 0
     assert record.duration_s is not None and record.duration_s > 0
+    # The receiver saved the crate's PVs at the begin and the end of the run.
+    for when in ("begin", "end"):
+        document = json.loads((run_dir / f"{record.name}.pvs_{when}.json").read_text())
+        (snapshot,) = document["crates"]
+        assert snapshot["crate"] == "01" and not snapshot["error"], snapshot
+        assert {"DAQC01_CV_State", "VME01:MDIG1:CS_Ena"} <= set(snapshot["pvs"]), snapshot
+    log = (tmp_path / "ctl" / "receivers" / f"{record.name}-crate01.log").read_text()
+    assert "PV snapshot skipped" not in log
 
 
 def test_calls_that_skip_a_state_are_refused_and_change_nothing(system, tmp_path):
@@ -221,3 +230,33 @@ def test_a_crate_that_is_down_times_out_with_a_clear_message(system, tmp_path):
         responses = list(op.prepare_run())
     assert kinds(responses) == [ACKNOWLEDGED, TIMEOUT]
     assert "global run-control records do not answer" in responses[-1].message
+
+
+def test_run_numbers_in_use_are_skipped_and_a_cancelled_run_leaves_no_directory(system, tmp_path):
+    control = tmp_path / "ctl"
+    before = system.run_number()
+    taken = control / "crate01" / f"run{before + 1:05d}"
+    taken.mkdir(parents=True)
+    (taken / "notes.txt").write_text("someone else's data\n")
+    with system.operator(control) as op:
+        prepared = list(op.prepare_run())
+        assert kinds(prepared)[-1] == DONE, prepared
+        (reserved,) = [r.message for r in prepared if r.kind == RUN_NUMBER]
+        assert reserved.startswith(f"run {before + 2} reserved"), reserved
+        assert f"skipped run{before + 1:05d}" in reserved
+        assert system.run_number() == before + 2
+        cancelled = list(op.end_run())
+        assert kinds(cancelled) == [ACKNOWLEDGED, RECEIVER_FINISHED, DONE], cancelled
+        assert not (control / "crate01" / f"run{before + 2:05d}").exists()
+
+        # A run directory that holds data is never removed.
+        prepared = list(op.prepare_run())
+        assert kinds(prepared)[-1] == DONE, prepared
+        kept = control / "crate01" / f"run{before + 3:05d}"
+        (kept / f"run{before + 3:05d}.gtd_000_0101_0").write_bytes(b"data")
+        cancelled = list(op.end_run())
+        assert cancelled[-1].kind == DONE and f"kept {kept}" in cancelled[-1].message
+    assert (kept / f"run{before + 3:05d}.gtd_000_0101_0").read_bytes() == b"data"
+    assert (taken / "notes.txt").read_text() == "someone else's data\n"
+    results = [(r.run, r.result) for r in RunLog(control / RUN_LOG_FILE).records()]
+    assert results == [(before + 2, "cancelled"), (before + 3, "cancelled")]

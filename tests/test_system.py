@@ -4,7 +4,8 @@
 about ten seconds of data, `dgs-run stop`; then the receivers' files are
 decoded and compared with the simulator's own counts, the run log and the run
 number are checked, and the group is stopped with SIGTERM. Stopping the group
-during a run ends the run properly first.
+during a run ends the run properly first, even when its output has nowhere to
+go (`| tee` ended by the same Ctrl-C, a closed stdout).
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from ioc_harness import BIN, Ports, wait_until
 from test_operator import system_toml
 
 from runctl.operator import RUN_LOG_FILE, STATE_FILE
 from runctl.runlog import RunLog
-from runctl.system import SYSTEM_FILE
+from runctl.system import LOG_DIR, OWN_LOG, SYSTEM_FILE
 
 CRATES = ("01", "02", "03")
 BOARDS = ("MDIG1", "MDIG2")
@@ -64,11 +66,22 @@ def count_records(run_dir: Path) -> tuple[Counter, Counter, int]:
     return data, end_of_run, total
 
 
+def gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie awaiting its parent counts as exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 class Group:
     """`dgs-system` running a system of remote globals and ``crates``, and the commands
-    and CA tools an operator uses, pointed at this system only."""
+    and CA tools an operator uses, pointed at this system only.
 
-    def __init__(self, tmp_path: Path, crates: tuple[str, ...]) -> None:
+    ``output``: where dgs-system's stdout and stderr go: "file"; "pipe", whose reader
+    the test can make leave (`reader_leaves`); or "closed" descriptors."""
+
+    def __init__(self, tmp_path: Path, crates: tuple[str, ...], output: str = "file") -> None:
         globals_ports = Ports.allocate()
         crate_ports = {crate: Ports.allocate() for crate in crates}
         shared = Ports.allocate()  # one CA repeater and PVA broadcast port for the group
@@ -94,17 +107,36 @@ class Group:
             "--state-dir": str(tmp_path / "state"),
             "--globals-pva": f"127.0.0.1:{globals_ports.pva}",
         }
-        with open(self.output_path, "w") as output:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "runctl.system", *(x for o in options.items() for x in o)],
-                env=self.env,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
+        command = [sys.executable, "-m", "runctl.system", *(x for o in options.items() for x in o)]
+        self.output = output
+        self._reader: int | None = None
+        if output == "file":
+            with open(self.output_path, "w") as stdout:
+                self._start(command, stdout)
+        elif output == "pipe":
+            self._reader, writer = os.pipe()
+            self._start(command, writer)
+            os.close(writer)
+        else:
+            self._start(["sh", "-c", 'exec "$@" >&- 2>&-', "sh", *command], subprocess.DEVNULL)
+
+    def _start(self, command: list[str], stdout) -> None:
+        self.process = subprocess.Popen(
+            command, env=self.env, stdout=stdout, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+
+    def reader_leaves(self) -> None:
+        """The pipe's only reader closes it, as `tee` does when Ctrl-C ends it."""
+        assert self._reader is not None
+        os.close(self._reader)
+        self._reader = None
 
     def printed(self) -> str:
-        return self.output_path.read_text()
+        """What dgs-system printed (with no stdout to read: its own copy in its log)."""
+        if self.output == "file":
+            return self.output_path.read_text()
+        copy = self.run_dir / LOG_DIR / OWN_LOG
+        return copy.read_text() if copy.exists() else ""
 
     def wait_ready(self) -> None:
         wait_until(
@@ -114,11 +146,14 @@ class Group:
         )
         assert self.process.poll() is None, self.printed()
 
-    def terminate(self) -> int:
-        """SIGTERM, as Ctrl-C would; the group's exit code."""
+    def terminate(self, sig: int = signal.SIGTERM) -> int:
+        """SIGTERM (or ``sig``), as Ctrl-C would; the group's exit code."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(60)
+            self.process.send_signal(sig)
+        code = self.process.wait(60)
+        if self._reader is not None:
+            os.close(self._reader)
+        return code
 
     def dgs_run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -188,7 +223,7 @@ def test_three_crates_run_ten_seconds_and_everything_generated_is_on_disk(tmp_pa
         assert list(record.crates) == list(CRATES)
         assert record.duration_s is not None and record.duration_s >= RUN_SECONDS - 0.5
         for crate in CRATES:
-            crate_dir = run_dir / "data" / f"crate{crate}" / name
+            crate_dir = run_dir / f"crate{crate}" / name
             data, end_of_run, total = count_records(crate_dir)
             for card, board in enumerate(BOARDS):
                 board_id = int(crate) * 100 + card + 1
@@ -217,15 +252,25 @@ def test_three_crates_run_ten_seconds_and_everything_generated_is_on_disk(tmp_pa
     assert not (run_dir / SYSTEM_FILE).exists()
 
 
-def test_stopping_the_group_during_a_run_ends_the_run_first(tmp_path):
-    group = Group(tmp_path, ("07",))
+@pytest.mark.parametrize(
+    ("output", "sig"),
+    [("pipe", signal.SIGINT), ("closed", signal.SIGTERM)],
+    ids=["pipe-reader-left-ctrl-c", "closed-stdout-sigterm"],
+)
+def test_stopping_the_group_during_a_run_ends_the_run_first(tmp_path, output, sig):
+    group = Group(tmp_path, ("07",), output)
     try:
         group.wait_ready()
+        members = json.loads((group.run_dir / SYSTEM_FILE).read_text())["members"]
+        if output == "pipe":
+            group.reader_leaves()
         start = group.dgs_run("start")
         assert start.returncode == 0, start.stdout + start.stderr
+        state = json.loads((group.run_dir / STATE_FILE).read_text())
+        receivers = [receiver["pid"] for receiver in state["receivers"]]
         wait_until(lambda: group.caget("DAQC07_CV_SenderBytes") > 0, 20, "data flowing", 0.5)
     finally:
-        code = group.terminate()
+        code = group.terminate(sig)
     printed = group.printed()
     assert code == 0, printed
     assert "dgs-system: ending the open run first" in printed
@@ -235,3 +280,5 @@ def test_stopping_the_group_during_a_run_ends_the_run_first(tmp_path):
     record = RunLog(group.run_dir / RUN_LOG_FILE).records()[-1]
     assert record.result == "ok" and record.crates["07"].receiver_exit == 0
     assert json.loads((group.run_dir / STATE_FILE).read_text())["state"] == "STOP"
+    for pid in (*members.values(), *receivers):
+        wait_until(lambda pid=pid: gone(pid), 10, f"process {pid} to exit")
