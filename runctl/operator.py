@@ -701,7 +701,7 @@ class Operator:
         names = (
             run_name(first) if number == first + 1 else f"{run_name(first)}..{run_name(number - 1)}"
         )
-        return number, f"; skipped {names}: their data directories in {self.data_dir} are in use"
+        return number, f"; skipped {names} (run directory in use in {self.data_dir})"
 
     def _begin(self, timeout: float) -> Iterator[Progress]:
         status = self.read_status()
