@@ -22,8 +22,9 @@ from ioc import access
 from ioc.config import CrateConfig, SystemConfig
 from ioc.hardware import BoardKind
 from ioc.inloop import BoardSetup, InLoop
+from ioc.losses import LossLedger
 from ioc.outloop import OutLoop
-from ioc.pool import BufferPool
+from ioc.pool import BUFFER_BYTES, BufferPool
 from ioc.publisher import Publisher
 from ioc.pvs import BoardRef, Instance, expand
 from ioc.records import Records
@@ -31,7 +32,7 @@ from ioc.runcontrol import CrateState, RunControl
 from ioc.sender import Sender
 from sim import Fault, SimBoardSpec, SimCrate
 
-GLOBAL_NAMES = ("Online_CS_StartStop", "Online_CS_SaveData")
+GLOBAL_NAMES = ("Online_CS_StartStop", "Online_CS_SaveData", "Online_CS_RunNumber")
 #: Faults a trigger board accepts (spec 01: only the last four).
 TRIGGER_FAULTS = frozenset({Fault.FIFO_OVERFLOW, Fault.FIFO_UNDERFLOW, Fault.READ_ERROR})
 SHUTDOWN_DRAIN_S = 3.0
@@ -85,6 +86,7 @@ class CrateIoc:
         self.crate_id = crate.crate
         self.serve_globals = system.globals == "local"
         self.pool = BufferPool()
+        self.losses = LossLedger()
         self.backend = build_sim_crate(crate)
         self.boards_by_name = {b.identity.name: b for b in self.backend.boards}
         self.board_configs = {b.name: b for b in crate.boards}
@@ -96,9 +98,21 @@ class CrateIoc:
             on_state=lambda state: self.runcontrol.inloop_state_changed(state),
         )
         self.outloop = OutLoop(
-            self.pool, on_flushed=lambda: self.runcontrol.outloop_flushed()
+            self.pool,
+            on_flushed=lambda: self.runcontrol.outloop_flushed(),
+            losses=self.losses,
+            retain_bytes=crate.sender.retain_mib * BUFFER_BYTES,
         )
-        self.sender = Sender(self.pool, crate.sender, crate.data_bind, crate.data_port)
+        self.sender = Sender(
+            self.pool,
+            crate.sender,
+            crate.data_bind,
+            crate.data_port,
+            losses=self.losses,
+            crate=int(crate.crate),
+            allowed=crate.allowed_receivers,
+            crate_state=lambda: int(self.runcontrol.state),
+        )
         self.runcontrol = RunControl(
             inloop=self.inloop,
             outloop=self.outloop,
@@ -106,6 +120,8 @@ class CrateIoc:
             reset_accounting=self.backend.reset_accounting,
             on_state=self._state_changed,
             on_connection=lambda ok: self.records.publish("GlobalsConnected", int(ok)),
+            losses=self.losses,
+            run_boards=self._enabled_package_data,
         )
         refs = tuple(BoardRef(b.name, b.kind) for b in crate.boards)
         self.records = Records(
@@ -115,7 +131,8 @@ class CrateIoc:
             handlers=self._handlers(),
         )
         self.publisher = Publisher(
-            self.records, self.pool, self.inloop, self.outloop, self.sender, self.boards_by_name
+            self.records, self.pool, self.inloop, self.outloop, self.sender, self.boards_by_name,
+            self.losses,
         )
         self._followers: list[epics.PV] = []
 
@@ -198,6 +215,11 @@ class CrateIoc:
             for name, cfg in self.board_configs.items()
         }
 
+    def _enabled_package_data(self) -> tuple[int, ...]:
+        """Board ids of the boards a Start now enables (what a v2 receiver should expect)."""
+        setups = self._sample_setup().values()
+        return tuple(sorted(setup.package_data for setup in setups if setup.enabled))
+
     def _state_changed(self, state: CrateState) -> None:
         self.records.publish("State", int(state))
         if state is CrateState.STOPPED:
@@ -229,7 +251,11 @@ class CrateIoc:
             self.runcontrol.connection_changed(all(self._connected.values()))
 
         self._connected = dict.fromkeys(GLOBAL_NAMES, False)
-        handlers = (self.runcontrol.start_stop_changed, self.runcontrol.save_changed)
+        handlers = (
+            self.runcontrol.start_stop_changed,
+            self.runcontrol.save_changed,
+            self.runcontrol.run_number_changed,
+        )
         for name, handler in zip(GLOBAL_NAMES, handlers):
             self._followers.append(
                 epics.PV(

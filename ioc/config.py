@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import json
 import math
 import os
@@ -51,6 +52,8 @@ GLOBALS_MODES = ("local", "remote")
 MAX_BOARD_NAME = 60 - len("VME00:") - len(":user_package_data")
 #: Reserved for the placeholder records of empty card indices (``VME01:X:CS_Ena``).
 PLACEHOLDER_BOARD = "X"
+#: The retention budget leaves inLoop room to read while qSender is full (in MiB = buffers).
+RETAIN_MIB_MAX = (POOL_SIZE * BUFFER_BYTES >> 20) - 10
 #: Largest simulated FIFO (256 MiB); a real board's is 1 MiB.
 MAX_SIM_FIFO_WORDS = 1 << 26
 
@@ -99,7 +102,10 @@ class SenderConfig:
     accept_delay_s: float = 0.0
     max_segment: int = 32764  # 0: leave the OS default
     idle_timeout_s: float = 10.0
-    delivery_timeout_s: float = 30.0
+    #: After Stop, how long undelivered data wait for a receiver; 0: until the next Start.
+    delivery_timeout_s: float = 0.0
+    #: Memory budget of undelivered data (MiB); past it whole incoming buffers are discarded.
+    retain_mib: int = 184
 
 
 @dataclass(frozen=True)
@@ -109,7 +115,9 @@ class InLoopConfig:
     read_threshold_bytes: int = 65536
     max_latency_s: float = 0.020
     drain_timeout_s: float = 5.0
-    min_free_buffers: int = 10
+    #: Read nothing while qFree holds fewer buffers (the original's 10; retention packs
+    #: data into full buffers, so every other buffer is memory it can use).
+    min_free_buffers: int = 4
 
 
 @dataclass(frozen=True)
@@ -124,6 +132,8 @@ class CrateConfig:
     data_bind: str = "0.0.0.0"
     backend: str = "sim"
     seed: int = 1
+    #: Networks (CIDR) whose receivers the data port serves; empty: every address.
+    allowed_receivers: tuple[str, ...] = ()
     sender: SenderConfig = SenderConfig()
     inloop: InLoopConfig = InLoopConfig()
     boards: tuple[BoardConfig, ...] = ()
@@ -255,6 +265,17 @@ def _board_name(v: str) -> str | None:
     return None
 
 
+def _networks(v: list[Any]) -> str | None:
+    for item in v:
+        if not isinstance(item, str):
+            return f"must hold CIDR strings such as \"10.0.0.0/8\", not {_describe(item)}"
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            return f"holds {item!r}, which is not an address or CIDR network"
+    return None
+
+
 def _max_segment(v: int) -> str | None:
     return None if v == 0 or 536 <= v <= 65535 else "must be 0 (OS default) or 536..65535"
 
@@ -272,6 +293,7 @@ _CRATE_KEYS = {
     "data_bind": _Key(str, _host),
     "backend": _Key(str, _backend),
     "seed": _Key(int, _between(0, 2**64 - 1)),
+    "allowed_receivers": _Key(list, _networks),
 }
 _SENDER_KEYS = {
     "max_reply_bytes": _Key(int, _between(2048, 10_000_000)),
@@ -279,7 +301,8 @@ _SENDER_KEYS = {
     "accept_delay_s": _Key(float, _at_least(0)),
     "max_segment": _Key(int, _max_segment),
     "idle_timeout_s": _Key(float, _positive),
-    "delivery_timeout_s": _Key(float, _positive),
+    "delivery_timeout_s": _Key(float, _at_least(0)),
+    "retain_mib": _Key(int, _between(1, RETAIN_MIB_MAX)),
 }
 _INLOOP_KEYS = {
     "read_threshold_bytes": _Key(int, _all(_between(4, BUFFER_BYTES), _multiple_of(4))),
@@ -329,7 +352,9 @@ def _describe(value: Any) -> str:
 
 def _checked(where: str, key: str, value: Any, rule: _Key) -> Any:
     """``value`` converted to the rule's type, or ConfigError naming the problem."""
-    wanted = {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}[rule.kind]
+    wanted = {
+        int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array"
+    }[rule.kind]
     is_number = isinstance(value, int | float) and not isinstance(value, bool)
     if rule.kind is float and is_number:
         value = float(value)
@@ -431,6 +456,8 @@ def _parse_crate(source: str, index: int, table: Mapping[str, Any]) -> CrateConf
         _parse_board(where, number, board)
         for number, board in enumerate(_table_list(where, table, "board", "crate.board"), 1)
     )
+    if "allowed_receivers" in values:
+        values["allowed_receivers"] = tuple(values["allowed_receivers"])
     return CrateConfig(
         crate=crate_id,
         **values,
@@ -630,6 +657,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     return repr(value)
 
 

@@ -14,10 +14,13 @@ import enum
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
 
+from ioc.delivery import RunIdentity
 from ioc.inloop import InLoop, InLoopState
+from ioc.losses import LossLedger
 from ioc.outloop import OutLoop
 
 log = logging.getLogger("dgs.runcontrol")
@@ -33,7 +36,7 @@ class CrateState(enum.IntEnum):
 
 
 class SenderControl(Protocol):
-    def run_started(self, save: bool) -> None: ...
+    def run_started(self, save: bool, run: RunIdentity | None = None) -> None: ...
     def save_changed(self, save: bool) -> None: ...
     def run_stopped(self) -> None: ...
     def drain_complete(self) -> None: ...
@@ -43,6 +46,7 @@ class SenderControl(Protocol):
 class _Event(enum.Enum):
     START_STOP = "start_stop"
     SAVE = "save"
+    RUN_NUMBER = "run_number"
     INLOOP_STATE = "inloop_state"
     FLUSHED = "flushed"
     CONNECTION = "connection"
@@ -62,6 +66,8 @@ class RunControl:
         reset_accounting: Callable[[], None],
         on_state: Callable[[CrateState], None],
         on_connection: Callable[[bool], None],
+        losses: LossLedger | None = None,
+        run_boards: Callable[[], tuple[int, ...]] = tuple,
     ) -> None:
         self.inloop = inloop
         self.outloop = outloop
@@ -69,6 +75,10 @@ class RunControl:
         self._reset_accounting = reset_accounting
         self._on_state = on_state
         self._on_connection = on_connection
+        self._losses = losses or LossLedger()
+        self._run_boards = run_boards
+        #: `Online_CS_RunNumber` as followed; sampled at Start to name the run's data.
+        self.run_number = -1
         self._events: queue.SimpleQueue[tuple[_Event, object]] = queue.SimpleQueue()
         self.want_start = False
         self.save = False
@@ -87,6 +97,9 @@ class RunControl:
 
     def save_changed(self, value: int) -> None:
         self._events.put((_Event.SAVE, bool(value)))
+
+    def run_number_changed(self, value: int) -> None:
+        self._events.put((_Event.RUN_NUMBER, int(value)))
 
     def connection_changed(self, connected: bool) -> None:
         self._events.put((_Event.CONNECTION, connected))
@@ -131,6 +144,8 @@ class RunControl:
             self.save = bool(value)
             self.outloop.save = self.save
             self.sender.save_changed(self.save)
+        elif event is _Event.RUN_NUMBER:
+            self.run_number = int(value)  # type: ignore[call-overload]
         elif event is _Event.SHUTDOWN:
             self.want_start = False
             if self.state in (CrateState.RUNNING, CrateState.NO_BOARDS):
@@ -165,11 +180,13 @@ class RunControl:
             log.error("run refused: data port cannot be bound: %s", err)
             return
         self._reset_accounting()
-        self.sender.run_started(self.save)
+        self._losses.reset_run()
+        run = RunIdentity(self.run_number, time.time_ns(), self._run_boards())
+        self.sender.run_started(self.save, run)
         self.outloop.save = self.save
         self.outloop.reset_run()
         self._set_state(CrateState.RUNNING)
-        self.inloop.request_start()
+        self.inloop.request_start(self.run_number)
         log.info("run started (%s)", "Save" if self.save else "No Save")
 
     def _end_run(self) -> None:
