@@ -16,7 +16,13 @@ Choices where spec 01 is silent:
 - crates on the same host must not share a CA, PVA or data port, and remote
   globals must not sit on any of those ports ("localhost" = 127.0.0.1);
 - a file with several crates must use remote globals (the global records live
-  in ONE place); the command line may still override one crate to "local".
+  in ONE place); the command line may still override one crate to "local";
+- the globals IOC serves PV Access on ``globals_pva``, by default the standard
+  port 5075 on the ``globals_ca`` host; in a file with remote globals it must
+  not sit on a port of a crate on that host, nor on ``globals_ca``;
+- autosaved values go to ``state_dir``, by default a fixed per-user directory
+  (`default_state_dir`) so that where an IOC is started from does not matter;
+  a relative ``state_dir`` in a file is relative to that file.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ioc.hardware import MAIN_DATA_FIFO, TRIGGER_FIFOS, BoardKind
@@ -60,6 +67,8 @@ MAX_SIM_FIFO_WORDS = 1 << 26
 _BOARD_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 _HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
 _CRATE_ID = re.compile(r"[0-9]{2}")
+#: Autosave directory under $XDG_STATE_HOME (default ~/.local/state) when none is configured.
+STATE_DIR_NAME = "dgs-crate-ioc"
 
 
 class ConfigError(Exception):
@@ -149,7 +158,8 @@ class SystemConfig:
 
     globals: str = "local"
     globals_ca: str = f"127.0.0.1:{DEFAULT_CA_PORT}"
-    state_dir: str = "autosave"
+    globals_pva: str | None = None  # None: DEFAULT_PVA_PORT on the globals_ca host
+    state_dir: str | None = None  # None: default_state_dir()
     crates: tuple[CrateConfig, ...] = ()
     source: str = field(default="", compare=False)  # file name or "demo"
 
@@ -178,6 +188,34 @@ class SystemConfig:
         """``globals_ca`` split into host and CA port."""
         host, _, port = self.globals_ca.rpartition(":")
         return host, int(port)
+
+    @property
+    def globals_pva_endpoint(self) -> tuple[str, int]:
+        """Where the globals IOC serves PV Access: ``globals_pva``, else the standard
+        PVA port on the ``globals_ca`` host."""
+        if self.globals_pva is None:
+            return self.globals_endpoint[0], DEFAULT_PVA_PORT
+        host, _, port = self.globals_pva.rpartition(":")
+        return host, int(port)
+
+    @property
+    def state_directory(self) -> Path:
+        """The autosave directory: ``state_dir`` (``~`` expanded), else `default_state_dir`."""
+        if self.state_dir is None:
+            return default_state_dir()
+        return Path(self.state_dir).expanduser()
+
+
+def default_state_dir() -> Path:
+    """``$XDG_STATE_HOME/dgs-crate-ioc``, else ``~/.local/state/dgs-crate-ioc``.
+
+    Per user and independent of the working directory, so a restarted IOC finds
+    what it saved wherever it is started from.
+    """
+    base = os.environ.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(base):  # the XDG rule: a relative value is ignored
+        base = os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / STATE_DIR_NAME
 
 
 def normalize_crate_id(value: str | int) -> str:
@@ -283,6 +321,7 @@ def _max_segment(v: int) -> str | None:
 _SYSTEM_KEYS = {
     "globals": _Key(str, _one_of(*GLOBALS_MODES)),
     "globals_ca": _Key(str, _host_port),
+    "globals_pva": _Key(str, _host_port),
     "state_dir": _Key(str, _non_empty),
 }
 _CRATE_KEYS = {
@@ -550,6 +589,17 @@ def _check_system(system: SystemConfig, source: str, *, file_rules: bool) -> Non
                 f"{source}: globals_ca {system.globals_ca} clashes with {user}; remote "
                 "globals need their own IOC (dgs-ioc --globals-only) on a port of its own"
             )
+        endpoints[_same_host(host), port] = "globals_ca"
+        host, port = system.globals_pva_endpoint
+        user = endpoints.get((_same_host(host), port))
+        # Only the globals IOC and run control use globals_pva, and they read the file;
+        # a crate following globals given on its command line does not.
+        if user and file_rules:
+            which = system.globals_pva or f"{host}:{port} (the default)"
+            raise ConfigError(
+                f"{source}: globals_pva {which} clashes with {user}; give the globals IOC "
+                'a PV Access port of its own with [system] globals_pva = "host:port"'
+            )
     if file_rules and system.globals == "local" and len(system.crates) > 1:
         raise ConfigError(
             f"{source}: globals = 'local' with {len(system.crates)} crates: the global "
@@ -587,7 +637,12 @@ def load_config(path: str | os.PathLike[str]) -> SystemConfig:
         raise ConfigError(f"{source}: cannot read: {error.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{source}: not UTF-8 text") from None
-    return parse_config(text, source)
+    system = parse_config(text, source)
+    state_dir = system.state_dir
+    if state_dir is not None and not os.path.isabs(os.path.expanduser(state_dir)):
+        anchored = os.path.join(os.path.dirname(os.path.abspath(source)), state_dir)
+        system = dataclasses.replace(system, state_dir=anchored)
+    return system
 
 
 def demo_config() -> SystemConfig:

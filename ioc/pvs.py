@@ -84,7 +84,7 @@ class PV:
     length: int = 0
     dtype: str = ""
     kinds: frozenset[BoardKind] = ALL_KINDS
-    autosave: bool = False
+    autosave: bool = False  # kept across restarts, written at once (ioc.autosave)
     access: Access | None = None  # None: DEFAULT for output records, READONLY for inputs
 
     @property
@@ -115,9 +115,9 @@ ON_OFF = dict(low=0, high=1)
 PV_TABLE: tuple[PV, ...] = (
     # Global run control (one place per system).
     PV("StartStop", "Online_CS_StartStop", "bo", Scope.GLOBAL, "Run control: Stop/Start",
-       enums=("Stop", "Start"), initial=0),
+       enums=("Stop", "Start"), initial=0, autosave=True),
     PV("SaveData", "Online_CS_SaveData", "bo", Scope.GLOBAL, "Send checked data to receivers",
-       enums=("No Save", "Save"), initial=0),
+       enums=("No Save", "Save"), initial=0, autosave=True),
     PV("RunNumber", "Online_CS_RunNumber", "longout", Scope.GLOBAL, "Run number",
        initial=0, low=0, high=2_147_483_647, autosave=True),
     # Per board.

@@ -150,7 +150,7 @@ def test_spec_schema_and_minimal_files_load_with_defaults():
     spec = parse_config(SPEC_SCHEMA, "spec.toml")
     assert spec.crate("01").board_by_card(0).sim.event_rate_hz == 500.0
     minimal = parse_config(f"[[crate]]\ncrate = 7\n{board()}", "old.toml")
-    assert minimal.state_dir == "autosave"
+    assert minimal.state_dir is None
     (only,) = minimal.crates
     assert only == CrateConfig(
         crate="07",
