@@ -75,17 +75,19 @@ def epics_environment(system: SystemConfig, crate: CrateConfig | None) -> dict[s
 
 
 def globals_ports(system: SystemConfig, args: argparse.Namespace) -> dict[str, str]:
-    """Ports of a `--globals-only` IOC: the options, else `globals_ca` of a configuration
-    file (PVA on the next port), else the EPICS environment."""
+    """Ports of a `--globals-only` IOC: the options, else `globals_ca` and `globals_pva`
+    of a configuration file (PVA: the standard port unless configured, where `dgs-run`
+    and `dgs-system` look for it too), else the EPICS environment."""
     env: dict[str, str] = {}
     ca_port = args.ca_port
     pva_port = args.pva_port
-    if ca_port is None and args.config:
-        ca_port = system.globals_endpoint[1]
+    if args.config:
+        if ca_port is None:
+            ca_port = system.globals_endpoint[1]
+        if pva_port is None:
+            pva_port = system.globals_pva_endpoint[1]
     if ca_port is not None:
         env["EPICS_CA_SERVER_PORT"] = str(ca_port)
-        if pva_port is None and args.config:
-            pva_port = ca_port + 1
     if pva_port is not None:
         env["EPICS_PVAS_SERVER_PORT"] = env["EPICS_PVA_SERVER_PORT"] = str(pva_port)
     return env

@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--globals-pva",
         metavar="HOST:PORT",
-        help="where the globals IOC serves PV Access (default: its CA port + 1)",
+        help="where the globals IOC serves PV Access (default: [system] globals_pva, else 5075)",
     )
     p.add_argument(
         "--data-dir", metavar="DIR", help="run data: DIR/crate<NN>/run<NNNNN>/ (default RUN-DIR)"
@@ -258,8 +258,8 @@ def format_status(status: SystemStatus) -> str:
             f"{buffers:>9}{float(v['CV_SenderBytes']):>10.1f}{lost_mib:>10}{lost_events:>9}"
             f"  {v['CV_SenderClient'] or '-'}"
         )
-        if loss:
-            lines.append(f"{'':<6}crate {crate.crate} lost {loss.describe()} this run")
+        if loss is not None and (loss or loss.superseded):
+            lines.append(f"{'':<6}crate {crate.crate} lost {loss.describe()}")
     return "\n".join(lines)
 
 

@@ -3,15 +3,16 @@
 Per reason R the IOC serves ``DAQC<NN>_OL_Lost<R>`` (MiB lost per card index
 0..6 this run) and ``DAQC<NN>_OL_LostEvents<R>`` (events lost per card):
 
-- Memory: discarded because the crate's retention memory was full;
-- Check: buffers the checker discarded for a fatal error;
-- Unreachable: the run's data no receiver came back for in time;
-- InFlight: replies already sent to a receiver that died before it wrote them;
+- Memory: the crate's retention memory was full, incoming buffers were discarded;
+- Check: a fatal check error discarded a buffer;
+- Unreachable: the listener had closed with nobody connected, queued data dropped;
+- InFlight: replies in the socket of a classic receiver the crate had to close;
 - Superseded: the previous run's undelivered data, dropped by this run's Start.
+  They belong to the run before, so they are reported, but are not this run's loss.
 
 `dgs-run stop`, `dgs-run status` and the run log report these per crate, as
 bytes and events per reason. The buffer-count percentage (``BufLostPerecnt``)
-counts buffers, not data, and misses every reason but the first.
+counts buffers, not data, and misses most reasons.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 REASONS = ("Memory", "Check", "Unreachable", "InFlight", "Superseded")
+#: The reason that is the previous run's loss, not this one's.
+SUPERSEDED = "Superseded"
+THIS_RUN = tuple(r for r in REASONS if r != SUPERSEDED)
 MIB = 1 << 20
 KIB = 1 << 10
 
@@ -75,24 +79,36 @@ class Loss:
 
     @property
     def total_bytes(self) -> int:
-        return sum(self.bytes.values())
+        """This run's loss in bytes (every reason but Superseded)."""
+        return sum(self.bytes[r] for r in THIS_RUN)
 
     @property
     def total_events(self) -> int:
-        return sum(self.events.values())
+        """This run's loss in events (every reason but Superseded)."""
+        return sum(self.events[r] for r in THIS_RUN)
+
+    @property
+    def superseded(self) -> bool:
+        """Whether this run's Start dropped undelivered data of the run before."""
+        return self.bytes[SUPERSEDED] > 0 or self.events[SUPERSEDED] > 0
 
     def __bool__(self) -> bool:
-        """True when anything at all was lost."""
+        """True when this run lost anything."""
         return self.total_bytes > 0 or self.total_events > 0
 
+    def _reason(self, reason: str) -> str:
+        return f"{reason} {size_text(self.bytes[reason])} / {self.events[reason]} events"
+
     def describe(self) -> str:
-        """``nothing``, or the totals then each reason that lost something, e.g.
-        ``33.0 MiB, 72000 events (Memory 33.0 MiB / 72000 events)``."""
-        if not self:
-            return "nothing"
-        reasons = "; ".join(
-            f"{r} {size_text(self.bytes[r])} / {self.events[r]} events"
-            for r in REASONS
-            if self.bytes[r] or self.events[r]
-        )
-        return f"{size_text(self.total_bytes)}, {self.total_events} events ({reasons})"
+        """``nothing``, or this run's totals then each reason that lost something, e.g.
+        ``33.0 MiB, 72000 events (Memory 33.0 MiB / 72000 events)``; and what the run
+        before lost at this Start, if anything."""
+        text = "nothing"
+        if self:
+            reasons = "; ".join(
+                self._reason(r) for r in THIS_RUN if self.bytes[r] or self.events[r]
+            )
+            text = f"{size_text(self.total_bytes)}, {self.total_events} events ({reasons})"
+        if self.superseded:
+            text += f"; dropped at Start, the run before's: {self._reason(SUPERSEDED)}"
+        return text

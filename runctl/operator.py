@@ -79,9 +79,10 @@ PVs are read and written over PV Access (p4p): one client context per IOC,
 pinned to that IOC's ``host:pva_port`` as a TCP name server, so several IOCs
 on one host never shadow each other and no UDP search is needed. A crate
 whose configuration names no ``pva_port`` is looked for where a PVA client
-would: ``EPICS_PVA_SERVER_PORT``, else 5075. The globals IOC's PVA port is not
-in the configuration: by default it is its CA port + 1 (``dgs-system`` starts
-it there), else ``globals_pva``.
+would: ``EPICS_PVA_SERVER_PORT``, else 5075. The globals IOC's PVA endpoint is
+``[system] globals_pva`` of the configuration, by default the standard port
+5075 on the ``globals_ca`` host (where ``dgs-ioc --globals-only`` and
+``dgs-system`` serve it); the ``globals_pva`` argument overrides it.
 """
 
 from __future__ import annotations
@@ -363,15 +364,14 @@ def globals_endpoint(system: SystemConfig, globals_pva: str | None = None) -> En
     """Where the global records are served over PVA.
 
     A standalone crate serves them itself; remote globals are at ``globals_pva``
-    or, by default, on the globals IOC's host at its CA port + 1.
+    when given, else where the configuration says (`SystemConfig.globals_pva_endpoint`).
     """
     if globals_pva:
         host, _, port = globals_pva.rpartition(":")
         return Endpoint(host, int(port))
     if system.globals == "local":
         return crate_endpoint(system.crates[0])
-    host, ca_port = system.globals_endpoint
-    return Endpoint(host, ca_port + 1)
+    return Endpoint(*system.globals_pva_endpoint)
 
 
 def _quiet_pvxs() -> None:
@@ -457,9 +457,10 @@ def _data_files(run_dir: Path) -> list[Path]:
 
 
 #: The receiver's side files of a run (``<run>.<name>.json``): they describe the run, they
-#: are not its data.
+#: are not its data; nor are its acknowledgement journals (``.<run>.journal_<n>``).
 BEGIN_SNAPSHOT = "pvs_begin"
 SIDE_FILES = ("summary", BEGIN_SNAPSHOT, "pvs_end")
+JOURNAL = re.compile(r"\.run\d{5,}\.journal_\d+")
 RUN_DIR_NAME = re.compile(r"run(\d{5,})")
 
 
@@ -489,7 +490,10 @@ def remove_unused_run_dir(run_dir: Path) -> bool:
         return not run_dir.exists()
     side = {f"{run_dir.name}.{name}.json" for name in SIDE_FILES}
     entries = list(run_dir.iterdir())
-    if any(entry.name not in side or not entry.is_file() for entry in entries):
+    if any(
+        not entry.is_file() or (entry.name not in side and not JOURNAL.fullmatch(entry.name))
+        for entry in entries
+    ):
         return False
     for entry in entries:
         entry.unlink()
@@ -794,7 +798,7 @@ class Operator:
         exits, late = yield from self._finish_receivers(status.receivers, stop_now)
         sent, losses = self._final_counts(crates)
         for crate in crates:
-            if losses.get(crate.crate):
+            if (loss := losses.get(crate.crate)) is not None and (loss or loss.superseded):
                 yield Progress(
                     DATA_LOST,
                     f"crate {crate.crate} lost {losses[crate.crate].describe()}",

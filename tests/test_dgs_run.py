@@ -256,3 +256,34 @@ def test_dgs_run_finds_the_demo_of_make_run_with_or_without_its_configuration(st
     assert DEMO_NOTE not in started.stderr + stopped.stderr
     record = RunLog(tmp_path / "other" / RUN_LOG_FILE).records()[-1]
     assert (record.run, record.result) == (2, "ok")
+
+
+def test_stop_reports_the_data_lost_by_reason_and_exits_4(crate, tmp_path):
+    run_dir = tmp_path / "ctl"
+    started = crate.dgs_run(run_dir, "start")
+    assert started.returncode == 0, started.stdout + started.stderr
+    crate.ioc.wait_numeric("DAQC01_CV_SenderBytes", lambda mib: mib > 0)
+    # The next event gets a bad length: the checker discards its whole buffer (reason Check).
+    crate.ioc.put_ok("VME01:MDIG1:SIM_Fault", "Bad length")
+    crate.ioc.wait_numeric("DAQC01_OL_Errors0", lambda errors: errors > 0)
+
+    def status_with_the_loss() -> str | None:
+        shown = crate.dgs_run(run_dir, "status").stdout
+        return shown if "(Check " in shown else None
+
+    shown = wait_until(status_with_the_loss, 20, "status to show the loss", 0.5)
+    assert "crate 01 lost " in shown and "(Check " in shown, shown
+
+    stopped = crate.dgs_run(run_dir, "stop")
+    assert stopped.returncode == 4, stopped.stdout + stopped.stderr
+    (line,) = [ln for ln in stopped.stdout.splitlines() if ln.startswith("data-lost:")]
+    assert line.startswith("data-lost: crate 01 lost ") and "(Check " in line, line
+    last = stopped.stdout.splitlines()[-1]
+    assert last.startswith("lost: STOP: run") and "DATA LOST: crate 01:" in last, last
+    record = RunLog(run_dir / RUN_LOG_FILE).records()[-1]
+    lost = record.crates["01"]
+    assert record.result == "lost" and lost.receiver_exit == 0
+    assert lost.lost_bytes["Check"] > 0 and lost.lost_events["Check"] > 0
+    assert sum(lost.lost_bytes.values()) == lost.lost_bytes["Check"]
+    table = crate.dgs_run(run_dir, "log").stdout
+    assert f"{record.run:>6}  lost " in table and "(Check " in table, table

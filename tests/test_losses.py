@@ -47,6 +47,18 @@ def test_losses_are_summed_over_cards_and_named_by_reason():
     )
 
 
+def test_the_previous_runs_data_dropped_at_start_are_shown_but_are_not_this_runs_loss():
+    values = dict(NOTHING)
+    values[mib_suffix("Superseded")] = (2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    values[events_suffix("Superseded")] = (4000.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    loss = Loss.from_values(values)
+    assert loss is not None and not loss and loss.superseded
+    assert (loss.total_bytes, loss.total_events) == (0, 0)
+    assert loss.describe() == (
+        "nothing; dropped at Start, the run before's: Superseded 2.0 MiB / 4000 events"
+    )
+
+
 def test_nothing_lost_and_an_ioc_without_loss_counters_read_differently():
     nothing = Loss.from_values(NOTHING)
     assert nothing is not None and not nothing and nothing.describe() == "nothing"
@@ -111,7 +123,7 @@ def test_status_shows_lost_bytes_and_events_and_the_run_the_iocs_are_in():
     assert lines[3].split()[7:9] == ["33.2", "72575"], lines[3]
     assert lines[4].strip() == (
         "crate 01 lost 33.2 MiB, 72575 events (Memory 33.0 MiB / 72000 events; "
-        "Check 256.0 KiB / 575 events) this run"
+        "Check 256.0 KiB / 575 events)"
     )
 
     here = RunStatus(state=RunState.RUN, run=7, name="run00007", start="10:00")
