@@ -174,7 +174,7 @@ def test_a_globals_restart_mid_run_keeps_the_crate_running_and_loses_nothing(rem
         finished = [r for r in ended if r.kind == RECEIVER_FINISHED]
         assert len(finished) == 1 and "exited with 0" in finished[0].message
 
-        run_dir = tmp_path / "ctl" / "data" / f"crate{CRATE}" / f"run{run:05d}"
+        run_dir = tmp_path / "ctl" / f"crate{CRATE}" / f"run{run:05d}"
         data, end_of_run, _total = count_records(run_dir)
         assert_every_event_delivered(pva, data, end_of_run)
     assert crate.log().count("run started") == 1, "a restored Start began a new run"

@@ -234,8 +234,10 @@ def test_rotation_and_ctrl_c_leave_complete_read_only_chunks(demo_ioc, tmp_path)
     try:
         start_run(ioc)
         run_dir = tmp_path / "rot"
-        wait_until(
-            lambda: any(".dat_003_" in name for name in os.listdir(run_dir)), 30, "chunk 003"
+        wait_until(  # the receiver creates its run directory while it starts
+            lambda: run_dir.is_dir() and any(".dat_003_" in name for name in os.listdir(run_dir)),
+            30,
+            "chunk 003",
         )
         proc.send_signal(signal.SIGINT)
         output, _ = proc.communicate(timeout=15)
