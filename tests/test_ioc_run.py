@@ -109,8 +109,9 @@ def test_save_without_a_receiver_keeps_the_memory_budget_then_counts_what_it_dis
     assert ioc.get("DAQC01_CV_BuffersOK") == "OK"
     assert ioc.getf("DAQC01_CV_Retained") >= 180, "stopping threw away the retained data"
     start_run(ioc, save="Save")
-    with Pva(ioc) as pva:  # published with the statistics, up to 0.5 s after the Start
-        wait_until(lambda: sum(pva.get("DAQC01_OL_LostSuperseded")) >= 180, 5, "superseded")
+    with Pva(ioc) as pva:
+        wait_until(lambda: sum(pva.get("DAQC01_OL_LostSuperseded")) >= 180, 10,
+                   "the dropped leftovers counted as superseded")
         assert pva.number("DAQC01_OL_TotalBufsLost") == 0, "the new run starts counting at 0"
     assert "counted as superseded" in ioc.log()
     stop_run(ioc)
