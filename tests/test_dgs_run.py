@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from dataflow import Background, receiver
 from ioc_harness import IocProcess, Ports, wait_until
+from test_operator import no_leftover_receivers  # noqa: F401 - autouse here too
 from test_system import gone
 
 from runctl.operator import RUN_LOG_FILE, STATE_FILE

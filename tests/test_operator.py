@@ -7,6 +7,8 @@ process; the globals are checked with the real `caget`.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +29,7 @@ from runctl.operator import (
     REFUSED,
     RUN_LOG_FILE,
     RUN_NUMBER,
+    STATE_FILE,
     TIMEOUT,
     Operator,
     Progress,
@@ -36,6 +39,25 @@ from runctl.operator import (
 from runctl.runlog import RunLog
 
 TIMEOUTS = Timeouts(connect_s=3, ready_s=10, running_s=10, drain_s=20, receivers_s=30)
+
+
+def stop_leftover_receivers(root: Path) -> None:
+    """SIGTERM every receiver a state file under ``root`` still records, if it runs: a test
+    that failed mid-run must not leave receivers waiting an hour for their crate."""
+    for state_file in root.rglob(STATE_FILE):
+        for receiver in json.loads(state_file.read_text()).get("receivers", []):
+            try:
+                command = Path(f"/proc/{receiver['pid']}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if receiver["exit_file"].encode() in command:
+                os.kill(receiver["pid"], signal.SIGTERM)
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_receivers(tmp_path: Path) -> Iterator[None]:
+    yield
+    stop_leftover_receivers(tmp_path)
 
 
 def system_toml(globals_ca: int, crates: dict[str, Ports], event_rate_hz: float = 100) -> str:
