@@ -1,10 +1,10 @@
 """`dgs-ioc`: the command line of the crate IOC.
 
-Configuration is read and validated, and the start-up checks run (`preflight`),
-before anything EPICS is loaded: a bad file, a taken port or another IOC of the
-same crate stops start-up with one line naming the problem, exit code 2. EPICS
-ports come from the configuration when it names them, else from the standard
-environment.
+Configuration is read and validated before anything EPICS is loaded, and the
+start-up checks (`preflight`) are done before the EPICS servers start: a bad
+file, a taken port or another IOC of the same crate stops start-up with one
+line naming the problem, exit code 2. EPICS ports come from the configuration
+when it names them, else from the standard environment.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     role = Role.globals_only() if crate is None else Role.crate(crate.crate, serve_globals)
     try:
         ports = ServerPorts.read({**os.environ, **env}, crate)
-        preflight.check(ports, role, system.state_dir, client_env=os.environ)
+        search = preflight.check(ports, role, system.state_dir, client_env=os.environ)
     except StartupRefused as err:
         print(f"dgs-ioc: {err}", file=sys.stderr)
         return 2
@@ -181,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
 
     ioc = app.GlobalsIoc(system) if args.globals_only else app.CrateIoc(system, crate)
+    try:
+        search.verdict()  # before the servers start: then this IOC would answer it
+    except StartupRefused as err:
+        print(f"dgs-ioc: {err}", file=sys.stderr)
+        return 2
     try:
         ioc.start()
     except OSError as err:

@@ -1,4 +1,4 @@
-"""Before anything EPICS starts: find what would make this IOC a duplicate or unable to serve.
+"""Before the EPICS servers start: find what would make this IOC a duplicate or unable to serve.
 
 EPICS servers do not refuse a taken port: the CA server moves its TCP port to a
 random one (and suspends for ever when its UDP port is held), the PVA server
@@ -18,6 +18,12 @@ every such case into one line naming the port, the setting or the other IOC:
   shares it by design).
 
 The CA repeater port is never checked: one repeater serves every CA process of a host.
+
+The lock and the ports take a millisecond or two. The search waits up to half a
+second when a searched UDP port is held by something silent (a PVA client
+shares the broadcast port, another crate's IOC does not have these names), so
+it runs while the IOC loads EPICS and builds its records, and the IOC asks for
+its verdict just before its servers start (after that, it would find itself).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import ipaddress
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -134,36 +141,73 @@ def _interfaces(value: str) -> tuple[str, ...]:
 
 def check(
     ports: ServerPorts, role: Role, state_dir: str | os.PathLike[str], client_env: Mapping[str, str]
-) -> None:
-    """Refuse (StartupRefused) if this IOC would duplicate another or could not serve.
+) -> DuplicateSearch:
+    """Lock and check the ports now; StartupRefused if this IOC cannot serve.
 
     ``client_env`` is the environment the IOC was started with: its address
-    lists say where this host's clients look for PVs. On success the lock is
-    held until the process ends.
+    lists say where this host's clients look for PVs. The returned search for
+    another IOC of the crate is still running: call its ``verdict()`` before
+    the servers start. The lock is held until the process ends.
     """
     started = time.monotonic()
     lock = _claim(Path(state_dir), role, ports)
     try:
         problems = [p for p in map(_bind_problem, _bindings(ports)) if p]
-        ca_targets, pva_targets = search_targets(ports, client_env)
-        found = namesearch.first_found(
-            ca_targets, pva_targets, list(role.evidence), SEARCH_TIMEOUT_S
-        )
-        if found is not None:
-            searched = ":".join(map(str, found.searched))
-            server = ":".join(map(str, found.server))
-            raise StartupRefused(
-                f"another IOC already serves {role.evidence[found.name]} at {server} "
-                f"({found.name} answered a {found.protocol} search at {searched}): "
-                "stop that one first, two IOCs must never serve the same PVs"
-            )
+        search = DuplicateSearch(role, *search_targets(ports, client_env))
         if problems:
+            search.verdict()  # the other IOC itself, if it is what holds the port
             raise StartupRefused(problems[0])
     except BaseException:
         lock.close()
         raise
     _held.append(lock)
-    log.debug("start-up checks passed in %.1f ms", (time.monotonic() - started) * 1e3)
+    log.debug("start-up checks: lock and ports in %.1f ms", (time.monotonic() - started) * 1e3)
+    return search
+
+
+class DuplicateSearch:
+    """A CA and PVA search for the role's PV names, in a thread of its own."""
+
+    def __init__(self, role: Role, ca: list[Endpoint], pva: list[Endpoint]) -> None:
+        self.role = role
+        self._took_s = 0.0
+        self._found: namesearch.Found | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(ca, pva), name="duplicate-search", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, ca: list[Endpoint], pva: list[Endpoint]) -> None:
+        started = time.monotonic()
+        try:
+            self._found = namesearch.first_found(
+                ca, pva, list(self.role.evidence), SEARCH_TIMEOUT_S
+            )
+        except BaseException as err:  # handed to verdict(), in the main thread
+            self._error = err
+        self._took_s = time.monotonic() - started
+
+    def verdict(self) -> None:
+        """Wait for the search (bounded by its timeout); StartupRefused naming the other IOC."""
+        waiting = time.monotonic()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        log.debug(
+            "start-up checks: search in %.1f ms, start-up waited %.1f ms for it",
+            self._took_s * 1e3,
+            (time.monotonic() - waiting) * 1e3,
+        )
+        found = self._found
+        if found is not None:
+            searched = ":".join(map(str, found.searched))
+            server = ":".join(map(str, found.server))
+            raise StartupRefused(
+                f"another IOC already serves {self.role.evidence[found.name]} at {server} "
+                f"({found.name} answered a {found.protocol} search at {searched}): "
+                "stop that one first, two IOCs must never serve the same PVs"
+            )
 
 
 def _claim(directory: Path, role: Role, ports: ServerPorts) -> IO[str]:
