@@ -44,8 +44,9 @@ from common import BareServer
 from ioc import packets
 from ioc.checker import Checker
 from ioc.config import SenderConfig
+from ioc.cuts import reply_ends
 from ioc.pool import Buffer, BufferPool, Owner
-from ioc.sender import Sender, reply_ends
+from ioc.sender import Sender
 from receiver.client import DataConnection
 
 REPLY_BYTES = 280_000

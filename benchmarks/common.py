@@ -279,13 +279,20 @@ class BenchIoc(IocProcess):
                 return int(line.split(CLOCK_ORIGIN_PREFIX)[1].split()[0])
         raise RuntimeError("the IOC did not print its crate clock origin")
 
-    def values(self, *names: str) -> list[float]:
-        """Numeric PVs over PV Access (exact for large counters), one client kept open."""
+    def _pva(self):
         if self._pva_context is None:
             from p4p.client.thread import Context
 
             self._pva_context = Context("pva", conf=self.ports.p4p_conf(), useenv=False)
-        return [float(value) for value in self._pva_context.get(list(names), timeout=10.0)]
+        return self._pva_context
+
+    def values(self, *names: str) -> list[float]:
+        """Numeric PVs over PV Access (exact for large counters), one client kept open."""
+        return [float(value) for value in self._pva().get(list(names), timeout=10.0)]
+
+    def pva_put(self, name: str, value: float) -> None:
+        """A put over PV Access: no tool process beside the crate while it runs."""
+        self._pva().put(name, value, timeout=10.0)
 
     def start_run(self, save: str = "Save") -> None:
         self.put_ok("Online_CS_SaveData", save)

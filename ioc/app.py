@@ -1,9 +1,15 @@
 """Assembles one IOC process: backend, pool, the three stages, records, run control.
 
 `CrateIoc` is a crate read-out (optionally also serving the global run-control
-records); `serve_globals_only` is the small IOC that serves just the globals
-for a multi-crate system. EPICS environment variables must be final before
-this module is imported (the CA/PVA servers and the CA client read them once).
+records); `GlobalsIoc` is the small IOC that serves just the globals for a
+multi-crate system. EPICS environment variables must be final before this
+module is imported (the CA/PVA servers and the CA client read them once).
+
+Whoever serves the globals autosaves them (`ioc.autosave`) and restores them at
+start, with one difference: a globals-only IOC restores StartStop = Start, so
+the crates following it keep their run through its restart, while a crate that
+serves its own globals always boots with Stop: its run ended when the process
+did, and an operator restarting it does not expect a new run to begin by itself.
 """
 
 from __future__ import annotations
@@ -12,26 +18,28 @@ import ctypes
 import logging
 import os
 import threading
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import epics
-from softioc import asyncio_dispatcher, autosave, builder, imports, softioc
+from softioc import asyncio_dispatcher, builder, imports, softioc
 
 from ioc import access
+from ioc.autosave import AutosaveFile
 from ioc.config import CrateConfig, SystemConfig
 from ioc.hardware import BoardKind
 from ioc.inloop import BoardSetup, InLoop
+from ioc.losses import LossLedger
 from ioc.outloop import OutLoop
-from ioc.pool import BufferPool
+from ioc.pool import BUFFER_BYTES, BufferPool
 from ioc.publisher import Publisher
-from ioc.pvs import BoardRef, Instance, expand
-from ioc.records import Records
+from ioc.pvs import PV_TABLE, BoardRef, Instance, Scope, expand
+from ioc.records import Records, Rule, table_check
 from ioc.runcontrol import CrateState, RunControl
 from ioc.sender import Sender
 from sim import Fault, SimBoardSpec, SimCrate
 
-GLOBAL_NAMES = ("Online_CS_StartStop", "Online_CS_SaveData")
+GLOBAL_NAMES = ("Online_CS_StartStop", "Online_CS_SaveData", "Online_CS_RunNumber")
 #: Faults a trigger board accepts (spec 01: only the last four).
 TRIGGER_FAULTS = frozenset({Fault.FIFO_OVERFLOW, Fault.FIFO_UNDERFLOW, Fault.READ_ERROR})
 SHUTDOWN_DRAIN_S = 3.0
@@ -40,11 +48,44 @@ SHUTDOWN_DELIVER_S = 1.0
 log = logging.getLogger("dgs.ioc")
 
 
-def _configure_autosave(system: SystemConfig, name: str) -> None:
-    """Keep `Online_CS_RunNumber` across restarts (saved within a second of a change)."""
-    directory = Path(system.state_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    autosave.configure(directory, name, save_period=1.0, timestamped_backups=False)
+def _autosave_rules(saved: Callable[[], AutosaveFile]) -> dict[str, Rule]:
+    """Put rules of the autosaved global records: a put is accepted once it is saved."""
+
+    def save(inst: Instance, value: Any) -> str | None:
+        return saved().save(inst.name, value)
+
+    return {pv.key: save for pv in PV_TABLE if pv.scope is Scope.GLOBAL and pv.autosave}
+
+
+def _restore_globals(
+    system: SystemConfig, name: str, records: Records, *, restore_start: bool
+) -> AutosaveFile:
+    """Open the autosave file, set the global records to what it holds (before iocInit)
+    and say in one log line where it is and what came back. The autosaved records
+    all hold integers (enum indices, the run number)."""
+    saved = AutosaveFile.open(system.state_directory, name)
+    restored, skipped = [], ""
+    for inst in records.instances:
+        value = saved.saved.get(inst.name)
+        if not inst.pv.autosave or value is None:
+            continue
+        if inst.pv.key == "StartStop" and not restore_start:
+            if value:
+                skipped = "; StartStop boots Stop: a standalone IOC does not resume a run"
+            continue
+        problem = table_check(inst.pv, value) if isinstance(value, int) else "not an integer"
+        if problem:
+            log.warning("autosaved %s = %r not restored: %s", inst.name, value, problem)
+            continue
+        records.publish(inst.pv.key, value)
+        shown = inst.pv.enums[int(value)] if inst.pv.enums else value
+        restored.append(f"{inst.name} = {shown}")
+    saved.start(
+        {inst.name: records.get(inst.pv.key) for inst in records.instances if inst.pv.autosave}
+    )
+    what = "restored " + ", ".join(restored) if restored else "nothing saved yet"
+    log.info("autosave file %s: %s%s", saved.path, what, skipped)
+    return saved
 
 
 def _no_memory_lock() -> None:
@@ -85,6 +126,7 @@ class CrateIoc:
         self.crate_id = crate.crate
         self.serve_globals = system.globals == "local"
         self.pool = BufferPool()
+        self.losses = LossLedger()
         self.backend = build_sim_crate(crate)
         self.boards_by_name = {b.identity.name: b for b in self.backend.boards}
         self.board_configs = {b.name: b for b in crate.boards}
@@ -96,9 +138,21 @@ class CrateIoc:
             on_state=lambda state: self.runcontrol.inloop_state_changed(state),
         )
         self.outloop = OutLoop(
-            self.pool, on_flushed=lambda: self.runcontrol.outloop_flushed()
+            self.pool,
+            on_flushed=lambda: self.runcontrol.outloop_flushed(),
+            losses=self.losses,
+            retain_bytes=crate.sender.retain_mib * BUFFER_BYTES,
         )
-        self.sender = Sender(self.pool, crate.sender, crate.data_bind, crate.data_port)
+        self.sender = Sender(
+            self.pool,
+            crate.sender,
+            crate.data_bind,
+            crate.data_port,
+            losses=self.losses,
+            crate=int(crate.crate),
+            allowed=crate.allowed_receivers,
+            crate_state=lambda: int(self.runcontrol.state),
+        )
         self.runcontrol = RunControl(
             inloop=self.inloop,
             outloop=self.outloop,
@@ -106,18 +160,26 @@ class CrateIoc:
             reset_accounting=self.backend.reset_accounting,
             on_state=self._state_changed,
             on_connection=lambda ok: self.records.publish("GlobalsConnected", int(ok)),
+            losses=self.losses,
+            run_boards=self._enabled_package_data,
         )
         refs = tuple(BoardRef(b.name, b.kind) for b in crate.boards)
         self.records = Records(
             expand(self.crate_id, refs, with_globals=self.serve_globals, sim=True),
             initial=self._initial_value,
-            rules={"PackageData": self._unique_package_data, "SimFault": self._fault_allowed},
+            rules={
+                "PackageData": self._unique_package_data,
+                "SimFault": self._fault_allowed,
+                **_autosave_rules(lambda: self._autosave),
+            },
             handlers=self._handlers(),
         )
         self.publisher = Publisher(
-            self.records, self.pool, self.inloop, self.outloop, self.sender, self.boards_by_name
+            self.records, self.pool, self.inloop, self.outloop, self.sender, self.boards_by_name,
+            self.losses,
         )
         self._followers: list[epics.PV] = []
+        self._autosave: AutosaveFile | None = None
 
     # Record set-up.
 
@@ -198,6 +260,11 @@ class CrateIoc:
             for name, cfg in self.board_configs.items()
         }
 
+    def _enabled_package_data(self) -> tuple[int, ...]:
+        """Board ids of the boards a Start now enables (what a v2 receiver should expect)."""
+        setups = self._sample_setup().values()
+        return tuple(sorted(setup.package_data for setup in setups if setup.enabled))
+
     def _state_changed(self, state: CrateState) -> None:
         self.records.publish("State", int(state))
         if state is CrateState.STOPPED:
@@ -215,7 +282,9 @@ class CrateIoc:
                 f"{err.strerror or err}"
             ) from err
         if self.serve_globals:
-            _configure_autosave(self.system, f"DAQC{self.crate_id}")
+            self._autosave = _restore_globals(
+                self.system, f"DAQC{self.crate_id}", self.records, restore_start=False
+            )
         builder.LoadDatabase()
         access.install()
         epics.ca.initialize_libca()
@@ -230,17 +299,38 @@ class CrateIoc:
         self._follow_globals()
 
     def _follow_globals(self) -> None:
-        def connection(pvname: str | None = None, conn: bool = False, **_: Any) -> None:
-            self._connected[pvname] = conn
-            self.runcontrol.connection_changed(all(self._connected.values()))
+        """Monitor the globals; the first value after a reconnection is marked as restored,
+        so run control compares it with what it follows instead of taking it as a put."""
+        connected = dict.fromkeys(GLOBAL_NAMES, False)
+        ever_connected: set[str] = set()
+        reconnected: set[str] = set()
 
-        self._connected = dict.fromkeys(GLOBAL_NAMES, False)
-        handlers = (self.runcontrol.start_stop_changed, self.runcontrol.save_changed)
+        def connection(pvname: str | None = None, conn: bool = False, **_: Any) -> None:
+            connected[pvname] = conn
+            if conn and pvname in ever_connected:
+                reconnected.add(pvname)
+            elif conn:
+                ever_connected.add(pvname)
+            self.runcontrol.connection_changed(all(connected.values()))
+
+        def follow(handler: Callable[[int, bool], None]) -> Callable[..., None]:
+            def changed(pvname: str, value: Any = None, **_: Any) -> None:
+                restored = pvname in reconnected
+                reconnected.discard(pvname)
+                handler(int(value), restored)
+
+            return changed
+
+        handlers = (
+            self.runcontrol.start_stop_changed,
+            self.runcontrol.save_changed,
+            self.runcontrol.run_number_changed,
+        )
         for name, handler in zip(GLOBAL_NAMES, handlers):
             self._followers.append(
                 epics.PV(
                     name,
-                    callback=lambda value=None, handler=handler, **_: handler(int(value)),
+                    callback=follow(handler),
                     connection_callback=connection,
                     auto_monitor=True,
                 )
@@ -264,10 +354,15 @@ class GlobalsIoc:
 
     def __init__(self, system: SystemConfig) -> None:
         self.system = system
-        self.records = Records(expand("", (), with_globals=True, with_crate=False))
+        self._autosave: AutosaveFile | None = None
+        self.records = Records(
+            expand("", (), with_globals=True, with_crate=False),
+            rules=_autosave_rules(lambda: self._autosave),
+        )
 
     def start(self) -> None:
-        _configure_autosave(self.system, "globals")
+        """Restore the globals (StartStop included: the crates keep running) and serve them."""
+        self._autosave = _restore_globals(self.system, "globals", self.records, restore_start=True)
         builder.LoadDatabase()
         access.install()
         _no_memory_lock()
@@ -284,6 +379,6 @@ def wait_for_signal(stop: threading.Event) -> None:
 
 
 def exit_process(code: int = 0) -> None:
-    """Leave through EPICS so its exit handlers (and autosave's last save) run."""
+    """Leave through EPICS so its exit handlers run."""
     os.environ.pop("PYEPICS_LIBCA", None)
     softioc.safeEpicsExit(code)

@@ -17,6 +17,12 @@ Choices where spec 01 is silent:
   globals must not sit on any of those ports ("localhost" = 127.0.0.1);
 - a file with several crates must use remote globals (the global records live
   in ONE place); the command line may still override one crate to "local";
+- the globals IOC serves PV Access on ``globals_pva``, by default the standard
+  port 5075 on the ``globals_ca`` host; in a file with remote globals it must
+  not sit on a port of a crate on that host, nor on ``globals_ca``;
+- autosaved values go to ``state_dir``, by default a fixed per-user directory
+  (`default_state_dir`) so that where an IOC is started from does not matter;
+  a relative ``state_dir`` in a file is relative to that file;
 - a host written as digits and dots must be a valid IPv4 address ("999.1.1.1"
   is refused here rather than failing later as an unknown host name);
 - legal but probably unintended files load with warnings (``CrateConfig.warnings``,
@@ -37,6 +43,7 @@ import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ioc.hardware import MAIN_DATA_FIFO, TRIGGER_FIFOS, BoardKind
@@ -58,6 +65,8 @@ GLOBALS_MODES = ("local", "remote")
 MAX_BOARD_NAME = 60 - len("VME00:") - len(":user_package_data")
 #: Reserved for the placeholder records of empty card indices (``VME01:X:CS_Ena``).
 PLACEHOLDER_BOARD = "X"
+#: The retention budget leaves inLoop room to read while qSender is full (in MiB = buffers).
+RETAIN_MIB_MAX = (POOL_SIZE * BUFFER_BYTES >> 20) - 10
 #: Largest simulated FIFO (256 MiB); a real board's is 1 MiB.
 MAX_SIM_FIFO_WORDS = 1 << 26
 
@@ -65,6 +74,8 @@ _BOARD_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 _HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
 _DOTTED_NUMBERS = re.compile(r"[0-9.]+")
 _CRATE_ID = re.compile(r"[0-9]{2}")
+#: Autosave directory under $XDG_STATE_HOME (default ~/.local/state) when none is configured.
+STATE_DIR_NAME = "dgs-crate-ioc"
 
 
 class ConfigError(Exception):
@@ -107,7 +118,10 @@ class SenderConfig:
     accept_delay_s: float = 0.0
     max_segment: int = 32764  # 0: leave the OS default
     idle_timeout_s: float = 10.0
-    delivery_timeout_s: float = 30.0
+    #: After Stop, how long undelivered data wait for a receiver; 0: until the next Start.
+    delivery_timeout_s: float = 0.0
+    #: Memory budget of undelivered data (MiB); past it whole incoming buffers are discarded.
+    retain_mib: int = 184
 
 
 @dataclass(frozen=True)
@@ -117,7 +131,9 @@ class InLoopConfig:
     read_threshold_bytes: int = 65536
     max_latency_s: float = 0.020
     drain_timeout_s: float = 5.0
-    min_free_buffers: int = 10
+    #: Read nothing while qFree holds fewer buffers (the original's 10; retention packs
+    #: data into full buffers, so every other buffer is memory it can use).
+    min_free_buffers: int = 4
 
 
 @dataclass(frozen=True)
@@ -132,6 +148,8 @@ class CrateConfig:
     data_bind: str = "0.0.0.0"
     backend: str = "sim"
     seed: int = 1
+    #: Networks (CIDR) whose receivers the data port serves; empty: every address.
+    allowed_receivers: tuple[str, ...] = ()
     sender: SenderConfig = SenderConfig()
     inloop: InLoopConfig = InLoopConfig()
     boards: tuple[BoardConfig, ...] = ()
@@ -149,7 +167,8 @@ class SystemConfig:
 
     globals: str = "local"
     globals_ca: str = f"127.0.0.1:{DEFAULT_CA_PORT}"
-    state_dir: str = "autosave"
+    globals_pva: str | None = None  # None: DEFAULT_PVA_PORT on the globals_ca host
+    state_dir: str | None = None  # None: default_state_dir()
     crates: tuple[CrateConfig, ...] = ()
     source: str = field(default="", compare=False)  # file name or "demo"
 
@@ -178,6 +197,34 @@ class SystemConfig:
         """``globals_ca`` split into host and CA port."""
         host, _, port = self.globals_ca.rpartition(":")
         return host, int(port)
+
+    @property
+    def globals_pva_endpoint(self) -> tuple[str, int]:
+        """Where the globals IOC serves PV Access: ``globals_pva``, else the standard
+        PVA port on the ``globals_ca`` host."""
+        if self.globals_pva is None:
+            return self.globals_endpoint[0], DEFAULT_PVA_PORT
+        host, _, port = self.globals_pva.rpartition(":")
+        return host, int(port)
+
+    @property
+    def state_directory(self) -> Path:
+        """The autosave directory: ``state_dir`` (``~`` expanded), else `default_state_dir`."""
+        if self.state_dir is None:
+            return default_state_dir()
+        return Path(self.state_dir).expanduser()
+
+
+def default_state_dir() -> Path:
+    """``$XDG_STATE_HOME/dgs-crate-ioc``, else ``~/.local/state/dgs-crate-ioc``.
+
+    Per user and independent of the working directory, so a restarted IOC finds
+    what it saved wherever it is started from.
+    """
+    base = os.environ.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(base):  # the XDG rule: a relative value is ignored
+        base = os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / STATE_DIR_NAME
 
 
 def normalize_crate_id(value: str | int) -> str:
@@ -272,6 +319,17 @@ def _board_name(v: str) -> str | None:
     return None
 
 
+def _networks(v: list[Any]) -> str | None:
+    for item in v:
+        if not isinstance(item, str):
+            return f"must hold CIDR strings such as \"10.0.0.0/8\", not {_describe(item)}"
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            return f"holds {item!r}, which is not an address or CIDR network"
+    return None
+
+
 def _max_segment(v: int) -> str | None:
     return None if v == 0 or 536 <= v <= 65535 else "must be 0 (OS default) or 536..65535"
 
@@ -279,6 +337,7 @@ def _max_segment(v: int) -> str | None:
 _SYSTEM_KEYS = {
     "globals": _Key(str, _one_of(*GLOBALS_MODES)),
     "globals_ca": _Key(str, _host_port),
+    "globals_pva": _Key(str, _host_port),
     "state_dir": _Key(str, _non_empty),
 }
 _CRATE_KEYS = {
@@ -289,6 +348,7 @@ _CRATE_KEYS = {
     "data_bind": _Key(str, _host),
     "backend": _Key(str, _backend),
     "seed": _Key(int, _between(0, 2**64 - 1)),
+    "allowed_receivers": _Key(list, _networks),
 }
 _SENDER_KEYS = {
     "max_reply_bytes": _Key(int, _between(2048, 10_000_000)),
@@ -296,7 +356,8 @@ _SENDER_KEYS = {
     "accept_delay_s": _Key(float, _at_least(0)),
     "max_segment": _Key(int, _max_segment),
     "idle_timeout_s": _Key(float, _positive),
-    "delivery_timeout_s": _Key(float, _positive),
+    "delivery_timeout_s": _Key(float, _at_least(0)),
+    "retain_mib": _Key(int, _between(1, RETAIN_MIB_MAX)),
 }
 _INLOOP_KEYS = {
     "read_threshold_bytes": _Key(int, _all(_between(4, BUFFER_BYTES), _multiple_of(4))),
@@ -346,7 +407,9 @@ def _describe(value: Any) -> str:
 
 def _checked(where: str, key: str, value: Any, rule: _Key) -> Any:
     """``value`` converted to the rule's type, or ConfigError naming the problem."""
-    wanted = {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}[rule.kind]
+    wanted = {
+        int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array"
+    }[rule.kind]
     is_number = isinstance(value, int | float) and not isinstance(value, bool)
     if rule.kind is float and is_number:
         value = float(value)
@@ -448,6 +511,8 @@ def _parse_crate(source: str, index: int, table: Mapping[str, Any]) -> CrateConf
         _parse_board(where, number, board)
         for number, board in enumerate(_table_list(where, table, "board", "crate.board"), 1)
     )
+    if "allowed_receivers" in values:
+        values["allowed_receivers"] = tuple(values["allowed_receivers"])
     return CrateConfig(
         crate=crate_id,
         **values,
@@ -561,6 +626,17 @@ def _check_system(system: SystemConfig, source: str, *, file_rules: bool) -> Non
                 f"{source}: globals_ca {system.globals_ca} clashes with {user}; remote "
                 "globals need their own IOC (dgs-ioc --globals-only) on a port of its own"
             )
+        endpoints[_same_host(host), port] = "globals_ca"
+        host, port = system.globals_pva_endpoint
+        user = endpoints.get((_same_host(host), port))
+        # Only the globals IOC and run control use globals_pva, and they read the file;
+        # a crate following globals given on its command line does not.
+        if user and file_rules:
+            which = system.globals_pva or f"{host}:{port} (the default)"
+            raise ConfigError(
+                f"{source}: globals_pva {which} clashes with {user}; give the globals IOC "
+                'a PV Access port of its own with [system] globals_pva = "host:port"'
+            )
     if file_rules and system.globals == "local" and len(system.crates) > 1:
         raise ConfigError(
             f"{source}: globals = 'local' with {len(system.crates)} crates: the global "
@@ -598,7 +674,12 @@ def load_config(path: str | os.PathLike[str]) -> SystemConfig:
         raise ConfigError(f"{source}: cannot read: {error.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{source}: not UTF-8 text") from None
-    return parse_config(text, source)
+    system = parse_config(text, source)
+    state_dir = system.state_dir
+    if state_dir is not None and not os.path.isabs(os.path.expanduser(state_dir)):
+        anchored = os.path.join(os.path.dirname(os.path.abspath(source)), state_dir)
+        system = dataclasses.replace(system, state_dir=anchored)
+    return system
 
 
 def demo_config() -> SystemConfig:
@@ -668,6 +749,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     return repr(value)
 
 

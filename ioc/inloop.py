@@ -35,6 +35,10 @@ SCAN_DELAY_MIN_S = 0.001
 #: 3.0-5.3 % at 5 ms, 3.7-4.3 % at 10 ms). The first event after a quiet spell
 #: waits at most this long to be seen; reads are coalesced over 20 ms anyway.
 IDLE_SCAN_DELAY_S = 0.010
+#: Reads while the pool is low (see `InLoop._read_rule`): half a physical FIFO, or
+#: one outLoop batch period, whichever comes first.
+PRESSURE_READ_BYTES = 512 * 1024
+PRESSURE_LATENCY_S = 0.050
 #: Empty (0xE) and almost-full (0xF) headers: at most one per board per period.
 PRESCALE_PERIOD_S = 2.0
 #: A trigger read takes at most 256 KiB, in 64 KiB chunks.
@@ -123,10 +127,17 @@ def whole_events_words(words: np.ndarray) -> int:
     return total
 
 
-def scan_delay(free: int, total: int = POOL_SIZE) -> float:
-    """The flow-control wait after each pass: grows as the pool fills up."""
+def scan_delay(free: int, total: int = POOL_SIZE, longest: float = 0.020) -> float:
+    """The flow-control wait after each pass: grows as the pool fills up, but never
+    past ``longest`` (the maximum read latency).
+
+    The original's formula alone waits up to 0.45 s; a physical 1 MiB FIFO at
+    2000 events/s per channel fills in about 0.1 s, so that wait overflowed
+    FIFOs while most of the retention memory was still free. Fewer free buffers
+    now make reads larger, not rarer than every ``longest`` seconds.
+    """
     used = total - free
-    return max(SCAN_DELAY_MIN_S, 0.300 * (used - 40) / 100)
+    return min(longest, max(SCAN_DELAY_MIN_S, 0.300 * (used - 40) / 100))
 
 
 class _Command(enum.Enum):
@@ -204,6 +215,7 @@ class InLoop:
         self._state = InLoopState.IDLE
         self._running = False
         self._run_serial = 0
+        self._run_number: int | None = None
         self._zero_counters()
         self._board_types = self._read_board_types()
         self._enabled: frozenset[int] = frozenset()
@@ -218,8 +230,13 @@ class InLoop:
         self._thread = threading.Thread(target=self._main, name="inLoop", daemon=True)
         self._thread.start()
 
-    def request_start(self) -> None:
-        """StartStop = Start; while Stopping it takes effect when the drain completes."""
+    def request_start(self, run_number: int | None = None) -> None:
+        """StartStop = Start; while Stopping it takes effect when the drain completes.
+
+        ``run_number`` (`Online_CS_RunNumber` at Start) only names the run in the log.
+        """
+        with self._cond:
+            self._run_number = run_number
         self._command(_Command.START)
 
     def request_stop(self) -> None:
@@ -378,10 +395,15 @@ class InLoop:
         with self._cond:
             self._enabled = frozenset(reader.card for reader in readers)
         self._log.info(
-            "inLoop: run %d started, enabled cards %s",
-            self._run_serial,
+            "inLoop: %s started, enabled cards %s",
+            self._run_name(),
             sorted(self._enabled) or "none",
         )
+
+    def _run_name(self) -> str:
+        with self._cond:
+            number = self._run_number
+        return f"run {number}" if number is not None else f"run (#{self._run_serial} here)"
 
     def _wait_for_stop(self) -> None:
         while not self._stop_requested():
@@ -420,7 +442,7 @@ class InLoop:
                     self._scan_board(reader)
                 if all(reader.idle for reader in self._readers):
                     delay_floor = IDLE_SCAN_DELAY_S
-            delay = scan_delay(len(self._pool.q_free), self._pool.size)
+            delay = scan_delay(len(self._pool.q_free), self._pool.size, self._config.max_latency_s)
             self._wake.wait(max(delay, delay_floor))
 
     def _scan_board(self, reader: _BoardRun) -> None:
@@ -453,9 +475,10 @@ class InLoop:
             if not self._flush_pending(reader, None):
                 self._count_poll()
                 return
+        threshold, latency = self._read_rule()
         due = (
-            (status.depth_words + reader.carry_words) * 4 >= self._config.read_threshold_bytes
-            or polled_at - reader.clean_at >= self._config.max_latency_s
+            (status.depth_words + reader.carry_words) * 4 >= threshold
+            or polled_at - reader.clean_at >= latency
             or status.almost_full
         )
         if not due:
@@ -467,6 +490,20 @@ class InLoop:
             return
         if self._read_into(reader, buf, status.depth_words, polled_at):
             self._count_poll()
+
+    def _read_rule(self) -> tuple[int, float]:
+        """Read threshold (bytes) and latency (s): larger, rarer reads while the pool is low.
+
+        With a quarter of the pool or less free, nobody is taking data promptly, so
+        latency does not matter but buffers do: a board is then read about once per
+        outLoop batch, which frees (or packs) what it queued.
+        """
+        if len(self._pool.q_free) > self._pool.size // 4:
+            return self._config.read_threshold_bytes, self._config.max_latency_s
+        return (
+            max(self._config.read_threshold_bytes, PRESSURE_READ_BYTES),
+            max(self._config.max_latency_s, PRESSURE_LATENCY_S),
+        )
 
     def _count_poll(self) -> None:
         with self._cond:
@@ -651,8 +688,8 @@ class InLoop:
         except _DrainTimeout:
             self._finish_after_timeout(list(remaining))
         self._log.info(
-            "inLoop: run %d drained: %d bytes, %d type-F headers, %d read errors",
-            self._run_serial,
+            "inLoop: %s drained: %d bytes, %d type-F headers, %d read errors",
+            self._run_name(),
             self._bytes_read,
             self._type_f_built,
             self._read_errors,

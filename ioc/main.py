@@ -79,17 +79,19 @@ def epics_environment(system: SystemConfig, crate: CrateConfig | None) -> dict[s
 
 
 def globals_ports(system: SystemConfig, args: argparse.Namespace) -> dict[str, str]:
-    """Ports of a `--globals-only` IOC: the options, else `globals_ca` of a configuration
-    file (PVA on the next port), else the EPICS environment."""
+    """Ports of a `--globals-only` IOC: the options, else `globals_ca` and `globals_pva`
+    of a configuration file (PVA: the standard port unless configured, where `dgs-run`
+    and `dgs-system` look for it too), else the EPICS environment."""
     env: dict[str, str] = {}
     ca_port = args.ca_port
     pva_port = args.pva_port
-    if ca_port is None and args.config:
-        ca_port = system.globals_endpoint[1]
+    if args.config:
+        if ca_port is None:
+            ca_port = system.globals_endpoint[1]
+        if pva_port is None:
+            pva_port = system.globals_pva_endpoint[1]
     if ca_port is not None:
         env["EPICS_CA_SERVER_PORT"] = str(ca_port)
-        if pva_port is None and args.config:
-            pva_port = ca_port + 1
     if pva_port is not None:
         env["EPICS_PVAS_SERVER_PORT"] = env["EPICS_PVA_SERVER_PORT"] = str(pva_port)
     return env
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     role = Role.globals_only() if crate is None else Role.crate(crate.crate, serve_globals)
     try:
         ports = ServerPorts.read({**os.environ, **env}, crate)
-        search = preflight.check(ports, role, system.state_dir, client_env=os.environ)
+        search = preflight.check(ports, role, system.state_directory, client_env=os.environ)
     except StartupRefused as err:
         print(f"dgs-ioc: {err}", file=sys.stderr)
         return 2

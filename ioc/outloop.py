@@ -1,10 +1,14 @@
 """outLoop, the checker thread (spec 02 §3).
 
-Every 50 ms it takes the whole backlog of qWritten as one batch, applies the
-sender bypass, checks digitizer buffers event by event (`ioc.checker`), keeps
-per-card statistics and traces, and passes buffers to qSender (Save) or back
-to qFree (No Save). At the end of a run it flushes qWritten once more and
-reports that the crate is Stopped.
+Every 50 ms it takes the whole backlog of qWritten as one batch, checks
+digitizer buffers event by event (`ioc.checker`), keeps per-card statistics
+and traces, and passes buffers to qSender (Save) or back to qFree (No Save).
+Every buffer is checked, whatever the sender is doing, so the trace and the
+error counts stay live. With Save, `ioc.retention` decides what qSender can
+hold: the original's 100-buffer bypass is replaced by a memory budget; past
+it whole buffers are discarded (never an end-of-run header) and counted as
+lost for lack of memory. At the end of a run outLoop flushes qWritten once
+more and reports that the crate is Stopped.
 """
 
 from __future__ import annotations
@@ -18,22 +22,19 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ioc.checker import SHALLOW_EVENTS, Checker
+from ioc.losses import LossLedger, LossReason, count_events
 from ioc.packets import CH_END_OF_RUN, HEADER_WORDS, channel_id
-from ioc.pool import Buffer, BufferPool, Owner
+from ioc.pool import BUFFER_BYTES, Buffer, BufferPool, Owner
 from ioc.pvs import CARDS
+from ioc.retention import Retention
 
 BATCH_PERIOD_S = 0.050
 STATS_PERIOD_S = 0.5
-#: qSender + batch above this (with Save) sends the whole batch back unchecked.
-BYPASS_THRESHOLD = 100
 TRIGGER_BOARD_TYPE = 4
+#: Default memory budget of undelivered data (see `ioc.config.SenderConfig.retain_mib`).
+DEFAULT_RETAIN_BYTES = 184 * BUFFER_BYTES
 
 log = logging.getLogger("dgs.outloop")
-
-
-def bypass_engages(save: bool, in_sender: int, batch: int) -> bool:
-    """The batch rule: with Save, more than 100 buffers waiting means drop this batch."""
-    return save and in_sender + batch > BYPASS_THRESHOLD
 
 
 def is_end_of_run(buf: Buffer) -> bool:
@@ -88,9 +89,13 @@ class OutLoop:
         checker: Checker | None = None,
         *,
         on_flushed: Callable[[], None] | None = None,
+        losses: LossLedger | None = None,
+        retain_bytes: int = DEFAULT_RETAIN_BYTES,
     ) -> None:
         self.pool = pool
         self.checker = checker or Checker(CARDS)
+        self.losses = losses or LossLedger()
+        self.retention = Retention(pool, retain_bytes)
         self.switches = CheckSwitches()
         #: SaveData, read live for every batch.
         self.save = False
@@ -103,6 +108,8 @@ class OutLoop:
         self._traces: dict[tuple[int, int], np.ndarray] = {}
         self._rates = [0.0] * CARDS
         self._send_rate = 0.0
+        #: Bumped by reset_run: the statistics thread restarts its rate base with the counters.
+        self._run_serial = 0
         self._thread = threading.Thread(target=self._run, name="outLoop", daemon=True)
 
     # Control, called by run control.
@@ -119,6 +126,7 @@ class OutLoop:
             self._rates = [0.0] * CARDS
             self._send_rate = 0.0
             self._running = True
+            self._run_serial += 1
             self._flush_requested.clear()
 
     def request_flush(self) -> None:
@@ -148,6 +156,7 @@ class OutLoop:
         last_stats = time.monotonic()
         last_bytes_to_sender = 0
         last_bytes = [0] * CARDS
+        rate_serial = self._run_serial
         next_batch = time.monotonic() + BATCH_PERIOD_S
         while not self._stop.is_set():
             # A fixed 50 ms cadence: the time spent checking does not stretch the period.
@@ -166,6 +175,9 @@ class OutLoop:
             if dt >= STATS_PERIOD_S:
                 with self._lock:
                     c = self._counters
+                    if rate_serial != self._run_serial:  # counters were zeroed: so is the base
+                        rate_serial = self._run_serial
+                        last_bytes, last_bytes_to_sender = [0] * CARDS, 0
                     for card in range(CARDS):
                         sample = (c.bytes_by_card[card] - last_bytes[card]) / dt / 1000.0
                         rate = self._rates[card]
@@ -182,39 +194,36 @@ class OutLoop:
         if not batch:
             return 0
         save = self.save
+        to_free: list[Buffer] = []
         with self._lock:
             c = self._counters
             c.bufs_written += len(batch)
             for buf in batch:
                 if 0 <= buf.card < CARDS:
                     c.bytes_by_card[buf.card] += buf.nbytes
-            if bypass_engages(save, len(self.pool.q_sender), len(batch)):
-                self._bypass(batch, c)
-                return len(batch)
             seen_channels: set[tuple[int, int]] = set()
-            to_free: list[Buffer] = []
             for buf in batch:
-                if self._check(buf, c, seen_channels) and save:
+                if not self._check(buf, c, seen_channels) or not save:
+                    to_free.append(buf)
+                elif self.retention.exhausted(buf) and not is_end_of_run(buf):
+                    self._lose(buf, c, LossReason.MEMORY)
+                    to_free.append(buf)
+                else:
                     # Each buffer goes on as soon as it is checked: the sender need not
                     # wait for the whole batch, and the pool gets it back sooner.
                     c.bytes_to_sender += buf.nbytes
-                    self.pool.q_sender.put(buf)
-                else:
-                    to_free.append(buf)
+                    if self.retention.queue(buf):
+                        to_free.append(buf)
         self.pool.release_many(to_free)
         return len(batch)
 
-    def _bypass(self, batch: list[Buffer], c: _RunCounters) -> None:
-        kept = [buf for buf in batch if is_end_of_run(buf)]
-        lost = [buf for buf in batch if not is_end_of_run(buf)]
-        c.bufs_lost += len(lost)
-        for buf in lost:
-            if 0 <= buf.card < CARDS:
-                c.lost_bytes_by_card[buf.card] += buf.nbytes
-        c.fbufs_written += len(kept)
-        c.bytes_to_sender += sum(buf.nbytes for buf in kept)
-        self.pool.q_sender.put_many(kept)
-        self.pool.release_many(lost)
+    def _lose(self, buf: Buffer, c: _RunCounters, reason: LossReason) -> None:
+        """Count a discarded buffer: per card (bytes, events) and, for memory, in buffers."""
+        if reason is LossReason.MEMORY:
+            c.bufs_lost += 1
+        if 0 <= buf.card < CARDS:
+            c.lost_bytes_by_card[buf.card] += buf.nbytes
+        self.losses.add(reason, buf.card, buf.nbytes, count_events(buf.payload_words()))
 
     def _check(self, buf: Buffer, c: _RunCounters, seen: set[tuple[int, int]]) -> bool:
         """Check one buffer; False if a fatal error discards it."""
@@ -240,7 +249,7 @@ class OutLoop:
             if c.first_errors[card] is None:
                 c.first_errors[card] = result.errors[0].record()
         if result.fatal:
-            c.lost_bytes_by_card[card] += buf.nbytes
+            self._lose(buf, c, LossReason.CHECK)
             return False
         buf.packet_words = result.packet_words
         for channel, (offset, length) in result.first_event_by_channel.items():

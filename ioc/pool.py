@@ -106,13 +106,19 @@ class PoolAudit:
 
 
 class BufferQueue:
-    """A FIFO of buffer references that never refuses a put (it can hold all)."""
+    """A FIFO of buffer references that never refuses a put (it can hold all).
+
+    It also knows how many payload bytes it holds (not yet delivered): the
+    retention limit of qSender is a limit on memory, not on buffers.
+    """
 
     def __init__(self, pool: BufferPool, owner: Owner) -> None:
         self._pool = pool
         self.owner = owner
         self._items: collections.deque[Buffer] = collections.deque()
         self._cond = threading.Condition(pool.lock)
+        #: Undelivered payload bytes of the queued buffers (under the pool lock).
+        self.bytes = 0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -121,6 +127,7 @@ class BufferQueue:
         with self._cond:
             buf.owner = self.owner
             self._items.append(buf)
+            self.bytes += buf.nbytes - buf.sent_bytes
             self._cond.notify()
 
     def put_front(self, buf: Buffer) -> None:
@@ -128,6 +135,7 @@ class BufferQueue:
         with self._cond:
             buf.owner = self.owner
             self._items.appendleft(buf)
+            self.bytes += buf.nbytes - buf.sent_bytes
             self._cond.notify()
 
     def put_many(self, bufs: Iterable[Buffer]) -> None:
@@ -135,7 +143,12 @@ class BufferQueue:
             for buf in bufs:
                 buf.owner = self.owner
                 self._items.append(buf)
+                self.bytes += buf.nbytes - buf.sent_bytes
             self._cond.notify_all()
+
+    def items_locked(self) -> collections.deque[Buffer]:
+        """The queue itself, for a caller holding the pool lock that rearranges it."""
+        return self._items
 
     def get(self, holder: Owner, timeout: float | None = None) -> Buffer | None:
         """Take the head buffer for ``holder``; wait up to ``timeout`` (None: don't wait)."""
@@ -151,6 +164,7 @@ class BufferQueue:
                 return None
             buf = self._items.popleft()
             buf.owner = holder
+            self.bytes -= buf.nbytes - buf.sent_bytes
             return buf
 
     def get_all(self, holder: Owner) -> list[Buffer]:
@@ -158,6 +172,7 @@ class BufferQueue:
         with self._cond:
             items = list(self._items)
             self._items.clear()
+            self.bytes = 0
             for buf in items:
                 buf.owner = holder
             return items

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ioc.inloop import InLoop
+from ioc.losses import LossLedger, LossReason
 from ioc.outloop import OutLoop
 from ioc.packets import trace_samples
 from ioc.pool import BufferPool
@@ -86,6 +87,7 @@ class Publisher:
         outloop: OutLoop,
         sender,
         sim_boards: dict[str, object],
+        losses: LossLedger,
     ) -> None:
         self.records = records
         self.pool = pool
@@ -93,6 +95,7 @@ class Publisher:
         self.outloop = outloop
         self.sender = sender
         self.sim_boards = sim_boards
+        self.losses = losses
         self._wire = SenderRate()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -143,8 +146,14 @@ class Publisher:
 
         snd = self.sender.stats()
         outs = self.outloop.stats()
-        lost_bytes = [a + b for a, b in zip(outs.lost_bytes_by_card, snd.flushed_bytes_by_card)]
-        bufs_lost = outs.bufs_lost + snd.flushed_buffers
+        losses = self.losses.snapshot()
+        lost_bytes = losses.run_bytes_by_card()
+        bufs_lost = losses.run_buffers(LossReason.MEMORY, LossReason.UNREACHABLE)
+        for reason in LossReason:
+            name = reason.value
+            r.publish(f"Lost{name}", np.array([mib(n) for n in losses.bytes[reason]]))
+            r.publish(f"LostEvents{name}", np.array(losses.events[reason], dtype=np.float64))
+        r.publish("Retained", mib(self.pool.q_sender.bytes))
         for card in range(CARDS):
             r.publish("DataRate", round(outs.rate_kbps[card], 3), index=card)
             r.publish("Data", mib(outs.bytes_by_card[card]), index=card)
@@ -174,6 +183,7 @@ class Publisher:
         rate = self._wire.update(snd.bytes_sent, time.monotonic())
         r.publish("SenderWireRate", round(rate, 1))
         r.publish("SenderRequeued", snd.requeued)
+        r.publish("SenderRejected", snd.rejected)
 
         for name, board in self.sim_boards.items():
             r.publish("SimGenerated", board.generated, board=name)

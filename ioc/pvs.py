@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ioc.hardware import BoardKind
+from ioc.losses import LossReason
 
 CARDS = 7
 SLOTS = 7
@@ -83,7 +84,7 @@ class PV:
     length: int = 0
     dtype: str = ""
     kinds: frozenset[BoardKind] = ALL_KINDS
-    autosave: bool = False
+    autosave: bool = False  # kept across restarts, written at once (ioc.autosave)
     access: Access | None = None  # None: DEFAULT for output records, READONLY for inputs
 
     @property
@@ -114,9 +115,9 @@ ON_OFF = dict(low=0, high=1)
 PV_TABLE: tuple[PV, ...] = (
     # Global run control (one place per system).
     PV("StartStop", "Online_CS_StartStop", "bo", Scope.GLOBAL, "Run control: Stop/Start",
-       enums=("Stop", "Start"), initial=0),
+       enums=("Stop", "Start"), initial=0, autosave=True),
     PV("SaveData", "Online_CS_SaveData", "bo", Scope.GLOBAL, "Send checked data to receivers",
-       enums=("No Save", "Save"), initial=0),
+       enums=("No Save", "Save"), initial=0, autosave=True),
     PV("RunNumber", "Online_CS_RunNumber", "longout", Scope.GLOBAL, "Run number",
        initial=0, low=0, high=2_147_483_647, autosave=True),
     # Per board.
@@ -213,7 +214,7 @@ PV_TABLE: tuple[PV, ...] = (
        "Buffers held by a stage", initial=0),
     PV("BuffersOK", "DAQC{crate}_CV_BuffersOK", "bi", Scope.CRATE, "Every buffer accounted for",
        enums=("Leak", "OK"), initial=1),
-    _card("DataLost", "DAQC{crate}_OL_DataLost{n}", "Data of card n recycled unsent", egu="MiB",
+    _card("DataLost", "DAQC{crate}_OL_DataLost{n}", "Data of card n lost this run", egu="MiB",
           prec=3),
     _card("Errors", "DAQC{crate}_OL_Errors{n}", "Check errors of card n"),
     PV("SenderClient", "DAQC{crate}_CV_SenderClient", "stringin", Scope.CRATE,
@@ -229,6 +230,21 @@ PV_TABLE: tuple[PV, ...] = (
        "First error [code, offset, x1, x2]", length=4, dtype="float64"),
     PV("GlobalsConnected", "DAQC{crate}_CV_GlobalsConnected", "bi", Scope.CRATE,
        "Global run-control PVs reachable", enums=("Disconnected", "Connected"), initial=0),
+    _stat("SenderRejected", "DAQC{crate}_CV_SenderRejected",
+          "Clients refused or cut off (protocol)"),
+    _stat("Retained", "DAQC{crate}_CV_Retained", "Undelivered data kept for receivers",
+          egu="MiB", prec=3),
+    *(
+        PV(f"Lost{reason.value}", f"DAQC{{crate}}_OL_Lost{reason.value}", "waveform",
+           Scope.CRATE, f"MiB lost per card: {reason.value}", length=7, dtype="float64",
+           egu="MiB")
+        for reason in LossReason
+    ),
+    *(
+        PV(f"LostEvents{reason.value}", f"DAQC{{crate}}_OL_LostEvents{reason.value}", "waveform",
+           Scope.CRATE, f"Events lost per card: {reason.value}", length=7, dtype="float64")
+        for reason in LossReason
+    ),
 )
 
 

@@ -134,8 +134,6 @@ class Records:
                 fields["on_update"] = lambda v, inst=inst, handler=handler: self._call(
                     handler, inst, v
                 )
-        if pv.autosave:
-            fields["autosave"] = True
         name = inst.name
         match pv.record:
             case "ai":

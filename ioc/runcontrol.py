@@ -6,6 +6,19 @@ monitors whether this IOC serves them (standalone) or another one does
 events; one worker thread carries them out in order, so a CA callback never
 blocks and a Start that arrives while draining waits for the drain (spec 02
 §2, §5).
+
+Which SaveData a run uses: the value at Start, changed by a put while the run
+is Running (spec 02: Save mid-run opens the listener, No Save recycles checked
+data), and frozen from Stop until the drain is complete, so the run's tail and
+every board's end-of-run header go where the run's data went. A change that
+arrives while draining applies from the end of the drain.
+
+While the globals are away the crate keeps what it follows. When they come back,
+each value is compared with what the crate followed before: the same value
+changes nothing (a Start it is running is not a new run); a different StartStop
+is followed (a Stop ends the run, drained with the run's SaveData); a different
+SaveData is not applied to a run in progress (it was not put by anyone during
+the run: the globals IOC lost its saved state) and applies from the next Start.
 """
 
 from __future__ import annotations
@@ -14,10 +27,13 @@ import enum
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
 
+from ioc.delivery import RunIdentity
 from ioc.inloop import InLoop, InLoopState
+from ioc.losses import LossLedger
 from ioc.outloop import OutLoop
 
 log = logging.getLogger("dgs.runcontrol")
@@ -33,7 +49,7 @@ class CrateState(enum.IntEnum):
 
 
 class SenderControl(Protocol):
-    def run_started(self, save: bool) -> None: ...
+    def run_started(self, save: bool, run: RunIdentity | None = None) -> None: ...
     def save_changed(self, save: bool) -> None: ...
     def run_stopped(self) -> None: ...
     def drain_complete(self) -> None: ...
@@ -43,6 +59,7 @@ class SenderControl(Protocol):
 class _Event(enum.Enum):
     START_STOP = "start_stop"
     SAVE = "save"
+    RUN_NUMBER = "run_number"
     INLOOP_STATE = "inloop_state"
     FLUSHED = "flushed"
     CONNECTION = "connection"
@@ -62,6 +79,8 @@ class RunControl:
         reset_accounting: Callable[[], None],
         on_state: Callable[[CrateState], None],
         on_connection: Callable[[bool], None],
+        losses: LossLedger | None = None,
+        run_boards: Callable[[], tuple[int, ...]] = tuple,
     ) -> None:
         self.inloop = inloop
         self.outloop = outloop
@@ -69,9 +88,17 @@ class RunControl:
         self._reset_accounting = reset_accounting
         self._on_state = on_state
         self._on_connection = on_connection
+        self._losses = losses or LossLedger()
+        self._run_boards = run_boards
+        #: `Online_CS_RunNumber` as followed; sampled at Start to name the run's data.
+        self.run_number = -1
         self._events: queue.SimpleQueue[tuple[_Event, object]] = queue.SimpleQueue()
         self.want_start = False
+        #: The last StartStop / SaveData the globals said (what the crate follows).
+        self.followed_start = False
         self.save = False
+        #: The SaveData the current run uses (module docstring).
+        self.run_save = False
         self.state = CrateState.STOPPED
         self._stopped = threading.Event()
         self._stopped.set()
@@ -82,11 +109,17 @@ class RunControl:
 
     # Event sources (any thread).
 
-    def start_stop_changed(self, value: int) -> None:
-        self._events.put((_Event.START_STOP, bool(value)))
+    def start_stop_changed(self, value: int, restored: bool = False) -> None:
+        """``restored``: the value the globals came back with after a disconnection."""
+        self._events.put((_Event.START_STOP, (bool(value), restored)))
 
-    def save_changed(self, value: int) -> None:
-        self._events.put((_Event.SAVE, bool(value)))
+    def save_changed(self, value: int, restored: bool = False) -> None:
+        """``restored``: the value the globals came back with after a disconnection."""
+        self._events.put((_Event.SAVE, (bool(value), restored)))
+
+    def run_number_changed(self, value: int, restored: bool = False) -> None:
+        """The run number names the data of the next Start (a restored one too)."""
+        self._events.put((_Event.RUN_NUMBER, int(value)))
 
     def connection_changed(self, connected: bool) -> None:
         self._events.put((_Event.CONNECTION, connected))
@@ -122,15 +155,11 @@ class RunControl:
 
     def _handle(self, event: _Event, value: object) -> None:
         if event is _Event.START_STOP:
-            self.want_start = bool(value)
-            if self.want_start and self.state is CrateState.STOPPED:
-                self._begin_run()
-            elif not self.want_start and self.state in (CrateState.RUNNING, CrateState.NO_BOARDS):
-                self._end_run()
+            self._start_stop(*value)  # type: ignore[misc]
         elif event is _Event.SAVE:
-            self.save = bool(value)
-            self.outloop.save = self.save
-            self.sender.save_changed(self.save)
+            self._save_data(*value)  # type: ignore[misc]
+        elif event is _Event.RUN_NUMBER:
+            self.run_number = int(value)  # type: ignore[call-overload]
         elif event is _Event.SHUTDOWN:
             self.want_start = False
             if self.state in (CrateState.RUNNING, CrateState.NO_BOARDS):
@@ -143,8 +172,57 @@ class RunControl:
         elif event is _Event.FLUSHED:
             self.sender.drain_complete()
             self._set_state(CrateState.STOPPED)
+            if self.save != self.run_save:
+                self._use_save(self.save)
             if self.want_start:
                 self._begin_run()
+
+    def _start_stop(self, start: bool, restored: bool) -> None:
+        if restored:
+            if start == self.followed_start:
+                log.info("globals back: StartStop = %s, as followed", _start_text(start))
+                return
+            log.warning(
+                "globals back with StartStop = %s (followed %s): following it",
+                _start_text(start),
+                _start_text(self.followed_start),
+            )
+        self.followed_start = self.want_start = start
+        if start and self.state is CrateState.STOPPED:
+            self._begin_run()
+        elif not start and self.state in (CrateState.RUNNING, CrateState.NO_BOARDS):
+            self._end_run()
+
+    def _save_data(self, save: bool, restored: bool) -> None:
+        if restored and save == self.save:
+            log.info("globals back: SaveData = %s, as followed", _save_text(save))
+            return
+        self.save = save
+        if self.state is CrateState.STOPPED:
+            self._use_save(save)
+        elif save == self.run_save:
+            return
+        elif self.state is CrateState.DRAINING:
+            log.info(
+                "SaveData = %s applies after the drain; this run ends with %s",
+                _save_text(save),
+                _save_text(self.run_save),
+            )
+        elif restored:
+            log.warning(
+                "globals back with SaveData = %s; this run keeps %s, the next one uses %s",
+                _save_text(save),
+                _save_text(self.run_save),
+                _save_text(save),
+            )
+        else:
+            self._use_save(save)
+
+    def _use_save(self, save: bool) -> None:
+        """The SaveData the run (or the next one) uses, told to outLoop and the sender."""
+        self.run_save = save
+        self.outloop.save = save
+        self.sender.save_changed(save)
 
     def _inloop_state(self, state: InLoopState) -> None:
         if state is InLoopState.NO_BOARDS and self.state is CrateState.RUNNING:
@@ -165,12 +243,15 @@ class RunControl:
             log.error("run refused: data port cannot be bound: %s", err)
             return
         self._reset_accounting()
-        self.sender.run_started(self.save)
-        self.outloop.save = self.save
+        self._losses.reset_run()
+        self.run_save = self.save
+        run = RunIdentity(self.run_number, time.time_ns(), self._run_boards())
+        self.sender.run_started(self.run_save, run)
+        self.outloop.save = self.run_save
         self.outloop.reset_run()
         self._set_state(CrateState.RUNNING)
-        self.inloop.request_start()
-        log.info("run started (%s)", "Save" if self.save else "No Save")
+        self.inloop.request_start(self.run_number)
+        log.info("run started (%s), run number %d", _save_text(self.run_save), self.run_number)
 
     def _end_run(self) -> None:
         self._set_state(CrateState.DRAINING)
@@ -187,3 +268,11 @@ class RunControl:
         else:
             self._stopped.clear()
         self._on_state(state)
+
+
+def _start_text(start: bool) -> str:
+    return "Start" if start else "Stop"
+
+
+def _save_text(save: bool) -> str:
+    return "Save" if save else "No Save"

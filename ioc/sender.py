@@ -1,63 +1,62 @@
-"""The sender: serves qSender over the gtReceiver data protocol (spec 02 §4, 05).
+"""The sender: serves the crate's data on the data port, classic and v2 (spec 02 §4, 05).
 
-One thread owns every socket. It answers each 4-byte request of the receiver
-being served with exactly one reply, in order: the next slice of the buffer at
-the head of qSender (whole events, at most ``max_reply_bytes``, one board), or
-INSUFF_DATA after waiting ``idle_wait_s`` for data. Replies are gather writes of
-a 16-byte header and a zero-copy view of the buffer, so the hot path moves no
-payload bytes in Python. A reply whose send fails goes back to the head of
-qSender whole, so the next receiver gets it; nothing is duplicated or leaked.
+One thread owns every socket. It serves one receiver at a time and answers
+each of its requests with exactly one reply, in order: the next slice of the
+buffer being cut (whole events, at most ``max_reply_bytes``, one board), or
+"no data" after waiting ``idle_wait_s``. Replies are gather writes of a header
+and a zero-copy view of the buffer. Buffer bookkeeping (what is cut, what a v2
+client has not acknowledged yet, what goes back after a failure, what is
+lost and why) lives in `ioc.delivery`; this module is about connections.
+
+Connections: a newcomer's first word tells its protocol (`ioc.connection`);
+one that breaks the protocol is closed at once (`SenderRejected`). While the
+receiver being served is active, a newcomer is told to come back later
+(classic: SENDER_OFF, which makes a classic receiver reconnect; v2: a BUSY
+refusal). A receiver with no complete request outstanding for ``YIELD_S`` gives
+way to a newcomer, which takes over with nothing lost or duplicated. Only
+addresses in ``allowed_receivers`` are served.
 
 The listener follows the run: it opens at Start + Save (whichever comes last)
-and closes once the run's data are delivered or ``delivery_timeout_s`` after
-Stop. Connections are never closed at the end of a run: receivers learn about
-it from the in-band 0xD headers.
+and closes once the run's data are delivered (v2: acknowledged), or
+``delivery_timeout_s`` after Stop when that is set. Connections are never
+closed at the end of a run: receivers learn about it from the in-band 0xD
+headers (and v2 clients from the "complete" status).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import select
 import socket
 import struct
-import sys
+import termios
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
-
-from ioc import decoder, packets
-from ioc.pool import Buffer, BufferPool, Owner
-
-#: Reply types of the protocol (the IOC sends only these two).
-SERVER_SUMMARY = 4
-INSUFF_DATA = 5
-
-REQUEST_BYTES = 4
-HEADER = struct.Struct(">iiii")
-INSUFF_DATA_HEADER = HEADER.pack(INSUFF_DATA, 0, 0, 0)
-
-#: Statistics cover the 7 card indices of a crate.
-CARDS = 7
-#: A buffer of master-trigger data is cut at whole 16-word packets.
-TRIGGER_BOARD_TYPE = 4
-TRIGGER_PACKET_BYTES = packets.TRIGGER_WORDS * 4
-
-#: Runs of equal-size packets followed before falling back to a scan of every marker.
-MAX_EQUAL_RUNS = 16
+from ioc import protocol
+from ioc.connection import Connection, Kind, Violation
+from ioc.delivery import Delivery, RunIdentity
+from ioc.listener import DataListener, RateLimitedLog
+from ioc.losses import LossLedger
+from ioc.pool import BufferPool
 
 #: How long one blocked send may wait before the sender looks at the clock.
 SEND_SLICE_S = 0.25
-#: Timers (listener, idle receivers, flushing) are looked at least this often.
+#: Timers (listener, idle receivers, newcomers) are looked at least this often.
 HOUSEKEEPING_S = 0.1
 #: qSender is flushed this often while nobody can receive it.
 FLUSH_PERIOD_S = 1.0
+#: A receiver with no complete request outstanding this long gives way to a newcomer.
+YIELD_S = 0.5
 #: Accepted connections kept waiting for their turn; more wait in the kernel backlog.
 MAX_WAITING = 64
-LISTEN_BACKLOG = 16
+#: `_CV_State` values a v2 hello reports.
+STATE_STOPPED, STATE_RUNNING, STATE_DRAINING = 0, 1, 2
 
 LOG = logging.getLogger("dgs.sender")
 
@@ -77,9 +76,9 @@ class SenderSettings(Protocol):
 class SenderStats:
     """A snapshot of the sender for the statistics PVs.
 
-    ``replies`` and ``bytes_sent`` count data replies (type 4) and their
-    payload bytes this run; ``idle_replies`` counts INSUFF_DATA replies;
-    ``flushed_*`` count data dropped because nobody could receive them.
+    ``replies`` and ``bytes_sent`` count data replies and their payload bytes
+    this run; ``idle_replies`` counts no-data replies; ``rejected`` counts
+    connections ended for breaking the protocol or refused by the allow-list.
     """
 
     listening: bool
@@ -89,174 +88,7 @@ class SenderStats:
     bytes_sent: int
     requeued: int
     idle_replies: int
-    flushed_buffers: int
-    flushed_bytes_by_card: tuple[int, ...]
-
-
-def _native(word: int) -> int:
-    """How a big-endian word reads through a native ``uint32`` view."""
-    return int.from_bytes(word.to_bytes(4, "big"), sys.byteorder)
-
-
-_NATIVE_LENGTH_MASK = _native(0x7FF << 16)
-
-
-def _acceptable_length(length: int) -> bool:
-    """A packet length N the decoder accepts (type-F header up to the largest event)."""
-    return packets.TYPE_F_HEADER_LENGTH <= length <= packets.MAX_PACKET_LENGTH
-
-
-def uniform_packet_words(words: np.ndarray) -> int:
-    """Size in words of every packet when the payload is one chain of equal-size packets, else 0.
-
-    The usual digitizer buffer (one trace length per board) is checked with two
-    strided comparisons of the words on the chain, without reading the traces.
-    """
-    nwords = words.size
-    if nwords < packets.TYPE_F_WORDS:
-        return 0
-    native = decoder.native_view(words)
-    if native[0] != decoder.NATIVE_MARKER:
-        return 0
-    length = int(packets.packet_length(int(words[1])))
-    stride = length + 1
-    if not _acceptable_length(length) or nwords % stride:
-        return 0
-    if not (native[::stride] == decoder.NATIVE_MARKER).all():
-        return 0
-    if not ((native[1::stride] & _NATIVE_LENGTH_MASK) == _native(length << 16)).all():
-        return 0
-    return stride
-
-
-def event_boundaries(words: np.ndarray) -> np.ndarray:
-    """Word offsets where a reply may be cut in a digitizer payload, ending with its size.
-
-    Follows the chain of packet lengths from word 0. A board's events mostly
-    share one size, so the chain is first followed in runs of equal-size
-    packets, checking only the words on the chain (strided views, no scan of
-    the trace words). Payloads with many sizes or garbage fall back to the
-    decoder's walk over every marker. Where the chain breaks (garbage), the
-    end of the last whole packet and the next packet start found by the walk
-    are boundaries; garbage in between is cut at word boundaries by the caller.
-    """
-    native = decoder.native_view(words)
-    chained = _chain_in_equal_runs(words, native)
-    if chained is not None:
-        return chained
-    return _chain_over_markers(words, native)
-
-
-def _chain_in_equal_runs(words: np.ndarray, native: np.ndarray) -> np.ndarray | None:
-    """Packet starts (and the end) when the chain is a few runs of equal-size packets, else None."""
-    nwords = words.size
-    pieces: list[np.ndarray] = []
-    position = 0
-    for _ in range(MAX_EQUAL_RUNS):
-        if position == nwords:
-            pieces.append(np.array([nwords], dtype=np.int64))
-            return np.concatenate(pieces)
-        if position + packets.TYPE_F_WORDS > nwords or native[position] != decoder.NATIVE_MARKER:
-            return None
-        length = int(packets.packet_length(int(words[position + 1])))
-        stride = length + 1
-        count = (nwords - position) // stride
-        if not _acceptable_length(length) or count == 0:
-            return None
-        stop = position + count * stride
-        on_chain = native[position:stop:stride] == decoder.NATIVE_MARKER
-        on_chain &= packets.packet_length(words[position + 1 : stop : stride]) == length
-        broken = np.flatnonzero(~on_chain)
-        good = count if broken.size == 0 else int(broken[0])
-        pieces.append(np.arange(position, position + good * stride, stride, dtype=np.int64))
-        position += good * stride
-    return None
-
-
-def _chain_over_markers(words: np.ndarray, native: np.ndarray) -> np.ndarray:
-    """Packet starts by finding every marker and following the chain over them (any content)."""
-    nwords = words.size
-    positions = np.flatnonzero(native == decoder.NATIVE_MARKER)
-    if positions.size == 0:
-        return np.array([0, nwords], dtype=np.int64)
-    lengths = packets.packet_length(decoder.gather(native, positions + 1)).astype(np.int64)
-    next_positions = positions + lengths + 1
-    acceptable = (positions + packets.TYPE_F_WORDS <= nwords) & (next_positions <= nwords)
-    acceptable &= (lengths >= packets.TYPE_F_HEADER_LENGTH) & (lengths <= packets.MAX_PACKET_LENGTH)
-    chain = decoder.follow_chain(positions, next_positions, acceptable, nwords, stop_at_bad=False)
-    pieces = [np.array([0, nwords], dtype=np.int64)]
-    for first, stop in chain.runs:
-        if stop > first:
-            pieces.append(positions[first:stop])
-            pieces.append(next_positions[stop - 1 : stop])
-    return np.unique(np.concatenate(pieces))
-
-
-def reply_ends(buf: Buffer, limit: int) -> list[int]:
-    """Byte offsets where the successive replies of ``buf`` end, from ``buf.sent_bytes``.
-
-    Each reply holds whole packets and at most ``limit`` bytes; boundaries are
-    only computed when the rest does not fit in one reply. Garbage longer than
-    ``limit`` is cut at word boundaries.
-    """
-    start, end = buf.sent_bytes, buf.nbytes
-    if end - start <= limit:
-        return [end]
-    word_limit = limit - limit % 4
-    if buf.board_type == TRIGGER_BOARD_TYPE and not buf.is_type_f:
-        step = limit - limit % TRIGGER_PACKET_BYTES or word_limit
-        return [*range(start + step, end, step), end]
-    words = buf.words[start // 4 : end // 4]
-    stride = (buf.packet_words or uniform_packet_words(words)) * 4
-    if 0 < stride <= limit:
-        step = limit - limit % stride
-        return [*range(start + step, end, step), end]
-    bounds = event_boundaries(words) * 4 + start
-    ends: list[int] = []
-    cut = start
-    while end - cut > limit:
-        best = int(bounds[int(np.searchsorted(bounds, cut + limit, side="right")) - 1])
-        cut = best if best > cut else cut + word_limit
-        ends.append(cut)
-    ends.append(end)
-    return ends
-
-
-class _Connection:
-    """One accepted receiver and what the sender knows about it."""
-
-    __slots__ = ("answered", "hangup", "idle_since", "log", "logged", "peer", "received", "sock")
-
-    def __init__(self, sock: socket.socket, peer: str, now: float, log: logging.Logger) -> None:
-        self.sock = sock
-        self.peer = peer
-        self.received = 0  # request bytes read so far
-        self.answered = 0  # replies completed
-        self.idle_since = now
-        self.log = log
-        self.logged: set[str] = set()
-        #: Reports a peer that closed or shut down its side, even with requests still queued.
-        self.hangup = select.poll()
-        self.hangup.register(sock, select.POLLRDHUP)
-
-    def peer_gone(self) -> bool:
-        """True once the receiver has closed: replies to it could only be lost."""
-        return bool(self.hangup.poll(0))
-
-    @property
-    def pending(self) -> int:
-        return self.received // REQUEST_BYTES - self.answered
-
-    def log_once(self, reason: str, message: str, *args: object) -> None:
-        """Log each bad case of a connection once, never a flood."""
-        if reason not in self.logged:
-            self.logged.add(reason)
-            self.log.warning("receiver %s: " + message, self.peer, *args)
-
-    def note_partial_request(self) -> None:
-        if self.received % REQUEST_BYTES:
-            self.log_once("partial", "partial request (%d bytes) at close",
-                          self.received % REQUEST_BYTES)
+    rejected: int
 
 
 class _ConnectionLost(Exception):
@@ -273,12 +105,27 @@ class Sender:
         bind: str,
         port: int,
         log: logging.Logger | None = None,
+        *,
+        losses: LossLedger | None = None,
+        crate: int = 0,
+        allowed: Sequence[str] = (),
+        crate_state: Callable[[], int] | None = None,
     ) -> None:
         self.pool = pool
         self.config = config
-        self.bind = bind
-        self._port = port
         self.log = log or LOG
+        self.losses = losses or LossLedger()
+        self.delivery = Delivery(pool, self.losses, config.max_reply_bytes)
+        self.crate = crate
+        self._crate_state = crate_state
+        self._refusals = RateLimitedLog(self.log)
+        #: A blocked read of the served receiver returns this often (idle timeouts need it).
+        self._read_slice = max(0.01, min(HOUSEKEEPING_S, config.idle_timeout_s / 4))
+        self._listener = DataListener(
+            bind, port, max_segment=config.max_segment, allowed=allowed,
+            send_slice_s=SEND_SLICE_S, read_slice_s=self._read_slice, log=self.log,
+            refusals=self._refusals, on_refused=self._count_rejected,
+        )
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._wake_r, self._wake_w = socket.socketpair()
@@ -292,39 +139,33 @@ class Sender:
         self._drained = False
         self._stopping = False
         self._shutdown_deadline = 0.0
-        #: Bumped (under pool.lock) at each run start; a held buffer of an older run is dropped.
-        self._generation = 0
-        self._listener: socket.socket | None = None
-        self._bind_failed_logged = False
         # Owned by the sender thread.
-        self._current: _Connection | None = None
-        self._waiting: list[_Connection] = []
-        self._held: Buffer | None = None
-        self._held_generation = 0
-        self._ends: list[int] = []
+        self._current: Connection | None = None
+        self._waiting: list[Connection] = []
         self._next_flush = 0.0
         self._next_housekeeping = 0.0
         self._listener_fd = -1
         self._polled: dict[int, int] = {}
         self._poller = select.poll()
         self._scratch = bytearray(65536)
-        #: A blocked read of the served receiver returns this often (idle timeouts need it).
-        self._read_slice = max(0.01, min(HOUSEKEEPING_S, config.idle_timeout_s / 4))
         # Statistics, under _lock.
         self._client = ""
         self._replies = 0
         self._bytes_sent = 0
         self._requeued = 0
         self._idle_replies = 0
-        self._flushed_buffers = 0
-        self._flushed_bytes = [0] * CARDS
+        self._rejected = 0
 
     # ----------------------------------------------------------- control API
 
     @property
     def port(self) -> int:
         """The bound port (an ephemeral port, once chosen, is kept for later runs)."""
-        return self._port
+        return self._listener.port
+
+    @property
+    def bind(self) -> str:
+        return self._listener.bind
 
     def start(self) -> None:
         """Start the sender thread; the listener opens with a run."""
@@ -335,17 +176,18 @@ class Sender:
     def bind_check(self) -> None:
         """Raise OSError now if ``bind:port`` cannot be bound (fine while we hold it)."""
         with self._lock:
-            if self._listener is not None or self._port == 0:
+            if self._listener.is_open or self._listener.port == 0:
                 return
-            self._make_listener_socket().close()
+            self._listener.make_socket().close()
 
-    def run_started(self, save: bool) -> None:
-        """Start: drop the last run's leftovers, zero the counters, listen if Save."""
-        with self.pool.lock:
-            self._generation += 1
-            dropped = self.pool.flush_sender()
+    def run_started(self, save: bool, run: RunIdentity | None = None) -> None:
+        """Start: drop the last run's leftovers (counted), zero the counters, listen if Save."""
+        dropped = self.delivery.run_started(run or RunIdentity())
         if dropped:
-            self.log.info("dropped %d buffers left over from the previous run", len(dropped))
+            self.log.warning(
+                "dropped %.3f MiB left over from the previous run (counted as superseded)",
+                dropped / (1 << 20),
+            )
         with self._lock:
             self._run_active = True
             self._save = save
@@ -353,9 +195,8 @@ class Sender:
             self._drained = False
             self._listen_at = time.monotonic() + self.config.accept_delay_s
             self._replies = self._bytes_sent = self._requeued = self._idle_replies = 0
-            self._flushed_buffers = 0
-            self._flushed_bytes = [0] * CARDS
-            self._bind_failed_logged = False
+            self._rejected = 0
+            self._listener.new_run()
             if save and self.config.accept_delay_s <= 0:
                 self._open_listener()
         self._wake()
@@ -369,14 +210,14 @@ class Sender:
         self._wake()
 
     def run_stopped(self) -> None:
-        """Stop: keep serving; the listener closes ``delivery_timeout_s`` from now at the latest."""
+        """Stop: keep serving; with a delivery timeout the listener closes that long after."""
         with self._lock:
             self._run_active = False
             self._stopped_at = time.monotonic()
         self._wake()
 
     def drain_complete(self) -> None:
-        """inLoop drained and outLoop flushed: close the listener once qSender is delivered."""
+        """inLoop drained and outLoop flushed: close the listener once the data are delivered."""
         with self._lock:
             self._drained = True
         self._wake()
@@ -384,15 +225,14 @@ class Sender:
     def stats(self) -> SenderStats:
         with self._lock:
             return SenderStats(
-                listening=self._listener is not None,
+                listening=self._listener.is_open,
                 serving=self._current is not None,
                 client=self._client,
                 replies=self._replies,
                 bytes_sent=self._bytes_sent,
                 requeued=self._requeued,
                 idle_replies=self._idle_replies,
-                flushed_buffers=self._flushed_buffers,
-                flushed_bytes_by_card=tuple(self._flushed_bytes),
+                rejected=self._rejected,
             )
 
     def shutdown(self, deliver_timeout: float = 1.0) -> None:
@@ -413,68 +253,34 @@ class Sender:
 
     # ------------------------------------------------------------- listener
 
-    def _make_listener_socket(self) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if self.config.max_segment > 0:
-                with contextlib.suppress(OSError):  # accepted sockets inherit it, where allowed
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, self.config.max_segment)
-            sock.bind((self.bind, self._port))
-        except OSError:
-            sock.close()
-            raise
-        return sock
-
     def _open_listener(self) -> None:
         """Open the listener (caller holds _lock); a failure is logged once per run."""
-        if self._listener is not None or self._stopping:
-            return
-        try:
-            sock = self._make_listener_socket()
-            sock.listen(LISTEN_BACKLOG)
-        except OSError as err:
-            if not self._bind_failed_logged:
-                self._bind_failed_logged = True
-                self.log.error("cannot listen on %s:%d: %s", self.bind, self._port, err)
-            return
-        sock.setblocking(False)
-        self._port = sock.getsockname()[1]
-        self._listener = sock
-        self.log.info("listening on %s:%d", self.bind, self._port)
+        if not self._stopping:
+            self._listener.open()
 
     def _close_listener(self, why: str) -> None:
         """Accept whoever is in the backlog first, so closing resets nobody."""
         self._accept_all(limit=False)
+        fd = self._listener.fileno()
         with self._lock:
-            listener, self._listener = self._listener, None
-        if listener is not None:
-            self._unpoll(listener.fileno())
-            self._listener_fd = -1
-            listener.close()
-            self.log.info("listener closed: %s", why)
+            self._listener.close(why)
+        self._unpoll(fd)
+        self._listener_fd = -1
 
     def _accept_all(self, limit: bool = True) -> None:
         """Accept every pending connection into the waiting list (up to MAX_WAITING)."""
+        room = MAX_WAITING - len(self._waiting) if limit else 1 << 30
+        if room <= 0:
+            return
         with self._lock:
-            listener = self._listener
-        while listener is not None and not (limit and len(self._waiting) >= MAX_WAITING):
-            try:
-                sock, address = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as err:
-                self.log.warning("accept failed: %s", err)
-                break
-            sock.setblocking(True)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            # Blocked sends and reads return in time for the thread to look at its clocks.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(SEND_SLICE_S))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self._read_slice))
-            peer = f"{address[0]}:{address[1]}"
-            self._waiting.append(_Connection(sock, peer, time.monotonic(), self.log))
+            accepted = self._listener.accept(room)
+        if accepted:
+            self._waiting.extend(accepted)
             self._next_housekeeping = 0.0  # serve it at once if nobody is being served
-            self.log.info("receiver %s connected", peer)
+
+    def _count_rejected(self) -> None:
+        with self._lock:
+            self._rejected += 1
 
     # ---------------------------------------------------------------- thread
 
@@ -492,8 +298,7 @@ class Sender:
                     if self._step():
                         return
                 except Exception:
-                    self.log.exception("sender error: dropping the buffer being served")
-                    self._drop_held()
+                    self.log.exception("sender error: ending the connection being served")
                     self._end_connection()
                     time.sleep(HOUSEKEEPING_S)
         finally:
@@ -525,6 +330,7 @@ class Sender:
 
     def _housekeeping(self, now: float) -> None:
         self._drain_wake_pipe()
+        self.delivery.catch_up()
         self._accept_all()
         self._manage_listener(now)
         self._manage_connections(now)
@@ -543,7 +349,7 @@ class Sender:
                 return False
             deadline = self._shutdown_deadline
             draining = self._stopped_at is not None and not self._drained
-        if now >= deadline or not (draining or self._data_waiting()):
+        if now >= deadline or not (draining or self.delivery.outstanding()):
             return True
         return self._current is None and not self._waiting
 
@@ -553,13 +359,16 @@ class Sender:
         with self._lock:
             if self._stopping:
                 deadlines.append(self._shutdown_deadline)
-            if self._run_active and self._save and self._listener is None:
+            if self._run_active and self._save and not self._listener.is_open:
                 deadlines.append(self._listen_at)
-            if self._listener is not None and self._stopped_at is not None:
-                deadlines.append(self._stopped_at + self.config.delivery_timeout_s)
+            timeout = self.config.delivery_timeout_s
+            if self._listener.is_open and self._stopped_at is not None and timeout > 0:
+                deadlines.append(self._stopped_at + timeout)
         conn = self._current
         if conn is not None and conn.pending == 0:
             deadlines.append(conn.idle_since + self.config.idle_timeout_s)
+            if self._waiting:
+                deadlines.append(conn.idle_since + YIELD_S)
         return max(0.001, min(d for d in deadlines if d > now) - now)
 
     def _poll_set(self, fd: int, mask: int) -> None:
@@ -577,9 +386,9 @@ class Sender:
     def _sync_poll(self) -> None:
         """Poll the listener while there is room to accept (the served receiver blocks instead)."""
         with self._lock:
-            listener = self._listener
-        if listener is not None:
-            self._listener_fd = listener.fileno()
+            fd = self._listener.fileno()
+        if fd >= 0:
+            self._listener_fd = fd
             if len(self._waiting) < MAX_WAITING:
                 self._poll_set(self._listener_fd, select.POLLIN)
             else:
@@ -597,93 +406,125 @@ class Sender:
     def _manage_listener(self, now: float) -> None:
         with self._lock:
             due = self._run_active and self._save and now >= self._listen_at
-            if self._listener is None and due:
+            if not self._listener.is_open and due:
                 self._open_listener()
-            listener, run_active, stopping = self._listener, self._run_active, self._stopping
+            listening, run_active, stopping = (
+                self._listener.is_open, self._run_active, self._stopping
+            )
             stopped_at, drained = self._stopped_at, self._drained
-        if listener is None or run_active or stopping:
+        if not listening or run_active or stopping:
             return  # shutdown closes it at the very end
-        if drained and not self._data_waiting():
+        timeout = self.config.delivery_timeout_s
+        if drained and not self.delivery.outstanding():
             self._close_listener("the run's data are delivered")
-        elif stopped_at is not None and now >= stopped_at + self.config.delivery_timeout_s:
-            self._close_listener(f"{self.config.delivery_timeout_s:g} s after Stop")
+        elif stopped_at is not None and timeout > 0 and now >= stopped_at + timeout:
+            self._close_listener(f"{timeout:g} s after Stop")
+
+    # ------------------------------------------------------------ newcomers
 
     def _manage_connections(self, now: float) -> None:
-        """Close an idle receiver when data or other receivers wait; serve the next one."""
+        """Close an idle receiver when data or others wait; settle newcomers; serve the next."""
         conn = self._current
         if conn is not None and conn.pending == 0:
             idle = now - conn.idle_since
-            if idle >= self.config.idle_timeout_s and (self._data_waiting() or self._waiting):
+            if idle >= self.config.idle_timeout_s and (
+                self.delivery.data_waiting() or self._waiting
+            ):
                 conn.log_once("idle", "no request for %.1f s, closed", idle)
                 self._end_connection()
-        if self._waiting:
-            self._prune_waiting()
+        waiting: list[Connection] = []
+        for newcomer in self._waiting:
+            if self._settle_newcomer(newcomer, now):
+                waiting.append(newcomer)
+        self._waiting = waiting
         if self._current is None and self._waiting:
-            conn = self._waiting.pop(0)
-            conn.idle_since = now
-            self._current = conn
-            with self._lock:
-                self._client = conn.peer
-            self.log.debug("serving receiver %s", conn.peer)
+            self._make_current(self._waiting.pop(0), now)
 
-    def _prune_waiting(self) -> None:
-        """Close waiting connections whose peer has already gone (they would hold a place)."""
-        alive = []
-        for conn in self._waiting:
-            if conn.peer_gone():
-                self._read_leftover_requests(conn)
-                conn.note_partial_request()
-                self.log.info("receiver %s left before being served", conn.peer)
-                conn.sock.close()
-            else:
-                alive.append(conn)
-        self._waiting = alive
+    def _settle_newcomer(self, conn: Connection, now: float) -> bool:
+        """Read what a waiting client sent; refuse or reject it if it cannot be served
+        now, or make it current when the receiver being served gives way. True: keep
+        it waiting."""
+        if not self._read_nowait(conn):
+            return False
+        if conn.pending == 0 and now - conn.connected_at >= self.config.idle_timeout_s:
+            conn.log_once("idle", "no request for %.1f s, closed", now - conn.connected_at)
+            self._close(conn)
+            return False
+        if not conn.identified:
+            return True
+        current = self._current
+        if current is not None and current.peer_gone():
+            self._end_connection()  # it left; the newcomer need not wait for us to notice
+            current = None
+        if current is None:
+            return True
+        if current.pending == 0 and now - current.idle_since >= YIELD_S:
+            current.log_once("yield", "no request outstanding for %.1f s: gave way to %s",
+                             now - current.idle_since, conn.peer)
+            self._end_connection()
+            self._make_current(conn, now)
+            return False
+        self._refuse_busy(conn, current)
+        return False
 
-    def _read_leftover_requests(self, conn: _Connection) -> None:
-        """Count what a departed receiver still had queued (for the partial-request log)."""
-        with contextlib.suppress(OSError):
+    def _read_nowait(self, conn: Connection) -> bool:
+        """Take whatever a waiting client sent; False if it left or broke the protocol."""
+        try:
             while count := conn.sock.recv_into(self._scratch, 0, socket.MSG_DONTWAIT):
-                conn.received += count
+                conn.feed(memoryview(self._scratch)[:count])
+            conn.note_partial_request()
+            self.log.info("receiver %s left before being served", conn.peer)
+            self._close(conn)
+            return False
+        except (BlockingIOError, InterruptedError):
+            return True
+        except Violation as violation:
+            self._reject(conn, violation)
+            return False
+        except OSError as err:
+            conn.log_once("reset", "connection lost before being served: %s", err)
+            self._close(conn)
+            return False
 
-    def _data_waiting(self) -> bool:
-        return self._held is not None or len(self.pool.q_sender) > 0
+    def _refuse_busy(self, conn: Connection, current: Connection) -> None:
+        """Another receiver is being served: tell the newcomer to come back later."""
+        host = conn.peer.rpartition(":")[0]
+        self._refusals.warning(host, "busy", "receiver %s told to retry later: %s is being served",
+                               conn.peer, current.peer)
+        if conn.kind is Kind.CLASSIC:
+            self._send_quietly(conn, protocol.SENDER_OFF_HEADER)
+        else:
+            self._send_refusal(conn, protocol.Refusal.BUSY,
+                               f"{current.peer} is being served; try again")
+        self._close(conn)
 
-    def _flush_if_unreachable(self, now: float) -> None:
-        """With no listener and nobody connected, drop qSender once per second (counted)."""
+    def _make_current(self, conn: Connection, now: float) -> None:
+        conn.idle_since = now
+        self._current = conn
         with self._lock:
-            reachable = (
-                self._listener is not None or (self._run_active and self._save) or self._stopping
-            )
-        if reachable or self._current is not None or self._waiting:
-            self._next_flush = now + FLUSH_PERIOD_S
-            return
-        if now < self._next_flush:
-            return
-        self._next_flush = now + FLUSH_PERIOD_S
-        self._requeue_held()
-        with self.pool.lock:
-            dropped = self.pool.q_sender.get_all(Owner.SENDER)
-            by_card = [0] * CARDS
-            for buf in dropped:
-                if 0 <= buf.card < CARDS:
-                    by_card[buf.card] += buf.nbytes - buf.sent_bytes
-            self.pool.release_many(dropped)
-        if dropped:
-            with self._lock:
-                self._flushed_buffers += len(dropped)
-                for card, nbytes in enumerate(by_card):
-                    self._flushed_bytes[card] += nbytes
-            self.log.info("nobody can receive: flushed %d buffers from qSender", len(dropped))
+            self._client = conn.peer
+        self.log.debug("serving receiver %s", conn.peer)
 
     # --------------------------------------------------------------- serving
 
-    def _serve(self, conn: _Connection) -> None:
-        """Read requests (each blocking read returns within ``_read_slice``); answer each in order.
-
-        Returns when housekeeping is due, the receiver is quiet for a while, or it left.
-        """
+    def _serve(self, conn: Connection) -> None:
+        """Answer what is asked, then read more requests (each blocking read returns within
+        ``_read_slice``). Returns when housekeeping is due, the receiver is quiet for a
+        while, or it left."""
         sock, scratch = conn.sock, self._scratch
         while True:
+            try:
+                if not self._answer(conn):
+                    return
+            except Violation as violation:
+                self._reject(conn, violation)
+                return
+            except _ConnectionLost:
+                conn.note_partial_request()
+                self._end_connection()
+                return
+            if time.monotonic() >= self._next_housekeeping:
+                return
             try:
                 count = sock.recv_into(scratch)
             except (BlockingIOError, InterruptedError):
@@ -696,76 +537,148 @@ class Sender:
                 conn.note_partial_request()
                 self._end_connection()
                 return
-            conn.received += count
             try:
-                while conn.pending > 0:
-                    if self._stopping and self._finished(time.monotonic()):
-                        return
-                    self._reply(conn)
-            except _ConnectionLost:
-                conn.note_partial_request()
-                self._end_connection()
-                return
-            if self._held is None:
-                # Take the next buffer and plan its cuts now, while the receiver is busy
-                # reading: the next request is then answered without that delay.
-                self._next_buffer(wait=0.0)
-            conn.idle_since = now = time.monotonic()
-            if now >= self._next_housekeeping:
+                conn.feed(memoryview(scratch)[:count])
+            except Violation as violation:
+                self._reject(conn, violation)
                 return
 
-    def _reply(self, conn: _Connection) -> None:
-        """Send one reply: the next slice of the head buffer, or INSUFF_DATA.
+    def _answer(self, conn: Connection) -> bool:
+        """Everything the receiver asked for so far, in order; False if it was let go."""
+        if conn.kind is Kind.V2 and not self._v2_bookkeeping(conn):
+            return False
+        if not conn.pending:
+            return True
+        while conn.pending > 0:
+            if self._stopping and self._finished(time.monotonic()):
+                return False
+            self._reply(conn)
+        self.delivery.prefetch()
+        conn.idle_since = time.monotonic()
+        return True
+
+    def _v2_bookkeeping(self, conn: Connection) -> bool:
+        """Greet a new v2 client, apply its acknowledgement; False if it was let go."""
+        if not conn.greeted:
+            if conn.hello is None:
+                return True
+            refusal = self._hello_refusal(conn.hello)
+            if refusal is not None:
+                reason, text = refusal
+                self._refusals.warning(conn.peer.rpartition(":")[0], f"hello {reason.name}",
+                                       "receiver %s refused: %s", conn.peer, text)
+                self._send_refusal(conn, reason, text)
+                self._end_connection()
+                return False
+            conn.greeted = True
+            conn.generation = self.delivery.generation
+            conn.acked = self.delivery.acked
+            previous, self.delivery.last_client = self.delivery.last_client, conn.hello.description
+            self._send_quietly(conn, self._v2_header(protocol.HELLO_REPLY,
+                                                     self._run_info(previous)))
+            self.log.info("receiver %s: v2, run %d, resuming at byte %d", conn.peer,
+                          self.delivery.run.number, self.delivery.sent)
+        if conn.ack_changed:
+            conn.ack_changed = False
+            try:
+                self.delivery.acknowledge(conn.acked)
+            except ValueError as err:
+                raise Violation(str(err)) from None
+        return True
+
+    def _hello_refusal(self, hello: protocol.Hello) -> tuple[protocol.Refusal, str] | None:
+        if hello.version != protocol.VERSION:
+            return protocol.Refusal.BAD_HELLO, f"protocol version {hello.version} not served"
+        self.delivery.catch_up()
+        run = self.delivery.run
+        wanted = hello.run == protocol.NO_RUN or hello.run == run.number
+        same_start = hello.run_start_ns in (0, run.start_ns)
+        if run.number == protocol.NO_RUN or not wanted or not same_start:
+            held = "no run" if run.number == protocol.NO_RUN else f"run {run.number}"
+            if wanted and not same_start:
+                held += " (started again since)"
+            return protocol.Refusal.WRONG_RUN, f"this crate holds data of {held}"
+        return None
+
+    def _run_info(self, text: str = "") -> bytes:
+        run = self.delivery.run
+        info = protocol.RunInfo(
+            crate=self.crate,
+            run=run.number,
+            run_start_ns=run.start_ns,
+            state=self._state(),
+            complete=self._complete(),
+            max_reply=self.config.max_reply_bytes,
+            boards=run.boards,
+        )
+        return info.pack() + text.encode()
+
+    def _state(self) -> int:
+        if self._crate_state is not None:
+            return self._crate_state()
+        with self._lock:
+            if self._run_active:
+                return STATE_RUNNING
+            return STATE_STOPPED if self._drained else STATE_DRAINING
+
+    def _complete(self) -> bool:
+        """The run is over and every byte of it was delivered (v2: acknowledged)."""
+        with self._lock:
+            over = not self._run_active and self._drained
+        return over and self.delivery.current and not self.delivery.outstanding()
+
+    def _v2_header(self, kind: int, payload: bytes = b"", status: int = 0) -> bytes:
+        header = protocol.V2Header(kind, len(payload), status, self.delivery.run.number,
+                                   self.delivery.sent, self.delivery.acked)
+        return header.pack() + payload
+
+    def _reply(self, conn: Connection) -> None:
+        """Send one reply: the next slice of the head buffer, or no data.
 
         A receiver that has closed (done, or killed with requests queued) gets
         nothing more: a reply sent now would be lost, so its buffer stays queued.
         """
-        buf = self._next_buffer(wait=self.config.idle_wait_s)
+        v2 = conn.kind is Kind.V2
+        if v2 and conn.generation != self.delivery.generation:
+            text = f"run {self.delivery.run.number} started; this connection's run is over"
+            self._send_refusal(conn, protocol.Refusal.WRONG_RUN, text)
+            raise _ConnectionLost
+        reply = self.delivery.next_reply(self.config.idle_wait_s)
         if conn.peer_gone():
             raise _ConnectionLost
-        if buf is None:
-            self._send(conn, INSUFF_DATA_HEADER, None)
+        if reply is None:
+            if v2:
+                status = self._state() | (protocol.COMPLETE if self._complete() else 0)
+                header = self._v2_header(protocol.INSUFF_DATA, status=status)
+            else:
+                header = protocol.INSUFF_DATA_HEADER
+            self._send(conn, header, None)
+            conn.pending -= 1
             conn.answered += 1
             with self._lock:
                 self._idle_replies += 1
             return
-        start, end = buf.sent_bytes, self._ends[0]
-        header = HEADER.pack(SERVER_SUMMARY, end - start, 0, 1)
+        length = reply.end - reply.start
+        if v2:
+            header = protocol.V2Header(protocol.SERVER_SUMMARY, length, 0,
+                                       self.delivery.run.number, reply.offset,
+                                       self.delivery.acked).pack()
+        else:
+            header = protocol.classic_data_header(length)
         try:
-            self._send(conn, header, memoryview(buf.data)[start:end])
+            self._send(conn, header, memoryview(reply.buf.data)[reply.start : reply.end])
         except _ConnectionLost:
-            self._requeue_held()
             with self._lock:
                 self._requeued += 1
             raise
+        self.delivery.reply_sent(reply, acknowledged=v2)
+        conn.pending -= 1
         conn.answered += 1
-        buf.sent_bytes = end
         with self._lock:
             self._replies += 1
-            self._bytes_sent += end - start
-        del self._ends[0]
-        if not self._ends:
-            self._held = None
-            self.pool.release(buf)
+            self._bytes_sent += length
 
-    def _next_buffer(self, wait: float) -> Buffer | None:
-        """The buffer being served, or the head of qSender after up to ``wait`` seconds."""
-        if self._held is not None and self._held_generation != self._generation:
-            self._requeue_held()
-        while self._held is None:
-            with self.pool.lock:
-                buf = self.pool.q_sender.get(Owner.SENDER, wait)
-                generation = self._generation
-            if buf is None:
-                return None
-            if buf.sent_bytes >= buf.nbytes:
-                self.pool.release(buf)  # nothing left: never an empty SERVER_SUMMARY
-                continue
-            self._held, self._held_generation = buf, generation
-            self._ends = reply_ends(buf, self.config.max_reply_bytes)
-        return self._held
-
-    def _send(self, conn: _Connection, header: bytes, payload: memoryview | None) -> None:
+    def _send(self, conn: Connection, header: bytes, payload: memoryview | None) -> None:
         """One gather write of header + payload, finishing partial sends.
 
         Raises `_ConnectionLost` when the receiver is gone, takes nothing for
@@ -797,50 +710,87 @@ class Sender:
                 raise _ConnectionLost
             parts = _remaining(header, payload, done)
 
-    def _drop_held(self) -> None:
-        """Release the held buffer to qFree: a buffer that broke the sender is not retried."""
-        buf, self._held = self._held, None
-        self._ends = []
-        if buf is not None:
-            self.pool.release(buf)
+    def _send_quietly(self, conn: Connection, message: bytes) -> None:
+        """A short control message; a client that is gone simply does not get it."""
+        with contextlib.suppress(OSError):
+            conn.sock.sendall(message)
 
-    def _requeue_held(self) -> None:
-        """Put the held buffer back at the head of qSender (released if from an older run)."""
-        buf, self._held = self._held, None
-        self._ends = []
-        if buf is None:
-            return
-        with self.pool.lock:
-            if self._held_generation == self._generation:
-                self.pool.q_sender.put_front(buf)
-            else:
-                self.pool.release(buf)
+    def _send_refusal(self, conn: Connection, reason: protocol.Refusal, text: str) -> None:
+        self._send_quietly(conn, self._v2_header(protocol.REFUSED, self._run_info(text),
+                                                 status=int(reason)))
+
+    # --------------------------------------------------------------- endings
+
+    def _reject(self, conn: Connection, violation: Violation) -> None:
+        """A client broke the protocol: close it at once, keep the data it held."""
+        conn.log_once("violation", "%s: closed", violation)
+        self._count_rejected()
+        if conn is self._current:
+            self._end_connection()
+        else:
+            self._close(conn)
 
     def _end_connection(self) -> None:
-        """Close the receiver being served; its unfinished buffer goes back to qSender."""
+        """Close the receiver being served; what it did not take for good goes back."""
         conn, self._current = self._current, None
         if conn is None:
             return
-        self._requeue_held()
+        if conn.kind is not Kind.V2:
+            self.delivery.lost_in_flight(_unsent_bytes(conn.sock))
+        self.delivery.requeue()
         self._unpoll(conn.sock.fileno())
-        conn.sock.close()
+        self._close(conn)
         with self._lock:
             self._client = ""
         self._next_housekeeping = 0.0
         self.log.info("receiver %s left after %d replies", conn.peer, conn.answered)
 
+    def _close(self, conn: Connection) -> None:
+        """Close after what was sent (a last control message): FIN first, then read what
+        the client still sent, so the close is not a reset that could discard it."""
+        with contextlib.suppress(OSError):
+            conn.sock.shutdown(socket.SHUT_WR)
+            while conn.sock.recv_into(self._scratch, 0, socket.MSG_DONTWAIT):
+                pass
+        conn.sock.close()
+
+    def _flush_if_unreachable(self, now: float) -> None:
+        """With no listener and nobody connected, drop qSender once per second (counted)."""
+        with self._lock:
+            reachable = (
+                self._listener.is_open or (self._run_active and self._save) or self._stopping
+            )
+        if reachable or self._current is not None or self._waiting:
+            self._next_flush = now + FLUSH_PERIOD_S
+            return
+        if now < self._next_flush:
+            return
+        self._next_flush = now + FLUSH_PERIOD_S
+        dropped = self.delivery.drop_unreachable()
+        if dropped:
+            self.log.warning("nobody can receive: dropped %d buffers (counted as unreachable)",
+                             dropped)
+
     def _close_all(self) -> None:
         if self._current is not None:
             self._end_connection()
         for conn in self._waiting:
-            conn.sock.close()
+            self._close(conn)
         self._waiting = []
-        self._requeue_held()
+        self.delivery.requeue()
+        fd = self._listener.fileno()
         with self._lock:
-            listener, self._listener = self._listener, None
-        if listener is not None:
-            self._unpoll(listener.fileno())
-            listener.close()
+            self._listener.close()
+        self._unpoll(fd)
+
+
+def _unsent_bytes(sock: socket.socket) -> int:
+    """Bytes still in the socket's send queue (not yet taken by the peer)."""
+    try:
+        queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, struct.pack("i", 0))
+    except OSError:
+        return 0
+    return struct.unpack("i", queued)[0]
 
 
 def _remaining(header: bytes, payload: memoryview | None, sent: int) -> list[bytes | memoryview]:
@@ -853,8 +803,3 @@ def _remaining(header: bytes, payload: memoryview | None, sent: int) -> list[byt
     assert payload is not None
     return [payload[sent - len(header) :]]
 
-
-def _timeval(seconds: float) -> bytes:
-    """A ``struct timeval`` for SO_SNDTIMEO / SO_RCVTIMEO."""
-    whole = int(seconds)
-    return struct.pack("ll", whole, int((seconds - whole) * 1e6))

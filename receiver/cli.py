@@ -1,16 +1,26 @@
 """`dgs-receiver`: pull from one or many crate IOCs and write GEB run files (spec 04, 05).
 
-One thread per IOC connection keeps ``--pipeline`` requests in flight like the
-classic receiver, decodes each reply with numpy, builds all its GEB records at
-once (`receiver.geb`) and appends them to the run's files (`receiver.files`).
-Boards are unique system-wide, so threads of different IOCs never write the
-same file (in the single-file layout they share it under a lock).
+One thread per IOC connection (`receiver.puller`) keeps ``--pipeline`` requests
+in flight like the classic receiver, decodes each reply with numpy, builds all
+its GEB records at once (`receiver.geb`) and appends them to the run's files
+(`receiver.files`). Boards are unique system-wide, so threads of different
+IOCs never write the same file (in the single-file layout they share it under
+a lock).
 
-The run ends when every board seen has sent its 0xD header (exit 0), or on
-Ctrl-C / SIGTERM / ``--max-seconds`` (exit 1): the threads stop asking, read
-the replies still owed, and every file is closed, renamed and made read-only
-either way. An existing run is refused before anything is touched (exit 2); an
-IOC that cannot be reached within ``--connect-timeout`` gives exit 3.
+It speaks the acknowledged, run-tagged protocol v2 by default (``--protocol
+classic`` for an original IOC): it takes only the run it was started for
+(``--run N``), and the IOC keeps whatever it has not acknowledged, so a
+second receiver of the same run (another ``--out``) gets exactly the rest.
+
+Exit codes: 0 the run is complete (v2: every byte delivered and acknowledged;
+classic: every board seen sent its 0xD header); 1 interrupted (Ctrl-C,
+SIGTERM, ``--max-seconds``: the threads stop asking, read the replies still
+owed, and every file is closed, renamed and made read-only either way), or the
+IOC moved on to another run; 2 refused before anything was touched (an
+existing run, bad options); 3 an IOC could not be reached within
+``--connect-timeout``; 4 a write failed (a full disk): nothing more was
+acknowledged, every file was cut back to its last whole record and closed,
+and the summary says where it stopped.
 
 Trigger boards: trigger packets carry no board id. Records of a trigger board
 (its packets and its type-F headers) get GEB type 15 and the trigger's real
@@ -24,51 +34,30 @@ connection's trigger packets are filed as board 0 and counted as an error.
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import threading
 import time
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-import numpy as np
-
-from ioc import packets
-from ioc.decoder import KIND_TRIGGER, KIND_TYPE_F
-from ioc.hardware import WORD
 from receiver import geb, snapshot
-from receiver.client import (
-    HEADER,
-    INSUFF_DATA,
-    MAX_REPLY_BYTES,
-    DataConnection,
-    ProtocolError,
-    ReplyHeader,
-)
 from receiver.files import (
     DEFAULT_CHUNK_BYTES,
-    ChunkFile,
     Layout,
     Rotation,
     RunDirectory,
     RunExistsError,
 )
+from receiver.puller import Puller, RunGone, TriggerIdentity
 
 EXIT_DONE = 0
 EXIT_INTERRUPTED = 1
 EXIT_USAGE = 2
 EXIT_CONNECTION = 3
-
-GROUPING = {
-    Layout.CLASSIC: geb.GROUP_CHANNEL,
-    Layout.BOARD: geb.GROUP_BOARD,
-    Layout.SINGLE: geb.GROUP_NONE,
-}
-#: A reply is expected at least every idle wait (20 ms); this long without one is a dead link.
-READ_TIMEOUT_S = 10.0
-UNKNOWN_TRIGGER_BOARD = 0
+EXIT_WRITE = 4
 
 
 # ------------------------------------------------------------------ options
@@ -117,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also start a new chunk when a file is this old")
     p.add_argument("--chunk-events", type=_positive(int),
                    help="also start a new chunk when a file holds this many records")
+    p.add_argument("--protocol", choices=("v2", "classic"), default="v2",
+                   help="acknowledged, run-tagged v2 (default) or classic (an original IOC)")
     p.add_argument("--pipeline", type=_positive(int), default=6, help="requests in flight")
     p.add_argument("--connect-timeout", type=_positive(float), default=60.0,
                    help="seconds to wait for an IOC (at start and after a lost link)")
@@ -158,278 +149,6 @@ def _check(args: argparse.Namespace) -> str | None:
     if args.run is not None and args.run < 0:
         return "--run must be >= 0"
     return None
-
-
-# ------------------------------------------------------------- bookkeeping
-
-
-@dataclass
-class ChannelSummary:
-    records: int = 0
-    nbytes: int = 0
-    first_timestamp: int = -1
-    last_timestamp: int = -1
-
-
-@dataclass
-class Counters:
-    """What one connection has done; read by the status display from another thread."""
-
-    replies: int = 0
-    data_replies: int = 0
-    payload_bytes: int = 0
-    records: int = 0  # GEB records written, type-F headers included
-    events: int = 0  # digitizer and trigger events among them
-    errors: int = 0
-    unknown_spans: int = 0
-    reconnects: int = 0
-    state: str = "connecting"
-    boards_seen: set[int] = field(default_factory=set)
-    boards_done: set[int] = field(default_factory=set)
-    channels: dict[tuple[int, int], ChannelSummary] = field(default_factory=dict)
-    messages: list[str] = field(default_factory=list)
-    #: Wall-clock time (epoch seconds) when the last board's 0xD was written.
-    completed_at: float | None = None
-
-    @property
-    def all_done(self) -> bool:
-        return bool(self.boards_seen) and self.boards_seen <= self.boards_done
-
-
-class TriggerIdentity:
-    """What a connection knows about its crate's trigger board (see the module text).
-
-    ``ids`` are trigger package data: the crate's own from its PV snapshot
-    (``crate_ids``) and any given with ``--trigger-board``; ``slots`` the
-    trigger slots the snapshot shows. Trigger packets get ``board``: the
-    crate's own id, else the only id known, until a type-F header names it.
-    """
-
-    def __init__(self, crate_ids: set[int], slots: set[int], given: Collection[int] = ()):
-        self.ids = set(crate_ids) | set(given)
-        self.slots = set(slots)
-        own = crate_ids if len(crate_ids) == 1 else self.ids
-        self.board = next(iter(own)) if len(own) == 1 else -1
-
-    def learn(self, type_f: np.ndarray) -> None:
-        """Type-F headers from a trigger slot or with a trigger id name the board."""
-        if type_f.size == 0 or not (self.slots or self.ids):
-            return
-        mine = np.isin(type_f["slot"], list(self.slots)) | np.isin(type_f["board"], list(self.ids))
-        if mine.any():
-            board = int(type_f["board"][np.flatnonzero(mine)[0]])
-            self.ids.add(board)
-            self.board = board
-
-
-class Puller(threading.Thread):
-    """One IOC connection: pull, decode, build records, write."""
-
-    def __init__(
-        self,
-        index: int,
-        address: tuple[str, int],
-        crate: str | None,
-        run: RunDirectory,
-        args: argparse.Namespace,
-        trigger: TriggerIdentity,
-        stop: threading.Event,
-    ) -> None:
-        super().__init__(name=f"puller-{index}", daemon=True)
-        self.index = index
-        self.address = address
-        self.label = f"{address[0]}:{address[1]}" + (f" (crate {crate})" if crate else "")
-        self.run_dir = run
-        self.args = args
-        self.grouping = GROUPING[run.layout]
-        self.types = geb.GebTypes(args.geb_type_digitizer, args.geb_type_trigger)
-        self.trigger = trigger
-        self.stop_event = stop
-        self.counters = Counters()
-        self.failed: str | None = None
-        self.started_at = time.monotonic()
-        self.raw: ChunkFile | None = None
-        self._warned_trigger = False
-        #: One reply's records are built here and written before the next reply is read:
-        #: a separate writer thread measured twice the CPU per reply (GIL hand-offs).
-        self.scratch = geb.Scratch()
-
-    # ----------------------------------------------------------- the loop
-
-    def run(self) -> None:
-        try:
-            if self.args.save_raw:
-                self.raw = ChunkFile(
-                    self.run_dir.path / f"{self.run_dir.run_name}.replies_{self.index}"
-                )
-            self._pull()
-        except (ConnectionError, TimeoutError, ProtocolError) as error:
-            self.failed = f"{self.label}: {error}"
-        except OSError as error:
-            self.failed = f"{self.label}: cannot write: {error}"
-        except Exception as error:  # reported, never a silent dead thread
-            self.failed = f"{self.label}: internal error {error!r}"
-        finally:
-            if self.raw is not None:
-                self.raw.close()
-            if self.failed:
-                self.counters.state = "failed"
-            elif self.counters.all_done:
-                self.counters.state = "done"
-            else:
-                self.counters.state = "stopped"
-
-    def _connect(self) -> DataConnection | None:
-        """Connect within the connect timeout; None if asked to stop meanwhile."""
-        deadline = time.monotonic() + self.args.connect_timeout
-        while not self.stop_event.is_set():
-            try:
-                return DataConnection.connect(
-                    *self.address,
-                    timeout=min(1.0, max(0.05, deadline - time.monotonic())),
-                    read_timeout=READ_TIMEOUT_S,
-                    max_reply_bytes=MAX_REPLY_BYTES,
-                )
-            except OSError as error:
-                if time.monotonic() >= deadline:
-                    raise ConnectionError(
-                        f"no connection within {self.args.connect_timeout:g} s ({error})"
-                    ) from None
-                self.stop_event.wait(0.05)
-        return None
-
-    def _pull(self) -> None:
-        """Pull until done or stopped; a lost link is re-established within the timeout."""
-        while True:
-            conn = self._connect()
-            if conn is None:
-                return
-            self.counters.state = "receiving"
-            try:
-                self._session(conn)
-                return
-            except (ConnectionError, TimeoutError, ProtocolError) as error:
-                self.counters.errors += 1
-                self.counters.reconnects += 1
-                self.counters.messages.append(f"link lost ({error}); reconnecting")
-                self.counters.state = "reconnecting"
-            finally:
-                conn.close()
-
-    def _session(self, conn: DataConnection) -> None:
-        """Pull until done or stopped, then read every reply still owed."""
-        conn.request(self.args.pipeline)
-        stopping = False
-        while conn.outstanding:
-            header, payload = conn.read_reply()
-            self.process_reply(header, payload)
-            if not stopping:
-                stopping = self.counters.all_done or self.stop_event.is_set()
-                if not stopping:
-                    conn.request(1)
-
-    # ------------------------------------------------------------ a reply
-
-    def process_reply(self, header: ReplyHeader, payload: memoryview) -> None:
-        """Account, decode and write one reply's records (in arrival order)."""
-        counters = self.counters
-        counters.replies += 1
-        if header.type == INSUFF_DATA:
-            return
-        counters.data_replies += 1
-        counters.payload_bytes += header.length
-        if self.raw is not None:
-            self.raw.write(memoryview(HEADER.pack(*header)), 0)
-            self.raw.write(payload, 1)
-        words = np.frombuffer(payload, dtype=WORD)
-        decoded = geb.decode_reply(words)
-        if decoded.unknown:
-            self._unknown(payload, decoded.unknown)
-        if decoded.events.size:
-            self._records(words, decoded.events)
-
-    def _unknown(self, payload: memoryview, spans: list[tuple[int, int]]) -> None:
-        for offset, nwords in spans:
-            self.run_dir.unknown.add(
-                self.label, self.index, self.counters.replies, offset * 4,
-                bytes(payload[offset * 4 : (offset + nwords) * 4]),
-            )
-        self.counters.unknown_spans += len(spans)
-        self.counters.errors += len(spans)
-
-    def _records(self, words: np.ndarray, events: np.ndarray) -> None:
-        counters = self.counters
-        kinds = events["kind"]
-        type_f = kinds == KIND_TYPE_F
-        trigger_packets = kinds == KIND_TRIGGER
-        any_type_f, any_trigger = bool(type_f.any()), bool(trigger_packets.any())
-        if any_type_f:
-            self.trigger.learn(events[type_f])
-        if any_trigger and self.trigger.board < 0 and not self._warned_trigger:
-            self._warned_trigger = True
-            counters.errors += 1
-            counters.messages.append(
-                "trigger board unknown (no PV snapshot, --trigger-board or trigger type-F yet):"
-                f" its packets are filed as board {UNKNOWN_TRIGGER_BOARD} until known"
-            )
-        trigger_board = self.trigger.board if self.trigger.board >= 0 else UNKNOWN_TRIGGER_BOARD
-        batch = geb.make_batch(
-            words, events, trigger_board=trigger_board, trigger_boards=self.trigger.ids,
-            grouping=self.grouping, types=self.types, scratch=self.scratch,
-        )
-        counters.records += len(batch)
-        counters.events += len(batch) - int(np.count_nonzero(type_f))
-        if any_trigger and self.trigger.board >= 0:
-            counters.boards_seen.add(self.trigger.board)
-        boards = events["board"][~trigger_packets] if any_trigger else events["board"]
-        if boards.size:
-            first = int(boards[0])
-            if (boards == first).all():
-                counters.boards_seen.add(first)
-            else:
-                counters.boards_seen.update(int(b) for b in np.unique(boards))
-        ends: list[int] = []
-        if any_type_f:
-            end_of_run = type_f & (events["channel"] == packets.CH_END_OF_RUN)
-            ends = [int(board) for board in events["board"][end_of_run].tolist()]
-            for board in ends:
-                self._end_of_run(board)
-        self._write(batch, ends)
-        if ends and counters.completed_at is None and counters.all_done:
-            counters.completed_at = time.time()
-
-    def _write(self, batch: geb.Batch, ends: list[int]) -> None:
-        """Append the records to their files; a board's files close after its 0xD."""
-        run = self.run_dir
-        for group in batch.groups:
-            key = run.key_for(group.board, group.channel, group.trigger)
-            run.write(key, batch.data, batch.bounds[group.first : group.stop + 1])
-        self.summarise(batch.stats)
-        for board in ends:
-            run.close_board(board)
-
-    def summarise(self, stats: geb.ChannelStats) -> None:
-        """Add a written batch's per-channel sums to the end-of-run summary."""
-        channels = self.counters.channels
-        for board, channel, records, nbytes, first, last in zip(
-            stats.board.tolist(), stats.channel.tolist(), stats.records.tolist(),
-            stats.nbytes.tolist(), stats.first_timestamp.tolist(), stats.last_timestamp.tolist(),
-            strict=True,
-        ):
-            entry = channels.get((board, channel))
-            if entry is None:
-                entry = channels[(board, channel)] = ChannelSummary(first_timestamp=first)
-            entry.records += records
-            entry.nbytes += nbytes
-            entry.last_timestamp = last
-
-    def _end_of_run(self, board: int) -> None:
-        """The board's 0xD: its files close once this reply's records are written."""
-        counters = self.counters
-        if board in counters.boards_done:
-            counters.errors += 1
-            counters.messages.append(f"board {board}: a second end-of-run (0xD) header")
-        counters.boards_done.add(board)
 
 
 # ------------------------------------------------------------------ status
@@ -513,6 +232,18 @@ def summary_document(run: RunDirectory, pullers: Sequence[Puller], code: int,
             "boards_done": sorted(c.boards_done),
             "completed_at": c.completed_at,
             "trigger_board": puller.trigger.board if puller.trigger.board >= 0 else None,
+            "protocol": "v2" if puller.v2 else "classic",
+            "complete": c.complete,
+            "write_error": str(puller.write_error) if puller.write_error else None,
+            **({"stream": {
+                "run": puller.stream.run,
+                "run_start_ns": puller.stream.run_start_ns,
+                "crate": puller.stream.crate,
+                "first_offset": puller.stream.first_offset,
+                "stored": puller.stream.stored,
+                "gaps": puller.stream.gaps,
+                "recovered": puller.stream.recovered,
+            }} if puller.v2 else {}),
             "messages": c.messages,
             "channels": [
                 {
@@ -601,10 +332,11 @@ def run_receiver(args: argparse.Namespace, stop: threading.Event, out: TextIO,
     else:
         print("dgs-receiver: PV snapshot skipped (no --pv-ca/--pv-pva)", file=out, flush=True)
     given = set(args.trigger_board)
+    write_failed = threading.Event()
     pullers = [
         Puller(
             i, address, args.crate[i] if args.crate else None, run, args,
-            TriggerIdentity(identities[i][0], identities[i][1], given), stop,
+            TriggerIdentity(identities[i][0], identities[i][1], given), stop, write_failed,
         )
         for i, address in enumerate(args.addresses)
     ]
@@ -612,6 +344,7 @@ def run_receiver(args: argparse.Namespace, stop: threading.Event, out: TextIO,
     deadline = None if args.max_seconds is None else began + args.max_seconds
     for puller in pullers:
         puller.start()
+    closing_error: OSError | None = None
     try:
         while any(p.is_alive() for p in pullers):
             if deadline is not None and time.monotonic() >= deadline and not stop.is_set():
@@ -626,22 +359,58 @@ def run_receiver(args: argparse.Namespace, stop: threading.Event, out: TextIO,
         for puller in pullers:
             puller.join()
         status.update()
-        run.close()
+        try:
+            run.close()
+        except OSError as error:
+            closing_error = error
+    code = _exit_code(pullers, closing_error, err)
+    if args.crate and (args.pv_ca or args.pv_pva) and code != EXIT_WRITE:
+        _snapshots(run, args, "end", out)
+    document = summary_document(run, pullers, code, time.monotonic() - began)
+    _save_summary(run, args.out, document, err)
+    print_summary(document, out)
+    return code
+
+
+def _exit_code(pullers: Sequence[Puller], closing_error: OSError | None, err: TextIO) -> int:
+    """The exit code, with one line on stderr for what went wrong."""
+    write_error = next((p.write_error for p in pullers if p.write_error), None)
+    if write_error is not None or closing_error is not None:
+        what = str(write_error) if write_error else f"cannot close a file: {closing_error}"
+        print(
+            f"dgs-receiver: {what}; stopped: every file ends at its last whole record, and "
+            "what was not acknowledged stays in the IOC for another receiver of this run",
+            file=err, flush=True,
+        )
+        return EXIT_WRITE
     for puller in pullers:
         if puller.failed:
             print(f"dgs-receiver: {puller.failed}", file=err, flush=True)
+    if any(isinstance(p.failure, RunGone) for p in pullers):
+        return EXIT_INTERRUPTED
     if any(p.failed for p in pullers):
-        code = EXIT_CONNECTION
-    elif all(p.counters.all_done for p in pullers):
-        code = EXIT_DONE
-    else:
-        code = EXIT_INTERRUPTED
-    if args.crate and (args.pv_ca or args.pv_pva):
-        _snapshots(run, args, "end", out)
-    document = summary_document(run, pullers, code, time.monotonic() - began)
-    run.write_json("summary", document)
-    print_summary(document, out)
-    return code
+        return EXIT_CONNECTION
+    if all(p.finished for p in pullers):
+        return EXIT_DONE
+    return EXIT_INTERRUPTED
+
+
+def _save_summary(run: RunDirectory, out_dir: Path, document: dict, err: TextIO) -> None:
+    """The summary goes into the run directory; on a full disk beside it; else to stderr."""
+    try:
+        run.write_json("summary", document)
+        return
+    except OSError as error:
+        first = error
+    beside = out_dir / f"{run.run_name}.summary.json"
+    try:
+        with open(beside, "x", encoding="utf-8") as file:
+            json.dump(document, file, indent=1)
+        print(f"dgs-receiver: summary written to {beside} ({first})", file=err, flush=True)
+    except OSError:
+        print(f"dgs-receiver: summary ({first}):", file=err)
+        json.dump(document, err)
+        print(file=err, flush=True)
 
 
 def main(argv: list[str] | None = None, *, stop: threading.Event | None = None,

@@ -1,9 +1,10 @@
-"""The product's receiver client for the gtReceiver data protocol (spec 05).
+"""The product's receiver client for the data protocol (spec 05, docs/protocol.md).
 
 Three layers, so the GEB file writer can reuse the lower ones:
 
-- `DataConnection`: one TCP connection; 4-byte requests out, 16-byte header +
-  exactly ``recLen`` payload bytes in, read into one preallocated buffer.
+- `DataConnection`: one classic TCP connection; 4-byte requests out, 16-byte
+  header + exactly ``recLen`` payload bytes in, read into one preallocated
+  buffer. `V2Connection`: the same for the acknowledged, run-tagged version 2.
 - `decode_payload`: a reply's payload as packets, with `ioc.decoder`.
 - `Tally`: what arrived, per board (events, 0xD end-of-run headers) and overall.
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import socket
-import struct
 import sys
 import time
 from collections.abc import Callable
@@ -28,22 +28,39 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ioc import packets
+from ioc import packets, protocol
 from ioc.decoder import EVENT_DTYPE, KIND_TRIGGER, KIND_TYPE_F, Decoded, decode
 from ioc.hardware import WORD
 
-REQUEST = struct.pack(">i", 1)
-HEADER = struct.Struct(">iiii")
-SERVER_SUMMARY = 4
-INSUFF_DATA = 5
+REQUEST = protocol.CLASSIC_REQUEST
+HEADER = protocol.CLASSIC_HEADER
+SERVER_SUMMARY = protocol.SERVER_SUMMARY
+INSUFF_DATA = protocol.INSUFF_DATA
 #: The protocol's largest configurable reply.
 MAX_REPLY_BYTES = 10_000_000
 
 CONNECT_RETRY_S = 0.05
+#: An IOC answers every request within its idle wait (20 ms); this long means a dead link.
+READ_TIMEOUT_S = 30.0
+#: After SENDER_OFF or a BUSY / WRONG_RUN refusal, ask again this often.
+RETRY_S = 0.2
 
 
 class ProtocolError(Exception):
     """The server sent something the protocol does not allow."""
+
+
+class SenderOff(ConnectionError):
+    """Classic SENDER_OFF: the IOC serves another receiver now; connect again later."""
+
+
+class Refused(ConnectionError):
+    """A v2 refusal: why, what the IOC holds, and its message."""
+
+    def __init__(self, reason: protocol.Refusal, info: protocol.RunInfo, text: str) -> None:
+        super().__init__(text)
+        self.reason = reason
+        self.info = info
 
 
 class ReplyHeader(NamedTuple):
@@ -104,6 +121,8 @@ class DataConnection:
         """Read the next reply: its header and exactly ``recLen`` payload bytes."""
         self._read_exactly(memoryview(self._header))
         header = ReplyHeader(*HEADER.unpack(self._header))
+        if header.type == protocol.SENDER_OFF:
+            raise SenderOff("the IOC is serving another receiver (SENDER_OFF)")
         if header.type == SERVER_SUMMARY:
             if not 0 < header.length <= len(self._payload) or header.recs != 1:
                 raise ProtocolError(f"bad data reply header {header}")
@@ -118,15 +137,101 @@ class DataConnection:
         return header, payload
 
     def _read_exactly(self, view: memoryview) -> None:
-        got = 0
-        while got < len(view):
-            count = self.sock.recv_into(view[got:])
-            if count == 0:
-                raise ConnectionError("the server closed the connection")
-            got += count
+        _read_exactly(self.sock, view)
 
     def close(self) -> None:
         self.sock.close()
+
+
+class V2Connection:
+    """One version-2 connection: hello, then requests carrying acknowledgements.
+
+    `read_reply` returns the header and a view into a buffer reused by the next read.
+    """
+
+    def __init__(self, sock: socket.socket, info: protocol.RunInfo, header: protocol.V2Header,
+                 previous: str, max_reply_bytes: int = MAX_REPLY_BYTES) -> None:
+        self.sock = sock
+        self.info = info
+        #: The stream offset the IOC resumes at (its acknowledged offset).
+        self.resume = header.offset
+        #: How the previous v2 receiver of this run described itself ("" if none).
+        self.previous = previous
+        self.outstanding = 0
+        self._header = bytearray(protocol.V2_HEADER.size)
+        self._payload = bytearray(max_reply_bytes)
+        self._payload_view = memoryview(self._payload)
+
+    @classmethod
+    def open(
+        cls,
+        host: str,
+        port: int,
+        hello: protocol.Hello,
+        *,
+        timeout: float = 10.0,
+        read_timeout: float | None = 10.0,
+        max_reply_bytes: int = MAX_REPLY_BYTES,
+    ) -> V2Connection:
+        """Connect (retrying refused connections until ``timeout``) and say hello.
+
+        Raises `Refused` when the IOC will not serve this client now.
+        """
+        classic = DataConnection.connect(host, port, timeout=timeout, read_timeout=read_timeout,
+                                         max_reply_bytes=0)
+        sock = classic.sock
+        try:
+            sock.sendall(hello.pack())
+            header_bytes = _read_exactly(sock, memoryview(bytearray(protocol.V2_HEADER.size)))
+            if header_bytes[:4] == protocol.SENDER_OFF_HEADER[:4]:
+                raise ProtocolError("the server speaks only the classic protocol (SENDER_OFF)")
+            header = protocol.V2Header.unpack(header_bytes)
+            if header.type not in (protocol.HELLO_REPLY, protocol.REFUSED):
+                raise ProtocolError(f"expected a hello reply, got type {header.type}")
+            payload = _read_exactly(sock, memoryview(bytearray(header.length)))
+            info, text = protocol.RunInfo.unpack(header.run, payload)
+            if header.type == protocol.REFUSED:
+                raise Refused(protocol.Refusal(header.status), info, text)
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock, info, header, text, max_reply_bytes)
+
+    def request(self, count: int, ack: int) -> None:
+        """Ask for ``count`` more replies; everything below stream offset ``ack`` is stored."""
+        self.sock.sendall(protocol.v2_request(count, ack))
+        self.outstanding += count
+
+    def read_reply(self) -> tuple[protocol.V2Header, memoryview]:
+        """The next reply: data (type 4), no data (5), or a refusal (raises `Refused`)."""
+        _read_exactly(self.sock, memoryview(self._header))
+        header = protocol.V2Header.unpack(self._header)
+        if header.type == protocol.REFUSED:
+            payload = _read_exactly(self.sock, memoryview(bytearray(header.length)))
+            info, text = protocol.RunInfo.unpack(header.run, payload)
+            raise Refused(protocol.Refusal(header.status), info, text)
+        if header.type == SERVER_SUMMARY:
+            if not 0 < header.length <= len(self._payload):
+                raise ProtocolError(f"bad data reply header {header}")
+        elif header.type != INSUFF_DATA or header.length != 0:
+            raise ProtocolError(f"unexpected reply {header}")
+        payload = self._payload_view[: header.length]
+        _read_exactly(self.sock, payload)
+        self.outstanding -= 1
+        return header, payload
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _read_exactly(sock: socket.socket, view: memoryview) -> memoryview:
+    got = 0
+    while got < len(view):
+        count = sock.recv_into(view[got:])
+        if count == 0:
+            raise ConnectionError("the server closed the connection")
+        got += count
+    return view
 
 
 # --------------------------------------------------------------- decoding
@@ -285,43 +390,70 @@ class Receiver:
         until_done: bool = True,
         until: Callable[[Tally], bool] | None = None,
         on_reply: Callable[[Tally], None] | None = None,
+        on_wait: Callable[[str], None] | None = None,
     ) -> Tally:
         """Pull replies until every board seen sent its 0xD (with ``until_done``),
         ``until(tally)`` is true, ``max_seconds`` passed or ``max_replies`` replies
         were asked for; then read the replies still owed and close. Returns the
         tally (also ``self.tally``).
+
+        An IOC busy with another receiver answers SENDER_OFF: then ``on_wait`` is told
+        why and the connection is tried again, within the connect timeout (and
+        ``max_seconds``).
         """
-        conn = DataConnection.connect(
-            self.host,
-            self.port,
-            timeout=self.connect_timeout,
-            read_timeout=self.read_timeout,
-            max_reply_bytes=self.max_reply_bytes,
-        )
-        deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        started = time.monotonic()
+        deadline = None if max_seconds is None else started + max_seconds
+        connect_deadline = started + self.connect_timeout
+        if deadline is not None:
+            connect_deadline = min(connect_deadline, deadline)
         budget = max_replies if max_replies is not None else sys.maxsize
-        try:
-            asked = min(self.pipeline, budget)
-            conn.request(asked)
-            stopping = asked >= budget
-            while conn.outstanding:
-                header, payload = conn.read_reply()
-                self.tally.add_reply(header, payload)
-                if on_reply is not None:
-                    on_reply(self.tally)
-                if not stopping:
-                    stopping = (
-                        (until_done and self.tally.all_done)
-                        or (until is not None and until(self.tally))
-                        or (deadline is not None and time.monotonic() >= deadline)
-                        or asked >= budget
-                    )
-                if not stopping:
-                    conn.request(1)
-                    asked += 1
-        finally:
-            conn.close()
-        return self.tally
+        while True:
+            conn = DataConnection.connect(
+                self.host,
+                self.port,
+                timeout=max(0.05, connect_deadline - time.monotonic()),
+                read_timeout=self.read_timeout,
+                max_reply_bytes=self.max_reply_bytes,
+            )
+            try:
+                self._pull(conn, deadline, budget, until_done, until, on_reply)
+                return self.tally
+            except SenderOff as busy:
+                if on_wait is not None:
+                    on_wait(str(busy))
+                if time.monotonic() + RETRY_S >= connect_deadline:
+                    raise TimeoutError(f"{busy}; gave up waiting") from None
+                time.sleep(RETRY_S)
+            finally:
+                conn.close()
+
+    def _pull(
+        self,
+        conn: DataConnection,
+        deadline: float | None,
+        budget: int,
+        until_done: bool,
+        until: Callable[[Tally], bool] | None,
+        on_reply: Callable[[Tally], None] | None,
+    ) -> None:
+        asked = min(self.pipeline, budget)
+        conn.request(asked)
+        stopping = asked >= budget
+        while conn.outstanding:
+            header, payload = conn.read_reply()
+            self.tally.add_reply(header, payload)
+            if on_reply is not None:
+                on_reply(self.tally)
+            if not stopping:
+                stopping = (
+                    (until_done and self.tally.all_done)
+                    or (until is not None and until(self.tally))
+                    or (deadline is not None and time.monotonic() >= deadline)
+                    or asked >= budget
+                )
+            if not stopping:
+                conn.request(1)
+                asked += 1
 
 
 # -------------------------------------------------------------------- CLI
@@ -372,11 +504,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("address must be host:port")
     receiver = Receiver(
         host, int(port), pipeline=args.pipeline, connect_timeout=args.connect_timeout,
-        read_timeout=None,
+        read_timeout=READ_TIMEOUT_S,
     )
     progress = _Progress(args.interval)
+    waited: list[str] = []
+
+    def say_why(reason: str) -> None:
+        if not waited:
+            print(f"receiver: waiting: {reason}; retrying every {RETRY_S:g} s", flush=True)
+        waited.append(reason)
+
     try:
-        tally = receiver.run(max_seconds=args.seconds, max_replies=args.replies, on_reply=progress)
+        tally = receiver.run(
+            max_seconds=args.seconds, max_replies=args.replies, on_reply=progress,
+            on_wait=say_why,
+        )
     except KeyboardInterrupt:
         tally = receiver.tally
     except (OSError, ProtocolError) as err:

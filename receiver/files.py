@@ -18,6 +18,12 @@ Safety: a file is written as ``.<name>.part`` and renamed to its name on close
 (a hard link that fails if the name exists, so nothing is ever overwritten),
 then it is read-only. `RunDirectory.create` refuses an existing non-empty run
 directory before creating anything.
+
+Atomic writes: what one `Stream.write` call writes either all lands or, on any
+write error (a full disk), is taken back (files cut back to their size before
+the call, chunks the call opened removed), so no file ever ends in a partial
+record. A chunk rotated out stays open until `Stream.settle`, so the writes of
+a whole reply (several streams) can still be taken back with `Stream.undo`.
 """
 
 from __future__ import annotations
@@ -102,12 +108,28 @@ class ChunkFile:
         self.records = 0
 
     def write(self, data: memoryview | np.ndarray, records: int) -> None:
+        """Append; an error names this file (callers take the partial write back)."""
         view = memoryview(data).cast("B")
         done = 0
-        while done < len(view):  # a regular file may take less than asked
-            done += os.write(self._fd, view[done:])
-        self.nbytes += done
+        try:
+            while done < len(view):  # a regular file may take less than asked
+                done += os.write(self._fd, view[done:])
+        except OSError as error:
+            raise OSError(error.errno, error.strerror, str(self.path)) from error
+        finally:
+            self.nbytes += done
         self.records += records
+
+    def cut_back(self, nbytes: int, records: int) -> None:
+        """Take back everything written after the file held ``nbytes`` (``records``)."""
+        os.ftruncate(self._fd, nbytes)
+        os.lseek(self._fd, nbytes, os.SEEK_SET)
+        self.nbytes, self.records = nbytes, records
+
+    def discard(self) -> None:
+        """Close and remove a chunk that holds nothing to keep."""
+        os.close(self._fd)
+        self.part.unlink(missing_ok=True)
 
     def close(self) -> ClosedFile:
         """Make read-only, close, and give the file its name (never replacing one)."""
@@ -133,6 +155,17 @@ def _publish(part: Path, path: Path) -> None:
     os.unlink(part)
 
 
+@dataclass(frozen=True)
+class Mark:
+    """A stream as it was before a write: what `Stream.undo` returns it to."""
+
+    chunk: int
+    current: ChunkFile | None
+    nbytes: int
+    records: int
+    retired: int
+
+
 class Stream:
     """The chunk files of one stream key, rotated by the run's `Rotation`."""
 
@@ -141,30 +174,79 @@ class Stream:
         self.key = key
         self.chunk = -1
         self.current: ChunkFile | None = None
+        #: Chunks rotated out and not yet closed (see `settle`).
+        self.retired: list[ChunkFile] = []
         self.lock = threading.Lock()
 
-    def write(self, data: np.ndarray, bounds: np.ndarray) -> None:
-        """Write whole records: ``data`` bytes, ``bounds`` their byte offsets (records + 1)."""
+    def write(self, data: np.ndarray, bounds: np.ndarray) -> Mark:
+        """Write whole records: ``data`` bytes, ``bounds`` their byte offsets (records + 1).
+
+        All or nothing: on an error the stream is returned to how it was, then the
+        error is raised. Returns the mark to undo this write later.
+        """
+        with self.lock:
+            mark = self._mark()
+            try:
+                self._write(data, bounds)
+            except OSError:
+                self._undo(mark)
+                raise
+            return mark
+
+    def _write(self, data: np.ndarray, bounds: np.ndarray) -> None:
         rotation = self.run.rotation
         first, last = 0, bounds.size - 1
+        while first < last:
+            current = self._current()
+            if current.records and self._expired(current):
+                current = self._rotate()
+            room = rotation.max_bytes - current.nbytes
+            stop = int(np.searchsorted(bounds, bounds[first] + room, side="right")) - 1
+            stop = min(stop, last)
+            if rotation.max_records is not None:
+                stop = min(stop, first + rotation.max_records - current.records)
+            if stop <= first:
+                if current.records:
+                    self._rotate()
+                    continue
+                stop = first + 1  # a record larger than the limit goes alone
+            begin, end = int(bounds[first]), int(bounds[stop])
+            current.write(data[begin:end], stop - first)
+            first = stop
+
+    def _mark(self) -> Mark:
+        current = self.current
+        nbytes, records = (current.nbytes, current.records) if current else (0, 0)
+        return Mark(self.chunk, current, nbytes, records, len(self.retired))
+
+    def undo(self, mark: Mark) -> None:
+        """Take back every write since ``mark`` (a later write of the same reply failed)."""
         with self.lock:
-            while first < last:
-                current = self._current()
-                if current.records and self._expired(current):
-                    current = self._rotate()
-                room = rotation.max_bytes - current.nbytes
-                stop = int(np.searchsorted(bounds, bounds[first] + room, side="right")) - 1
-                stop = min(stop, last)
-                if rotation.max_records is not None:
-                    stop = min(stop, first + rotation.max_records - current.records)
-                if stop <= first:
-                    if current.records:
-                        self._rotate()
-                        continue
-                    stop = first + 1  # a record larger than the limit goes alone
-                begin, end = int(bounds[first]), int(bounds[stop])
-                current.write(data[begin:end], stop - first)
-                first = stop
+            self._undo(mark)
+
+    def _undo(self, mark: Mark) -> None:
+        opened = self.retired[mark.retired :]
+        if self.current is not None and self.current is not mark.current:
+            opened.append(self.current)
+        for chunk in opened:
+            if chunk is not mark.current:
+                chunk.discard()
+        del self.retired[mark.retired :]
+        self.current, self.chunk = mark.current, mark.chunk
+        if mark.current is not None:
+            mark.current.cut_back(mark.nbytes, mark.records)
+
+    def settle(self) -> None:
+        """The reply's writes stand: close the chunks rotated out meanwhile."""
+        with self.lock:
+            retired, self.retired = self.retired, []
+            for chunk in retired:
+                self.run.closed(chunk.close())
+
+    @property
+    def files(self) -> list[ChunkFile]:
+        """Open chunks (rotated-out ones first)."""
+        return [*self.retired, *([self.current] if self.current else [])]
 
     def _expired(self, current: ChunkFile) -> bool:
         interval = self.run.rotation.max_seconds
@@ -177,13 +259,16 @@ class Stream:
         return self.current
 
     def _rotate(self) -> ChunkFile:
-        self.close()
+        if self.current is not None:
+            self.retired.append(self.current)
+            self.current = None
         return self._current()
 
     def close(self) -> None:
-        if self.current is not None:
-            current, self.current = self.current, None
-            self.run.closed(current.close())
+        """Close every open chunk (caller holds the lock)."""
+        for chunk in [*self.retired, *([self.current] if self.current else [])]:
+            self.run.closed(chunk.close())
+        self.retired, self.current = [], None
 
 
 class RunDirectory:
@@ -222,6 +307,11 @@ class RunDirectory:
 
     # ------------------------------------------------------------- naming
 
+    @property
+    def stem_prefix(self) -> str:
+        """What every data file name of the run starts with."""
+        return f"{self.run_name}.{self.ext}_"
+
     def stem(self, chunk: int) -> str:
         """``<run>.<ext>_<chunk>``, the ``<fn>`` of spec 04 without the directory."""
         return f"{self.run_name}.{self.ext}_{chunk:03d}"
@@ -256,8 +346,8 @@ class RunDirectory:
                     stream = self._streams[key] = Stream(self, key)
         return stream
 
-    def write(self, key: StreamKey, data: np.ndarray, bounds: np.ndarray) -> None:
-        self.stream(key).write(data, bounds)
+    def write(self, key: StreamKey, data: np.ndarray, bounds: np.ndarray) -> Mark:
+        return self.stream(key).write(data, bounds)
 
     def close_board(self, board: int) -> None:
         """Close every open file of ``board`` (its 0xD arrived); later data start new chunks."""

@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--globals-pva",
         metavar="HOST:PORT",
-        help="where the globals IOC serves PV Access (default: its CA port + 1)",
+        help="where the globals IOC serves PV Access (default: [system] globals_pva, else 5075)",
     )
     p.add_argument("--data-dir", metavar="DIR", help="receiver files (default RUN-DIR/data)")
     receivers = p.add_mutually_exclusive_group()

@@ -59,8 +59,10 @@ Finished runs go to the run log ``<control_dir>/runs.jsonl`` (`runctl.runlog`).
 PVs are read and written over PV Access (p4p): one client context per IOC,
 pinned to that IOC's ``host:pva_port`` as a TCP name server, so several IOCs
 on one host never shadow each other and no UDP search is needed. The globals
-IOC's PVA port is not in the configuration: by default it is its CA port + 1
-(``dgs-system`` starts it there), else ``globals_pva``.
+IOC's PVA endpoint is ``[system] globals_pva`` of the configuration, by default
+the standard port 5075 on the ``globals_ca`` host (where ``dgs-ioc
+--globals-only`` and ``dgs-system`` serve it); the ``globals_pva`` argument
+overrides it.
 """
 
 from __future__ import annotations
@@ -299,15 +301,14 @@ def globals_endpoint(system: SystemConfig, globals_pva: str | None = None) -> En
     """Where the global records are served over PVA.
 
     A standalone crate serves them itself; remote globals are at ``globals_pva``
-    or, by default, on the globals IOC's host at its CA port + 1.
+    when given, else where the configuration says (`SystemConfig.globals_pva_endpoint`).
     """
     if globals_pva:
         host, _, port = globals_pva.rpartition(":")
         return Endpoint(host, int(port))
     if system.globals == "local":
         return crate_endpoint(system.crates[0])
-    host, ca_port = system.globals_endpoint
-    return Endpoint(host, ca_port + 1)
+    return Endpoint(*system.globals_pva_endpoint)
 
 
 def _quiet_pvxs() -> None:

@@ -151,7 +151,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--globals-pva",
         metavar="HOST:PORT",
-        help="PV Access endpoint of the globals IOC (default: its CA port + 1)",
+        help="PV Access endpoint of the globals IOC (default: [system] globals_pva, else 5075)",
     )
     p.add_argument(
         "--crate", action="append", metavar="NN", help="start only this crate (repeatable)"

@@ -116,7 +116,7 @@ def test_demo_is_the_spec_demonstration_system():
     assert only.inloop == InLoopConfig()
     assert (only.sender.max_reply_bytes, only.sender.max_segment) == (280000, 32764)
     assert (only.inloop.read_threshold_bytes, only.inloop.max_latency_s) == (65536, 0.020)
-    assert (only.inloop.drain_timeout_s, only.inloop.min_free_buffers) == (5.0, 10)
+    assert (only.inloop.drain_timeout_s, only.inloop.min_free_buffers) == (5.0, 4)
 
 
 def test_demo_file_is_the_demo_system():
@@ -150,7 +150,7 @@ def test_spec_schema_and_minimal_files_load_with_defaults():
     spec = parse_config(SPEC_SCHEMA, "spec.toml")
     assert spec.crate("01").board_by_card(0).sim.event_rate_hz == 500.0
     minimal = parse_config(f"[[crate]]\ncrate = 7\n{board()}", "old.toml")
-    assert minimal.state_dir == "autosave"
+    assert minimal.state_dir is None
     (only,) = minimal.crates
     assert only == CrateConfig(
         crate="07",
@@ -353,7 +353,14 @@ CASES = {
     "segment small": (sender("max_segment = 535"), ["max_segment must be 0 (OS default) or 536"]),
     "segment big": (sender("max_segment = 65536"), ["max_segment", "65536"]),
     "idle timeout zero": (sender("idle_timeout_s = 0"), ["idle_timeout_s must be > 0"]),
-    "delivery timeout": (sender("delivery_timeout_s = -5"), ["delivery_timeout_s must be > 0"]),
+    "delivery timeout": (sender("delivery_timeout_s = -5"), ["delivery_timeout_s must be >= 0"]),
+    "retention budget": (sender("retain_mib = 195"), ["retain_mib must be 1..190"]),
+    "allowed receivers": (
+        bad_crate('allowed_receivers = ["10.0.0.0/8", "10.999.0.0/16"]'),
+        ["allowed_receivers holds '10.999.0.0/16', which is not an address or CIDR network"],
+    ),
+    "allowed receivers type": (bad_crate('allowed_receivers = "10.0.0.0/8"'),
+                               ["allowed_receivers must be an array"]),
     # inloop
     "threshold small": (inloop("read_threshold_bytes = 0"), ["read_threshold_bytes must be 4.."]),
     "threshold big": (inloop("read_threshold_bytes = 1048580"), ["..1048576, got 1048580"]),

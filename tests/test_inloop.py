@@ -284,16 +284,18 @@ def assert_one_end_marker_last(rig: Rig, card: int) -> None:
 # ---------------------------------------------------------------- unit parts
 
 
-def test_scan_delay_follows_the_free_buffer_count():
-    assert scan_delay(200) == pytest.approx(0.001)
-    assert scan_delay(160) == pytest.approx(0.001)
-    assert scan_delay(159) == pytest.approx(0.003)
-    assert scan_delay(100) == pytest.approx(0.180)
-    assert scan_delay(60) == pytest.approx(0.300)
-    assert scan_delay(10) == pytest.approx(0.450)
-    assert scan_delay(0) == pytest.approx(0.480)
+def test_scan_delay_follows_the_free_buffer_count_up_to_the_read_latency():
+    longest = 1.0  # the original formula, uncapped
+    assert scan_delay(200, longest=longest) == pytest.approx(0.001)
+    assert scan_delay(160, longest=longest) == pytest.approx(0.001)
+    assert scan_delay(159, longest=longest) == pytest.approx(0.003)
+    assert scan_delay(100, longest=longest) == pytest.approx(0.180)
+    assert scan_delay(60, longest=longest) == pytest.approx(0.300)
+    assert scan_delay(10, longest=longest) == pytest.approx(0.450)
+    assert scan_delay(0, longest=longest) == pytest.approx(0.480)
     delays = [scan_delay(free) for free in range(200, -1, -1)]
     assert delays == sorted(delays)
+    assert max(delays) == pytest.approx(0.020), "a FIFO must be visited every 20 ms"
 
 
 def _events(sizes: list[int]) -> np.ndarray:
@@ -425,7 +427,7 @@ def test_a_fast_board_is_read_at_the_size_threshold_before_the_latency(make_rig)
 def test_too_few_free_buffers_reads_nothing_and_loses_nothing(make_rig):
     clock = ManualClock()
     rig = make_rig([digitizer(0, rate_hz=1000)], clock=clock)
-    rig.hold_free_buffers(leave=9)
+    rig.hold_free_buffers(leave=InLoopConfig().min_free_buffers - 1)
     rig.start_run()
     clock.advance_seconds(0.05)  # ~500 events, far below the FIFO's capacity
     # Nothing to wait for: a pass that reads nothing leaves no trace but the time it took.

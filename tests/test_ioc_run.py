@@ -6,6 +6,8 @@ import signal
 import time
 
 import numpy as np
+import pytest
+from dataflow import Pva, sim_figures
 from ioc_harness import wait_until
 from p4p.client.thread import Context
 
@@ -78,17 +80,41 @@ def test_stop_drains_with_one_end_of_run_header_per_board_and_pool_whole(demo_io
         assert ioc.getf(f"DAQC01_OL_DataRate{card}") == 0
 
 
-def test_save_without_a_receiver_engages_the_bypass_and_counts_losses(demo_ioc):
+def test_save_without_a_receiver_keeps_the_memory_budget_then_counts_what_it_discards(demo_ioc):
+    """Nobody takes data: the crate keeps >= 180 MiB (not 100 buffers) with no FIFO
+    overflow, then discards whole buffers, counted per board as memory losses; the
+    trace stays live. The next Start drops what nobody took, counted as superseded."""
     ioc = demo_ioc
-    start_run(ioc, save="Save")
-    ioc.wait_numeric("DAQC01_OL_TotalBufsLost", lambda v: v > 0, timeout=30, what="bypass")
-    sender = ioc.getf("DAQC01_OL_NumSendBuffers")
-    assert 90 <= sender <= 101
-    assert ioc.getf("DAQC01_OL_BufLostPerecnt") > 0
-    lost = [ioc.getf(f"DAQC01_OL_DataLost{card}") for card in range(4)]
-    assert all(v > 0 for v in lost), lost
+    with Pva(ioc) as pva:  # no tool processes beside the crate while it runs
+        for name in ("MDIG1", "MDIG2", "MDIG3", "MDIG4"):
+            pva.put(f"VME01:{name}:SIM_EventRate", 2000)
+        pva.put("Online_CS_SaveData", 1)
+        pva.put("Online_CS_StartStop", 1)
+        pva.wait("DAQC01_OL_TotalBufsLost", lambda v: v > 0, 60, "the first discard")
+        kept = pva.number("DAQC01_CV_Retained")
+        assert kept >= 180, f"only {kept:.1f} MiB kept before discarding"
+        lost_memory = pva.get("DAQC01_OL_LostMemory")
+        assert all(lost_memory[:4] > 0) and not any(lost_memory[4:])
+        assert all(pva.get("DAQC01_OL_LostEventsMemory")[:4] > 0)
+        lost = [pva.number(f"DAQC01_OL_DataLost{card}") for card in range(4)]
+        assert lost == pytest.approx(list(lost_memory[:4]), abs=0.01)
+        assert pva.number("DAQC01_OL_BufLostPerecnt") > 0
+        trace_before = pva.get("DAQC01_CV_Trace").copy()
+        wait_until(lambda: not np.array_equal(pva.get("DAQC01_CV_Trace"), trace_before), 10,
+                   "the trace to keep updating while data are discarded")
+        for name in ("MDIG1", "MDIG2", "MDIG3", "MDIG4"):
+            figures = sim_figures(pva, name)
+            assert figures.cleared == figures.dropped == 0, f"{name} FIFO overflowed"
     stop_run(ioc)
     assert ioc.get("DAQC01_CV_BuffersOK") == "OK"
+    assert ioc.getf("DAQC01_CV_Retained") >= 180, "stopping threw away the retained data"
+    start_run(ioc, save="Save")
+    with Pva(ioc) as pva:
+        superseded = pva.get("DAQC01_OL_LostSuperseded")
+        assert sum(superseded) >= 180
+        assert pva.number("DAQC01_OL_TotalBufsLost") == 0, "the new run starts counting at 0"
+    assert "counted as superseded" in ioc.log()
+    stop_run(ioc)
 
 
 def test_out_of_range_and_unknown_enum_writes_are_refused(shared_demo_ioc):
@@ -197,8 +223,7 @@ def test_sigterm_during_a_run_exits_zero_within_five_seconds(demo_ioc):
 
 def test_run_number_survives_a_restart(start_ioc):
     ioc = start_ioc("--demo")
-    ioc.put_ok("Online_CS_RunNumber", 42)
-    time.sleep(1.5)  # autosave writes at most once a second
+    ioc.put_ok("Online_CS_RunNumber", 42)  # saved before the put completes
     assert ioc.stop() == 0
     again = start_ioc("--demo", "--state-dir", ioc.args[ioc.args.index("--state-dir") + 1])
     assert again.get("Online_CS_RunNumber") == "42"

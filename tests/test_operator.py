@@ -148,7 +148,7 @@ def test_a_run_yields_the_documented_responses_in_order(system, tmp_path):
     assert (record.run, record.name, record.result) == (before + 1, f"run{before + 1:05d}", "ok")
     crate = record.crates["01"]
     run_dir = tmp_path / "ctl" / "data" / "crate01" / record.name
-    files = [p for p in run_dir.iterdir() if p.suffix != ".json"]
+    files = [p for p in run_dir.iterdir() if p.suffix != ".json" and not p.name.startswith(".")]
     assert crate.receiver_exit == 0 and crate.files == len(files) > 0
     assert crate.file_bytes == sum(p.stat().st_size for p in files)
     assert crate.sender_bytes > 0 and crate.records > 0

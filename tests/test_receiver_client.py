@@ -24,7 +24,7 @@ from test_sender import (
 )
 
 from ioc.decoder import KIND_TRIGGER, decode
-from receiver.client import DataConnection, ProtocolError, Receiver
+from receiver.client import DataConnection, ProtocolError, Receiver, SenderOff
 
 #: The sender fixture of test_sender (a started Sender on its own pool, audited afterwards).
 make_sender = test_sender.make_sender
@@ -123,22 +123,24 @@ def test_garbage_in_a_payload_is_counted_as_unknown(make_sender):
     assert tally.boards[101].data_events.size == 4
 
 
-def test_a_reply_type_the_ioc_never_sends_is_a_protocol_error():
+@pytest.mark.parametrize(("kind", "error"), [(2, ProtocolError), (3, SenderOff)])
+def test_a_reply_type_other_than_data_or_no_data_is_reported(kind, error):
+    """Type 2 is never sent; type 3 (SENDER_OFF) means: connect again later."""
     with socket.socket() as server:
         server.bind((HOST, 0))
         server.listen()
 
-        def answer_type_3() -> None:
+        def answer() -> None:
             conn, _ = server.accept()
             with conn:
                 conn.recv(4)
-                conn.sendall(struct.pack(">iiii", 3, 0, 0, 0))
+                conn.sendall(struct.pack(">iiii", kind, 0, 0, 0))
                 conn.recv(1)
 
-        threading.Thread(target=answer_type_3, daemon=True).start()
+        threading.Thread(target=answer, daemon=True).start()
         conn = DataConnection.connect(HOST, server.getsockname()[1], timeout=5)
         conn.request()
-        with pytest.raises(ProtocolError):
+        with pytest.raises(error):
             conn.read_reply()
         conn.close()
 

@@ -163,6 +163,7 @@ def test_demo_run_files_are_byte_exact_and_a_second_run_is_refused(demo_ioc, tmp
         "--pv-pva", f"127.0.0.1:{ioc.ports.pva}", "--crate", "01",
         f"127.0.0.1:{ioc.ports.data}",
     ]  # fmt: skip
+    ioc.put_ok("Online_CS_RunNumber", 42)  # v2 receivers take only the run they are for
     receiver = ReceiverThread(argv)
     start_run(ioc)
     ioc.wait_numeric("DAQC01_OL_TotalBufsWritten", lambda v: v > 40, timeout=30)
@@ -305,6 +306,7 @@ def test_trigger_packets_are_repacked_bit_for_bit_with_the_real_package_data(
     config = tmp_path / "trigger.toml"
     config.write_text(TRIGGER_CRATE)
     ioc = start_ioc("--config", str(config))
+    ioc.put_ok("Online_CS_RunNumber", 7)
     receiver = ReceiverThread([
         "--out", str(tmp_path), "--run", "7", "--save-raw", "--status", "plain",
         "--pv-pva", f"127.0.0.1:{ioc.ports.pva}", "--crate", "01",
@@ -385,7 +387,8 @@ def test_unknown_data_a_second_end_of_run_and_a_given_trigger_board(tmp_path):
     ])  # fmt: skip
     try:
         receiver = ReceiverThread([
-            "--out", str(tmp_path), "--run-name", "scripted", "--trigger-board", "99",
+            "--protocol", "classic", "--out", str(tmp_path), "--run-name", "scripted",
+            "--trigger-board", "99",
             "--pipeline", "1", "--status", "plain", f"127.0.0.1:{server.port}",
         ])  # fmt: skip
         assert receiver.join(30) == 0, receiver.out.getvalue()
@@ -517,7 +520,8 @@ def test_without_any_trigger_identity_trigger_packets_are_filed_as_board_0(tmp_p
     ])  # fmt: skip
     try:
         receiver = ReceiverThread([
-            "--out", str(tmp_path), "--run-name", "anon", "--pipeline", "1",
+            "--protocol", "classic", "--out", str(tmp_path), "--run-name", "anon",
+            "--pipeline", "1",
             "--status", "plain", f"127.0.0.1:{server.port}",
         ])  # fmt: skip
         assert receiver.join(30) == 0, receiver.out.getvalue()
@@ -564,7 +568,8 @@ def test_status_is_a_redrawn_display_on_a_terminal_and_plain_lines_otherwise(tmp
     try:
         with open(log, "wb") as plain:
             code = run_cli_subprocess(
-                ["--out", str(tmp_path), "--run", "5", f"127.0.0.1:{server.port}"],
+                ["--protocol", "classic", "--out", str(tmp_path), "--run", "5",
+                 f"127.0.0.1:{server.port}"],
                 child_fd if terminal else plain,
             )
         if terminal:
@@ -605,7 +610,8 @@ def test_board_and_single_layouts_keep_arrival_order(tmp_path, layout):
     server = ScriptedServer(replies)
     try:
         receiver = ReceiverThread([
-            "--out", str(tmp_path), "--run-name", layout, "--layout", layout, "--pipeline", "2",
+            "--protocol", "classic", "--out", str(tmp_path), "--run-name", layout,
+            "--layout", layout, "--pipeline", "2",
             "--status", "plain", f"127.0.0.1:{server.port}",
         ])  # fmt: skip
         assert receiver.join(30) == 0, receiver.out.getvalue()

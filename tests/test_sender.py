@@ -7,6 +7,7 @@ receiver does. The packet builders here are also used by the receiver tests.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import random
@@ -16,6 +17,7 @@ import struct
 import threading
 import time
 from collections import Counter
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -26,10 +28,12 @@ from ioc_harness import free_port, wait_until
 from ioc import packets
 from ioc.checker import Checker
 from ioc.config import SenderConfig
+from ioc.cuts import event_boundaries, reply_ends
 from ioc.decoder import decode
 from ioc.hardware import WORD
+from ioc.losses import LossReason
 from ioc.pool import Buffer, BufferPool
-from ioc.sender import Sender, event_boundaries, reply_ends
+from ioc.sender import Sender
 from receiver.client import Receiver
 
 HOST = "127.0.0.1"
@@ -247,13 +251,41 @@ def test_a_request_split_over_three_writes_is_answered_once(make_sender):
     wait_until(lambda: sender.stats().replies == 1, 5, "one data reply counted")
 
 
-def test_the_request_value_is_not_checked(make_sender):
+def test_an_unknown_request_word_ends_the_connection_and_keeps_its_data(make_sender, caplog):
     pool, sender = make_sender()
-    queue(pool, digitizer_events(1))
+    words = digitizer_events(3)
+    queue(pool, words)
     with connect(sender.port) as sock:
-        sock.sendall(b"\xde\xad\xbe\xef")
-        header, _ = read_reply(sock)
-    assert header[:4] == bytes.fromhex("00000004")
+        sock.sendall(REQUEST + b"\xde\xad\xbe\xef" + REQUEST * 3)
+        assert sock.recv(16) == b"", "served a connection that sent an unknown word"
+    with connect(sender.port) as sock:
+        sock.sendall(REQUEST)
+        _, again = read_reply(sock)
+    assert again == words.tobytes(), "the data held by the bad connection were lost"
+    assert sender.stats().rejected == 1
+    assert len([r for r in caplog.records if "0xdeadbeef" in r.getMessage()]) == 1
+
+
+def test_random_bytes_get_no_data_and_are_logged_once(make_sender, caplog):
+    pool, sender = make_sender()
+    words = digitizer_events(50)
+    queue(pool, words)
+    noise = random.Random(7).randbytes(1 << 16)
+    with connect(sender.port) as sock:
+        with contextlib.suppress(OSError):  # the IOC may close while we still write
+            sock.sendall(noise)
+        sock.settimeout(5.0)
+        received = b""
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                received += chunk
+    assert received == b"", "random bytes were answered with data"
+    wait_until(lambda: sender.stats().rejected == 1, 5, "the connection counted as rejected")
+    assert len([r for r in caplog.records if "unknown request word" in r.getMessage()]) == 1
+    with connect(sender.port) as sock:
+        sock.sendall(REQUEST)
+        _, payload = read_reply(sock)
+    assert payload == words.tobytes()
 
 
 def test_accepted_connections_use_the_configured_segment_size(make_sender):
@@ -464,15 +496,30 @@ def test_delivery_timeout_closes_the_listener_then_qsender_is_flushed_once_a_sec
     sender.run_stopped()
     wait_until(lambda: not sender.stats().listening, 5, "the listener to close")
     assert time.monotonic() - stopped >= 0.3
-    wait_until(lambda: sender.stats().flushed_buffers == 2, 5, "the first flush")
+    wait_until(lambda: unreachable(sender).buffers == 2, 5, "the first flush")
     first_flush = time.monotonic()
-    stats = sender.stats()
-    assert stats.flushed_bytes_by_card == (0, 10 * 56, 0, 3 * 56, 0, 0, 0)
+    assert unreachable(sender).bytes == (0, 10 * 56, 0, 3 * 56, 0, 0, 0)
+    assert unreachable(sender).events == (0, 10, 0, 3, 0, 0, 0)
     assert all_free(pool)
     queue(pool, digitizer_events(1), card=6)
-    wait_until(lambda: sender.stats().flushed_buffers == 3, 5, "the second flush")
+    wait_until(lambda: unreachable(sender).buffers == 3, 5, "the second flush")
     assert time.monotonic() - first_flush >= 0.9
-    assert sender.stats().flushed_bytes_by_card[6] == 56
+    assert unreachable(sender).bytes[6] == 56
+
+
+class Lost(NamedTuple):
+    bytes: tuple[int, ...]
+    events: tuple[int, ...]
+    buffers: int
+
+
+def lost(sender: Sender, reason: LossReason) -> Lost:
+    snapshot = sender.losses.snapshot()
+    return Lost(snapshot.bytes[reason], snapshot.events[reason], snapshot.buffers[reason])
+
+
+def unreachable(sender: Sender) -> Lost:
+    return lost(sender, LossReason.UNREACHABLE)
 
 
 def test_nothing_is_flushed_while_a_run_with_save_waits_for_its_first_receiver(make_sender):
@@ -480,7 +527,7 @@ def test_nothing_is_flushed_while_a_run_with_save_waits_for_its_first_receiver(m
     sender.run_started(save=True)
     queue(pool, digitizer_events(4))
     wait_until(lambda: sender.stats().listening, 5, "the listener")
-    assert sender.stats().flushed_buffers == 0
+    assert unreachable(sender).buffers == 0
     assert Receiver(HOST, sender.port, pipeline=1).run(max_replies=1).events == 4
 
 
@@ -492,10 +539,13 @@ def test_a_new_run_drops_the_previous_runs_leftovers_and_zeroes_the_counters(mak
     queue(pool, digitizer_events(3))
     wait_until(lambda: sender.stats().replies == 1, 5, "one data reply counted")
     sender.run_stopped()
+    sender.losses.reset_run()  # as run control does at each Start
     sender.run_started(save=True)
     stats = sender.stats()
     assert len(pool.q_sender) == 0 and all_free(pool)
-    assert (stats.replies, stats.bytes_sent, stats.flushed_buffers) == (0, 0, 0)
+    assert (stats.replies, stats.bytes_sent) == (0, 0)
+    superseded = lost(sender, LossReason.SUPERSEDED)
+    assert (superseded.bytes[0], superseded.events[0], superseded.buffers) == (5 * 56, 5, 2)
     fresh = digitizer_events(4, first_ts=99)
     queue(pool, fresh)
     receiver = Receiver(HOST, sender.port, pipeline=1, keep_payloads=True)
@@ -516,19 +566,28 @@ def test_bind_check_reports_a_port_in_use(make_sender):
 # -------------------------------------------------------- several receivers
 
 
-def test_a_second_receiver_waits_and_is_served_when_the_first_leaves(make_sender):
-    pool, sender = make_sender()
+def test_a_second_receiver_is_told_sender_off_and_served_after_the_first_leaves(
+    make_sender, caplog
+):
+    pool, sender = make_sender(idle_wait_s=0.3)  # the first keeps requests outstanding
     first_words, second_words = digitizer_events(2), digitizer_events(3, first_ts=50)
     queue(pool, first_words)
-    queue(pool, second_words)
     first = connect(sender.port)
-    first.sendall(REQUEST)
+    first.sendall(REQUEST * 4)
     assert read_reply(first)[1] == first_words.tobytes()
+    queue(pool, second_words)
     with connect(sender.port) as second:
         second.sendall(REQUEST)
-        assert nothing_arrives(second, 0.3)
-        first.close()
-        assert read_reply(second)[1] == second_words.tobytes()
+        assert read_exactly(second, 16) == struct.pack(">iiii", 3, 0, 0, 0)  # SENDER_OFF
+        assert second.recv(1) == b"", "SENDER_OFF must close the connection"
+    assert any("told to retry later" in r.getMessage() for r in caplog.records)
+    assert read_reply(first)[1] == second_words.tobytes()
+    third_words = digitizer_events(4, first_ts=90)
+    queue(pool, third_words)
+    first.close()
+    with connect(sender.port) as again:
+        again.sendall(REQUEST)
+        assert read_reply(again)[1] == third_words.tobytes()
 
 
 def test_a_receiver_that_gave_up_while_waiting_is_not_answered(make_sender):

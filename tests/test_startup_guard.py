@@ -119,7 +119,13 @@ def test_the_ports_a_host_shares_are_no_conflict(start_ioc, tmp_path):
         pva_broadcast=first.ports.pva_broadcast,
     )
     config = tmp_path / "crate02.toml"
-    follow_the_demo = f'globals = "remote"\nglobals_ca = "127.0.0.1:{first.ports.ca}"'
+    follow_the_demo = "\n".join(
+        [
+            'globals = "remote"',
+            f'globals_ca = "127.0.0.1:{first.ports.ca}"',
+            f'globals_pva = "127.0.0.1:{first.ports.pva}"',
+        ]
+    )
     config.write_text(
         one_crate_toml('crate = "02"', 'data_bind = "127.0.0.1"', system=follow_the_demo)
     )
