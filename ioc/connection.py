@@ -44,6 +44,8 @@ class Connection:
         #: Requests received and not yet answered.
         self.pending = 0
         self.answered = 0
+        #: Bytes of a reply whose send failed that were handed to the socket anyway.
+        self.unfinished_reply = 0
         #: Highest acknowledgement received (v2), and whether a new one arrived.
         self.acked = 0
         self.ack_changed = False

@@ -24,6 +24,8 @@ from ioc.pool import Buffer, BufferPool, Owner
 
 #: Classic replies remembered to attribute bytes a closed connection never took.
 RECENT_REPLIES = 64
+#: Bytes of a reply header on the classic wire.
+CLASSIC_HEADER_BYTES = 16
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ class Delivery:
         self.acked = 0
         #: How the last v2 client of this run described itself (handed to the next one).
         self.last_client = ""
-        #: (card, bytes, events) of the latest classic replies.
+        #: (card, payload bytes, events) of the latest classic replies (-1: no data).
         self._recent: collections.deque[tuple[int, int, int]] = collections.deque(
             maxlen=RECENT_REPLIES
         )
@@ -219,13 +221,18 @@ class Delivery:
             self.pool.release_many(dropped)
         return len(dropped)
 
-    def lost_in_flight(self, nbytes: int) -> None:
-        """``nbytes`` of the latest classic replies never left the socket of a closed client."""
-        while nbytes > 0 and self._recent:
+    def no_data_sent(self) -> None:
+        """A classic no-data reply went out (its header takes room in the socket too)."""
+        self._recent.append((-1, 0, 0))
+
+    def lost_in_flight(self, unsent: int) -> None:
+        """The last ``unsent`` bytes handed to the socket of a classic client that was then
+        closed never reached it: every reply they touch is lost whole (a receiver drops
+        a partial reply)."""
+        while unsent > 0 and self._recent:
             card, size, events = self._recent.pop()
-            taken = min(size, nbytes)
-            self.losses.add(LossReason.IN_FLIGHT, card, taken, events * taken // size)
-            nbytes -= taken
+            self.losses.add(LossReason.IN_FLIGHT, card, size, events)
+            unsent -= CLASSIC_HEADER_BYTES + size
 
     # ------------------------------------------------------------- state
 

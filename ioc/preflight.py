@@ -213,13 +213,15 @@ class DuplicateSearch:
 def _claim(directory: Path, role: Role, ports: ServerPorts) -> IO[str]:
     """Lock ``<directory>/<lock_name>.lock`` and write who holds it, or refuse naming the holder."""
     path = directory / f"{role.lock_name}.lock"
+    unusable = f"cannot start: autosave directory {directory}"  # as the autosave says it
     try:
         directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StartupRefused(f"{unusable}: {err.strerror or err}") from None
+    try:
         lock = open(path, "a+")  # noqa: SIM115 - held for the life of the process
     except OSError as err:
-        raise StartupRefused(
-            f"state_dir {directory}: cannot create {path.name}: {err.strerror}"
-        ) from None
+        raise StartupRefused(f"{unusable}: cannot create {path.name}: {err.strerror}") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

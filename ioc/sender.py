@@ -272,8 +272,7 @@ class Sender:
         room = MAX_WAITING - len(self._waiting) if limit else 1 << 30
         if room <= 0:
             return
-        with self._lock:
-            accepted = self._listener.accept(room)
+        accepted = self._listener.accept(room)  # only this thread closes the listener
         if accepted:
             self._waiting.extend(accepted)
             self._next_housekeeping = 0.0  # serve it at once if nobody is being served
@@ -653,6 +652,8 @@ class Sender:
             else:
                 header = protocol.INSUFF_DATA_HEADER
             self._send(conn, header, None)
+            if not v2:
+                self.delivery.no_data_sent()
             conn.pending -= 1
             conn.answered += 1
             with self._lock:
@@ -688,27 +689,31 @@ class Sender:
         total = len(header) + (0 if payload is None else len(payload))
         done = 0
         last_progress = 0.0  # the clock is read only when a send comes back short
-        while True:
-            before = done
-            try:
-                done += conn.sock.sendmsg(parts, (), socket.MSG_NOSIGNAL)
-            except (BlockingIOError, InterruptedError):
-                pass  # SO_SNDTIMEO elapsed with nothing taken
-            except OSError as err:
-                conn.log_once("reset", "connection lost during a reply: %s", err)
-                raise _ConnectionLost from err
-            if done >= total:
-                return
-            now = time.monotonic()
-            if done > before or not last_progress:
-                last_progress = now
-            elif now - last_progress >= self.config.idle_timeout_s:
-                conn.log_once("stalled", "took nothing for %.1f s during a reply, closed",
-                              now - last_progress)
-                raise _ConnectionLost
-            if self._stopping and now >= self._shutdown_deadline:
-                raise _ConnectionLost
-            parts = _remaining(header, payload, done)
+        try:
+            while True:
+                before = done
+                try:
+                    done += conn.sock.sendmsg(parts, (), socket.MSG_NOSIGNAL)
+                except (BlockingIOError, InterruptedError):
+                    pass  # SO_SNDTIMEO elapsed with nothing taken
+                except OSError as err:
+                    conn.log_once("reset", "connection lost during a reply: %s", err)
+                    raise _ConnectionLost from err
+                if done >= total:
+                    return
+                now = time.monotonic()
+                if done > before or not last_progress:
+                    last_progress = now
+                elif now - last_progress >= self.config.idle_timeout_s:
+                    conn.log_once("stalled", "took nothing for %.1f s during a reply, closed",
+                                  now - last_progress)
+                    raise _ConnectionLost
+                if self._stopping and now >= self._shutdown_deadline:
+                    raise _ConnectionLost
+                parts = _remaining(header, payload, done)
+        except _ConnectionLost:
+            conn.unfinished_reply = done  # in the socket, but the reply goes out again whole
+            raise
 
     def _send_quietly(self, conn: Connection, message: bytes) -> None:
         """A short control message; a client that is gone simply does not get it."""
@@ -736,7 +741,7 @@ class Sender:
         if conn is None:
             return
         if conn.kind is not Kind.V2:
-            self.delivery.lost_in_flight(_unsent_bytes(conn.sock))
+            self.delivery.lost_in_flight(_unsent_bytes(conn.sock) - conn.unfinished_reply)
         self.delivery.requeue()
         self._unpoll(conn.sock.fileno())
         self._close(conn)

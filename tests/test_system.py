@@ -36,8 +36,12 @@ FILE_NAME = re.compile(r"\.gtd_\d{3}_(\d{4})_([0-9A-F])$")
 
 
 def data_files(run_dir: Path) -> list[Path]:
-    """The GEB files of a run (the receiver's JSON summary and PV snapshots are not)."""
-    return [path for path in run_dir.iterdir() if path.suffix != ".json"]
+    """The GEB files of a run (the receiver's JSON summary, PV snapshots and its hidden
+    acknowledgement journal are not)."""
+    return [
+        path for path in run_dir.iterdir()
+        if path.suffix != ".json" and not path.name.startswith(".")
+    ]
 
 
 def count_records(run_dir: Path) -> tuple[Counter, Counter, int]:
