@@ -274,7 +274,13 @@ class CrateIoc:
 
     def start(self) -> None:
         """Serve the records, start the stages and follow the globals."""
-        self.sender.bind_check()
+        try:
+            self.sender.bind_check()
+        except OSError as err:  # taken since the start-up checks: name the port
+            raise OSError(
+                f"data port {self.sender.port} on {self.crate_config.data_bind}: "
+                f"{err.strerror or err}"
+            ) from err
         if self.serve_globals:
             self._autosave = _restore_globals(
                 self.system, f"DAQC{self.crate_id}", self.records, restore_start=False

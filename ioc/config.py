@@ -22,7 +22,13 @@ Choices where spec 01 is silent:
   not sit on a port of a crate on that host, nor on ``globals_ca``;
 - autosaved values go to ``state_dir``, by default a fixed per-user directory
   (`default_state_dir`) so that where an IOC is started from does not matter;
-  a relative ``state_dir`` in a file is relative to that file.
+  a relative ``state_dir`` in a file is relative to that file;
+- a host written as digits and dots must be a valid IPv4 address ("999.1.1.1"
+  is refused here rather than failing later as an unknown host name);
+- legal but probably unintended files load with warnings (``CrateConfig.warnings``,
+  one line each): a crate id written as an integer, a crate without boards, a
+  crate whose boards are all disabled;
+- a UTF-8 byte order mark at the start of a file is accepted.
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ MAX_SIM_FIFO_WORDS = 1 << 26
 
 _BOARD_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 _HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
+_DOTTED_NUMBERS = re.compile(r"[0-9.]+")
 _CRATE_ID = re.compile(r"[0-9]{2}")
 #: Autosave directory under $XDG_STATE_HOME (default ~/.local/state) when none is configured.
 STATE_DIR_NAME = "dgs-crate-ioc"
@@ -146,6 +153,8 @@ class CrateConfig:
     sender: SenderConfig = SenderConfig()
     inloop: InLoopConfig = InLoopConfig()
     boards: tuple[BoardConfig, ...] = ()
+    #: Lines to print at start-up about legal but probably unintended settings.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def board_by_card(self, card: int) -> BoardConfig | None:
         """The board at card index ``card``, or None for an empty index."""
@@ -275,7 +284,14 @@ def _port(allow_zero: bool) -> Check:
 
 
 def _host(v: str) -> str | None:
-    return None if _HOST_NAME.fullmatch(v) else "must be a host name or IPv4 address"
+    problem = "must be a host name or IPv4 address"
+    if _DOTTED_NUMBERS.fullmatch(v):  # no host name is all digits: an address
+        try:
+            ipaddress.IPv4Address(v)
+        except ValueError:
+            return problem
+        return None
+    return None if _HOST_NAME.fullmatch(v) else problem
 
 
 def _host_port(v: str) -> str | None:
@@ -503,7 +519,28 @@ def _parse_crate(source: str, index: int, table: Mapping[str, Any]) -> CrateConf
         sender=SenderConfig(**sender),
         inloop=InLoopConfig(**inloop),
         boards=boards,
+        warnings=_crate_warnings(where, table["crate"], crate_id, boards),
     )
+
+
+def _crate_warnings(
+    where: str, written_id: Any, crate_id: str, boards: tuple[BoardConfig, ...]
+) -> tuple[str, ...]:
+    """Settings that load but probably do not say what was meant."""
+    warnings = []
+    if isinstance(written_id, int):
+        warnings.append(
+            f"{where}: crate = {written_id} is an integer; write the two-digit string "
+            f'crate = "{crate_id}"'
+        )
+    if not boards:
+        warnings.append(f"{where}: no [[crate.board]]: the IOC serves its PVs but no data")
+    elif not any(board.enabled for board in boards):
+        warnings.append(
+            f"{where}: every board is disabled (enabled = false): no data until one is "
+            f"enabled (VME{crate_id}:<board>:CS_Ena)"
+        )
+    return tuple(warnings)
 
 
 def _names(items: Iterable[str]) -> str:
@@ -632,7 +669,7 @@ def load_config(path: str | os.PathLike[str]) -> SystemConfig:
     source = os.fspath(path)
     try:
         with open(source, "rb") as file:
-            text = file.read().decode("utf-8")
+            text = file.read().decode("utf-8-sig")  # editors on Windows may add a BOM
     except OSError as error:
         raise ConfigError(f"{source}: cannot read: {error.strerror}") from None
     except UnicodeDecodeError:

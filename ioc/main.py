@@ -1,8 +1,10 @@
 """`dgs-ioc`: the command line of the crate IOC.
 
-Configuration is read and validated before anything EPICS is loaded, so a bad
-file stops start-up with one line naming the problem. EPICS ports come from the
-configuration when it names them, else from the standard environment.
+Configuration is read and validated before anything EPICS is loaded, and the
+start-up checks (`preflight`) are done before the EPICS servers start: a bad
+file, a taken port or another IOC of the same crate stops start-up with one
+line naming the problem, exit code 2. EPICS ports come from the configuration
+when it names them, else from the standard environment.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import signal
 import sys
 import threading
 
+from ioc import preflight
 from ioc.config import (
     ConfigError,
     CrateConfig,
@@ -23,6 +26,7 @@ from ioc.config import (
     load_config,
     with_overrides,
 )
+from ioc.preflight import Role, ServerPorts, StartupRefused
 
 DEFAULT_CA_PORT = 5064
 DEFAULT_PVA_PORT = 5075
@@ -93,12 +97,19 @@ def globals_ports(system: SystemConfig, args: argparse.Namespace) -> dict[str, s
     return env
 
 
-def banner(crate: CrateConfig, data_port: int, ca_port: str, serve_globals: bool) -> str:
+def banner(crate: CrateConfig, ports: ServerPorts, serve_globals: bool) -> str:
+    """What the IOC serves and on which ports: the ports the start-up checks found free."""
     c = crate.crate
     first = sorted(crate.boards, key=lambda b: b.card)[0].name if crate.boards else "MDIG1"
+    data = (
+        f"{crate.data_bind}:{ports.data}"
+        if ports.data
+        else f"{crate.data_bind}, on a port the system picks when a run opens it (data_port 0)"
+    )
     lines = [
-        f"dgs-ioc: crate {c} serving PVs DAQC{c}_*, DAQC{c}:*, VME{c}:* on CA port {ca_port}",
-        f"dgs-ioc: data service on {crate.data_bind}:{data_port} (gtReceiver protocol)",
+        f"dgs-ioc: crate {c} serving PVs DAQC{c}_*, DAQC{c}:*, VME{c}:* on CA port {ports.ca}, "
+        f"PVA port {ports.pva}",
+        f"dgs-ioc: data service on {data} (gtReceiver protocol)",
     ]
     if serve_globals:
         lines.append("dgs-ioc: serving the globals Online_CS_StartStop / SaveData / RunNumber")
@@ -145,9 +156,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dgs-ioc: cannot read configuration: {err}", file=sys.stderr)
         return 2
 
+    if crate is not None:
+        for warning in crate.warnings:
+            print(f"dgs-ioc: warning: {warning}", file=sys.stderr, flush=True)
+
     env = epics_environment(system, crate)
     if args.globals_only:
         env.update(globals_ports(system, args))
+    serve_globals = system.globals == "local"
+    role = Role.globals_only() if crate is None else Role.crate(crate.crate, serve_globals)
+    try:
+        ports = ServerPorts.read({**os.environ, **env}, crate)
+        search = preflight.check(ports, role, system.state_directory, client_env=os.environ)
+    except StartupRefused as err:
+        print(f"dgs-ioc: {err}", file=sys.stderr)
+        return 2
     os.environ.update(env)
     from epicscorelibs.path import get_lib
 
@@ -161,19 +184,23 @@ def main(argv: list[str] | None = None) -> int:
 
     ioc = app.GlobalsIoc(system) if args.globals_only else app.CrateIoc(system, crate)
     try:
+        search.verdict()  # before the servers start: then this IOC would answer it
+    except StartupRefused as err:
+        print(f"dgs-ioc: {err}", file=sys.stderr)
+        return 2
+    try:
         ioc.start()
     except OSError as err:
         print(f"dgs-ioc: cannot start: {err}", file=sys.stderr)
         return 2
     if crate is not None:
-        print(
-            banner(crate, ioc.sender.port, env["EPICS_CA_SERVER_PORT"], ioc.serve_globals),
-            flush=True,
-        )
+        print(banner(crate, ports, ioc.serve_globals), flush=True)
         # Timestamps count 10 ns ticks from this monotonic instant (latency measurements).
         print(f"dgs-ioc: crate clock origin {ioc.backend.clock_origin_ns()} ns", flush=True)
     else:
-        print(f"dgs-ioc: serving the globals on CA port {env['EPICS_CA_SERVER_PORT']}", flush=True)
+        print(
+            f"dgs-ioc: serving the globals on CA port {ports.ca}, PVA port {ports.pva}", flush=True
+        )
     print("dgs-ioc: ready", flush=True)
     app.wait_for_signal(stop)
     logging.getLogger("dgs.ioc").info("stopping")

@@ -14,14 +14,19 @@ def start_ioc(tmp_path: Path) -> Iterator[Callable[..., IocProcess]]:
     """Start `dgs-ioc` processes with the given arguments; all are ended afterwards."""
     started: list[IocProcess] = []
 
-    def start(*args: str, ports: Ports | None = None, wait_ready: bool = True) -> IocProcess:
+    def start(
+        *args: str,
+        ports: Ports | None = None,
+        wait_ready: bool = True,
+        extra_env: dict[str, str] | None = None,
+    ) -> IocProcess:
         ports = ports or Ports.allocate()
         argv = list(args)
         if "--data-port" not in argv and "--globals-only" not in argv:
             argv += ["--data-port", str(ports.data)]
         if "--state-dir" not in argv:
             argv += ["--state-dir", str(tmp_path / f"state-{ports.ca}")]
-        ioc = IocProcess(argv, tmp_path, ports)
+        ioc = IocProcess(argv, tmp_path, ports, extra_env)
         started.append(ioc)
         return ioc.start(wait_ready=wait_ready)
 

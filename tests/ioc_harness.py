@@ -124,14 +124,30 @@ def _refusal(tool_output: str) -> bool:
     return any(word in line for line in messages for word in _REFUSALS)
 
 
+def _fresh_log_path(workdir: Path, ca_port: int) -> Path:
+    """A log file of its own, also for a second IOC started on the same ports."""
+    for attempt in range(1, 100):
+        path = workdir / (f"ioc-{ca_port}.log" if attempt == 1 else f"ioc-{ca_port}-{attempt}.log")
+        if not path.exists():
+            return path
+    raise RuntimeError(f"too many IOC logs for CA port {ca_port} in {workdir}")
+
+
 class IocProcess:
     """One `dgs-ioc` child process and the real EPICS tools pointed at it."""
 
-    def __init__(self, args: list[str], workdir: Path, ports: Ports | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        workdir: Path,
+        ports: Ports | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.ports = ports or Ports.allocate()
         self.args = args
+        self.extra_env = extra_env or {}
         self.workdir = workdir
-        self.log_path = workdir / f"ioc-{self.ports.ca}.log"
+        self.log_path = _fresh_log_path(workdir, self.ports.ca)
         self.proc: subprocess.Popen | None = None
         self._log_file = None
 
@@ -143,7 +159,12 @@ class IocProcess:
         self._log_file = open(self.log_path, "w")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ioc.main", *self.args],
-            env={**os.environ, **self.ports.server_env(), "PYTHONUNBUFFERED": "1"},
+            env={
+                **os.environ,
+                **self.ports.server_env(),
+                **self.extra_env,
+                "PYTHONUNBUFFERED": "1",
+            },
             cwd=self.workdir,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,

@@ -329,6 +329,15 @@ CASES = {
     "backend": (bad_crate(keys='backend = "vme"'), ["backend must be 'sim'", "only", "'vme'"]),
     "host empty": (bad_crate(keys='host = ""'), ["host must be a host name"]),
     "data_bind spaces": (bad_crate(keys='data_bind = "my host"'), ["data_bind must be a host"]),
+    "data_bind bad address": (
+        bad_crate(keys='data_bind = "999.1.1.1"'),
+        ["crate 01: data_bind must be a host name or IPv4 address, got '999.1.1.1'"],
+    ),
+    "host three numbers": (bad_crate(keys='host = "10.1.2"'), ["host must be a host name"]),
+    "globals_ca bad address": (
+        system(keys='globals_ca = "127.0.0.256:5064"'),
+        ['globals_ca must be "host:port"'],
+    ),
     "seed negative": (bad_crate(keys="seed = -1"), ["seed must be 0.."]),
     # system keys
     "globals": (system(keys='globals = "lcoal"'), ["[system]", "globals must be 'local' or"]),
@@ -422,6 +431,40 @@ def test_file_errors(tmp_path):
     typo.write_text(system(crate(board(sloot="3"))))
     with pytest.raises(ConfigError, match=r"typo\.toml: crate 01 board MDIG1: unknown key 'sloot'"):
         load_config(typo)
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    marked = tmp_path / "notepad.toml"
+    marked.write_bytes(b"\xef\xbb\xbf" + system(crate(board(enabled="true"))).encode())
+    loaded = load_config(marked)
+    assert loaded.crate("01").boards[0].name == "MDIG1"
+    assert loaded.crate("01").warnings == ()
+
+
+WARNINGS = {
+    "integer crate id": (
+        crate(board(enabled="true"), crate_id="2"),
+        'crate 02: crate = 2 is an integer; write the two-digit string crate = "02"',
+    ),
+    "no boards": ('[[crate]]\ncrate = "01"\n', "crate 01: no [[crate.board]]"),
+    "every board disabled": (
+        crate(board(enabled="false"), board(name='"MDIG2"', card="1", slot="4", package_data="2")),
+        "crate 01: every board is disabled (enabled = false)",
+    ),
+}
+
+
+@pytest.mark.parametrize("text, expected", WARNINGS.values(), ids=WARNINGS.keys())
+def test_probably_unintended_crates_load_with_one_line_warnings(text, expected):
+    (only,) = parse_config(system(text), SOURCE).crates
+    (warning,) = only.warnings
+    assert warning.startswith(f"{SOURCE}: ") and expected in warning and "\n" not in warning
+
+
+def test_intended_crates_have_no_warnings():
+    assert all(not c.warnings for c in load_config(EXAMPLES / "three-crates.toml").crates)
+    assert not demo_config().crates[0].warnings
+    assert not parse_config(system(crate(board(enabled="true"))), SOURCE).crates[0].warnings
 
 
 @pytest.mark.parametrize("written", ['"01"', '"1"', "1"])
