@@ -42,6 +42,8 @@ from sim import Fault, SimBoardSpec, SimCrate
 GLOBAL_NAMES = ("Online_CS_StartStop", "Online_CS_SaveData", "Online_CS_RunNumber")
 #: Faults a trigger board accepts (spec 01: only the last four).
 TRIGGER_FAULTS = frozenset({Fault.FIFO_OVERFLOW, Fault.FIFO_UNDERFLOW, Fault.READ_ERROR})
+#: How long a Start waits to read the run number from the globals (else the followed value).
+RUN_NUMBER_TIMEOUT_S = 1.0
 SHUTDOWN_DRAIN_S = 3.0
 SHUTDOWN_DELIVER_S = 1.0
 
@@ -162,6 +164,7 @@ class CrateIoc:
             on_connection=lambda ok: self.records.publish("GlobalsConnected", int(ok)),
             losses=self.losses,
             run_boards=self._enabled_package_data,
+            read_run_number=self._read_run_number,
         )
         refs = tuple(BoardRef(b.name, b.kind) for b in crate.boards)
         self.records = Records(
@@ -259,6 +262,14 @@ class CrateIoc:
             )
             for name, cfg in self.board_configs.items()
         }
+
+    def _read_run_number(self) -> int | None:
+        """`Online_CS_RunNumber` as the globals hold it now (None if they do not answer)."""
+        follower = next((pv for pv in self._followers if pv.pvname == GLOBAL_NAMES[2]), None)
+        if follower is None:
+            return None
+        value = follower.get(use_monitor=False, timeout=RUN_NUMBER_TIMEOUT_S)
+        return None if value is None else int(value)
 
     def _enabled_package_data(self) -> tuple[int, ...]:
         """Board ids of the boards a Start now enables (what a v2 receiver should expect)."""

@@ -81,6 +81,7 @@ class RunControl:
         on_connection: Callable[[bool], None],
         losses: LossLedger | None = None,
         run_boards: Callable[[], tuple[int, ...]] = tuple,
+        read_run_number: Callable[[], int | None] = lambda: None,
     ) -> None:
         self.inloop = inloop
         self.outloop = outloop
@@ -90,6 +91,7 @@ class RunControl:
         self._on_connection = on_connection
         self._losses = losses or LossLedger()
         self._run_boards = run_boards
+        self._read_run_number = read_run_number
         #: `Online_CS_RunNumber` as followed; sampled at Start to name the run's data.
         self.run_number = -1
         self._events: queue.SimpleQueue[tuple[_Event, object]] = queue.SimpleQueue()
@@ -245,6 +247,11 @@ class RunControl:
         self._reset_accounting()
         self._losses.reset_run()
         self.run_save = self.save
+        # Read, not only followed: the monitors of two PVs keep no order between them, so a
+        # run number put just before Start may still be on its way.
+        number = self._read_run_number()
+        if number is not None:
+            self.run_number = number
         run = RunIdentity(self.run_number, time.time_ns(), self._run_boards())
         self.sender.run_started(self.run_save, run)
         self.outloop.save = self.run_save

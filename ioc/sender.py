@@ -740,7 +740,9 @@ class Sender:
         conn, self._current = self._current, None
         if conn is None:
             return
-        if conn.kind is not Kind.V2:
+        if conn.kind is Kind.V2:
+            self._last_acknowledgements(conn)
+        else:
             self.delivery.lost_in_flight(_unsent_bytes(conn.sock) - conn.unfinished_reply)
         self.delivery.requeue()
         self._unpoll(conn.sock.fileno())
@@ -749,6 +751,18 @@ class Sender:
             self._client = ""
         self._next_housekeeping = 0.0
         self.log.info("receiver %s left after %d replies", conn.peer, conn.answered)
+
+    def _last_acknowledgements(self, conn: Connection) -> None:
+        """A v2 client's acknowledgements may still wait in the socket, unread while we
+        were busy sending: apply them before what is unacknowledged goes back, or the
+        next receiver would get again what this one stored."""
+        with contextlib.suppress(OSError, Violation):
+            while count := conn.sock.recv_into(self._scratch, 0, socket.MSG_DONTWAIT):
+                conn.feed(memoryview(self._scratch)[:count])
+        if conn.ack_changed and conn.greeted and conn.generation == self.delivery.generation:
+            conn.ack_changed = False
+            with contextlib.suppress(ValueError):
+                self.delivery.acknowledge(conn.acked)
 
     def _close(self, conn: Connection) -> None:
         """Close after what was sent (a last control message): FIN first, then read what

@@ -323,6 +323,7 @@ def run_receiver(args: argparse.Namespace, stop: threading.Event, out: TextIO,
         print(f"dgs-receiver: cannot create the run directory: {error}", file=err, flush=True)
         return EXIT_USAGE
     began = time.monotonic()
+    run.reserve("summary")
     print(f"dgs-receiver: run {run_name} in {run.path} ({args.layout} layout)", file=out,
           flush=True)
     identities: list[tuple[set[int], set[int]]] = [(set(), set())] * len(args.addresses)

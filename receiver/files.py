@@ -43,6 +43,8 @@ import numpy as np
 
 DEFAULT_CHUNK_BYTES = 2_000_000_000
 READ_ONLY = 0o444
+#: Space set aside for a JSON side file written at the end of a run (the summary).
+RESERVED_JSON_BYTES = 256 * 1024
 
 
 class Layout(enum.Enum):
@@ -369,18 +371,36 @@ class RunDirectory:
         with self._lock:
             self.files.append(closed)
 
+    def reserve(self, name: str, nbytes: int = RESERVED_JSON_BYTES) -> None:
+        """Set disk space aside now for the JSON side file ``name`` written at the end
+        (the summary must be writable even when the run filled the disk)."""
+        part = self._json_path(name).with_name(f".{self.run_name}.{name}.json.part")
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+        except OSError:
+            pass  # a file system that cannot reserve: the file is just written at the end
+        finally:
+            os.close(fd)
+
     def write_json(self, name: str, document: Any) -> Path:
-        """A read-only JSON side file ``<run>/<run>.<name>.json`` (never replacing one)."""
-        path = self.path / f"{self.run_name}.{name}.json"
+        """A read-only JSON side file ``<run>/<run>.<name>.json`` (never replacing one);
+        written into the space `reserve` set aside, if it did."""
+        path = self._json_path(name)
         part = path.with_name(f".{path.name}.part")
         if path.exists():
             raise RunExistsError(f"{path} already exists")
-        with open(part, "x", encoding="utf-8") as out:
-            json.dump(document, out, indent=1, sort_keys=False)
-            out.write("\n")
+        text = json.dumps(document, indent=1, sort_keys=False) + "\n"
+        mode = "r+" if part.exists() else "x"
+        with open(part, mode, encoding="utf-8") as out:
+            out.write(text)
+            out.truncate()
         os.chmod(part, READ_ONLY)
         _publish(part, path)
         return path
+
+    def _json_path(self, name: str) -> Path:
+        return self.path / f"{self.run_name}.{name}.json"
 
 
 #: Header of each span in the diagnostic file: magic, header bytes, connection index,

@@ -121,6 +121,8 @@ def recover(description: str, acked: int) -> Recovery:
         header = json.loads(lines[0]) if lines else {}
         sizes = _sizes_at(lines[1:], acked)
         result = _cut_back(journal.parent, sizes, acked, header.get("files", ""))
+        if header.get("run"):
+            _write_summary(journal.parent, header["run"], result)
         os.write(fd, f"# recovered to {acked} by pid {os.getpid()}\n".encode())
         return result
     finally:
@@ -142,6 +144,31 @@ def _sizes_at(records: list[str], acked: int) -> dict[str, int]:
             else:
                 sizes.setdefault(name, 0)
     return sizes
+
+
+def _write_summary(run_dir: Path, run_name: str, recovery: Recovery) -> None:
+    """The killed receiver wrote no summary: say what its directory holds now, in the
+    space it had set aside for one."""
+    final = run_dir / f"{run_name}.summary.json"
+    part = run_dir / f".{final.name}.part"
+    if final.exists():
+        return
+    files = sorted(p for p in run_dir.iterdir() if p.name.startswith(f"{run_name}.") and
+                   p.is_file() and p.suffix != ".json")
+    document = {
+        "run": run_name,
+        "exit_code": None,
+        "recovered": {"by_pid": os.getpid(), "host": socket.gethostname(),
+                      "acknowledged_offset": recovery.acked, "trimmed": recovery.trimmed,
+                      "removed": recovery.removed, "closed": recovery.closed},
+        "files": [{"name": p.name, "bytes": p.stat().st_size} for p in files],
+    }
+    with open(part, "r+" if part.exists() else "x", encoding="utf-8") as out:
+        out.write(json.dumps(document, indent=1) + "\n")
+        out.truncate()
+    os.chmod(part, READ_ONLY)
+    os.link(part, final)
+    part.unlink()
 
 
 def _named_in_journals(run_dir: Path) -> set[str]:

@@ -489,6 +489,7 @@ def remove_unused_run_dir(run_dir: Path) -> bool:
     if not run_dir.is_dir():
         return not run_dir.exists()
     side = {f"{run_dir.name}.{name}.json" for name in SIDE_FILES}
+    side |= {f".{name}.part" for name in side}  # the space a receiver sets aside for them
     entries = list(run_dir.iterdir())
     if any(
         not entry.is_file() or (entry.name not in side and not JOURNAL.fullmatch(entry.name))
