@@ -53,16 +53,6 @@ class _Span:
         return self.stream_start + self.buf.sent_bytes - self.start
 
 
-@dataclass(frozen=True)
-class Reply:
-    """The next reply to send: ``buf`` bytes [start, end) at stream offset ``offset``."""
-
-    buf: Buffer
-    start: int
-    end: int
-    offset: int
-
-
 class Delivery:
     """Buffers between qSender and the wire, and the run's stream offsets."""
 
@@ -130,8 +120,9 @@ class Delivery:
 
     # ---------------------------------------------------------- replies
 
-    def next_reply(self, wait: float) -> Reply | None:
-        """The next slice of the buffer being served, or of qSender's head within ``wait``."""
+    def next_buffer(self, wait: float) -> Buffer | None:
+        """The buffer being served, or qSender's head within ``wait``; its next reply is
+        ``[buf.sent_bytes, next_end)``, at stream offset `sent`."""
         self.catch_up()
         while self._held is None:
             with self.pool.lock:
@@ -147,23 +138,28 @@ class Delivery:
                 self.pool.release(buf)  # nothing left: never an empty data reply
             else:
                 self._ends = cuts.reply_ends(buf, self.max_reply_bytes)
-        buf = self._held
-        return Reply(buf, buf.sent_bytes, self._ends[0], self.sent)
+        return self._held
+
+    @property
+    def next_end(self) -> int:
+        """Where the next reply of the buffer being served ends (whole packets)."""
+        return self._ends[0]
 
     def prefetch(self) -> None:
         """Take the next buffer and plan its cuts while the receiver reads the last reply."""
         if self._held is None:
-            self.next_reply(0.0)
+            self.next_buffer(0.0)
 
-    def reply_sent(self, reply: Reply, acknowledged: bool) -> None:
-        """``reply`` is on the wire. Classic replies are final; v2 ones wait for an ack."""
-        buf = reply.buf
+    def reply_sent(self, buf: Buffer, end: int, acknowledged: bool) -> None:
+        """``buf`` is on the wire up to ``end``. Classic replies are final; v2 ones wait for
+        an acknowledgement."""
+        start = buf.sent_bytes
         if not acknowledged:
-            self._recent.append((buf.card, reply.end - reply.start, _reply_events(reply)))
+            self._recent.append((buf.card, end - start, _reply_events(buf, start, end)))
         elif not self._unacked or self._unacked[-1].buf is not buf:
-            self._unacked.append(_Span(buf, reply.start, reply.offset))
-        buf.sent_bytes = reply.end
-        self.sent += reply.end - reply.start
+            self._unacked.append(_Span(buf, start, self.sent))
+        buf.sent_bytes = end
+        self.sent += end - start
         if not acknowledged:
             self.acked = self.sent
         del self._ends[0]
@@ -257,9 +253,8 @@ class Delivery:
         return total
 
 
-def _reply_events(reply: Reply) -> int:
+def _reply_events(buf: Buffer, start: int, end: int) -> int:
     """Events in a classic reply, for loss accounting should it never arrive."""
-    packet_words = reply.buf.packet_words
-    if packet_words:
-        return (reply.end - reply.start) // (4 * packet_words)
-    return count_events(reply.buf.words[reply.start // 4 : reply.end // 4])
+    if buf.packet_words:
+        return (end - start) // (4 * buf.packet_words)
+    return count_events(buf.words[start // 4 : end // 4])

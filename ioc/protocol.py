@@ -38,10 +38,6 @@ INSUFF_DATA_HEADER = CLASSIC_HEADER.pack(INSUFF_DATA, 0, 0, 0)
 SENDER_OFF_HEADER = CLASSIC_HEADER.pack(SENDER_OFF, 0, 0, 0)
 
 
-def classic_data_header(length: int) -> bytes:
-    return CLASSIC_HEADER.pack(SERVER_SUMMARY, length, 0, 1)
-
-
 # ------------------------------------------------------------- version 2
 
 VERSION = 2

@@ -55,6 +55,7 @@ FLUSH_PERIOD_S = 1.0
 YIELD_S = 0.5
 #: Accepted connections kept waiting for their turn; more wait in the kernel backlog.
 MAX_WAITING = 64
+_CLASSIC_PACK = protocol.CLASSIC_HEADER.pack
 #: `_CV_State` values a v2 hello reports.
 STATE_STOPPED, STATE_RUNNING, STATE_DRAINING = 0, 1, 2
 
@@ -642,10 +643,11 @@ class Sender:
             text = f"run {self.delivery.run.number} started; this connection's run is over"
             self._send_refusal(conn, protocol.Refusal.WRONG_RUN, text)
             raise _ConnectionLost
-        reply = self.delivery.next_reply(self.config.idle_wait_s)
+        delivery = self.delivery
+        buf = delivery.next_buffer(self.config.idle_wait_s)
         if conn.peer_gone():
             raise _ConnectionLost
-        if reply is None:
+        if buf is None:
             if v2:
                 status = self._state() | (protocol.COMPLETE if self._complete() else 0)
                 header = self._v2_header(protocol.INSUFF_DATA, status=status)
@@ -659,20 +661,20 @@ class Sender:
             with self._lock:
                 self._idle_replies += 1
             return
-        length = reply.end - reply.start
+        start, end = buf.sent_bytes, delivery.next_end
+        length = end - start
         if v2:
-            header = protocol.V2Header(protocol.SERVER_SUMMARY, length, 0,
-                                       self.delivery.run.number, reply.offset,
-                                       self.delivery.acked).pack()
+            header = protocol.V2_HEADER.pack(protocol.SERVER_SUMMARY, length, 0,
+                                             delivery.run.number, delivery.sent, delivery.acked)
         else:
-            header = protocol.classic_data_header(length)
+            header = _CLASSIC_PACK(protocol.SERVER_SUMMARY, length, 0, 1)
         try:
-            self._send(conn, header, memoryview(reply.buf.data)[reply.start : reply.end])
+            self._send(conn, header, memoryview(buf.data)[start:end])
         except _ConnectionLost:
             with self._lock:
                 self._requeued += 1
             raise
-        self.delivery.reply_sent(reply, acknowledged=v2)
+        delivery.reply_sent(buf, end, acknowledged=v2)
         conn.pending -= 1
         conn.answered += 1
         with self._lock:

@@ -101,6 +101,7 @@ class ChunkFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.name = path.name
         self.part = path.with_name(f".{path.name}.part")
         if path.exists():
             raise RunExistsError(f"{path} already exists")
@@ -157,8 +158,7 @@ def _publish(part: Path, path: Path) -> None:
     os.unlink(part)
 
 
-@dataclass(frozen=True)
-class Mark:
+class Mark(NamedTuple):
     """A stream as it was before a write: what `Stream.undo` returns it to."""
 
     chunk: int
@@ -240,15 +240,12 @@ class Stream:
 
     def settle(self) -> None:
         """The reply's writes stand: close the chunks rotated out meanwhile."""
+        if not self.retired:
+            return
         with self.lock:
             retired, self.retired = self.retired, []
             for chunk in retired:
                 self.run.closed(chunk.close())
-
-    @property
-    def files(self) -> list[ChunkFile]:
-        """Open chunks (rotated-out ones first)."""
-        return [*self.retired, *([self.current] if self.current else [])]
 
     def _expired(self, current: ChunkFile) -> bool:
         interval = self.run.rotation.max_seconds

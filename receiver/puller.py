@@ -558,8 +558,10 @@ class Puller(threading.Thread):
             raise WriteFailed(error.filename or str(run.path), error) from error
         sizes: dict[str, int] = {}
         for done, _ in written:
-            for chunk in done.files:
-                sizes[chunk.path.name] = chunk.nbytes
+            for chunk in done.retired:
+                sizes[chunk.name] = chunk.nbytes
+            if done.current is not None:
+                sizes[done.current.name] = done.current.nbytes
             done.settle()
         self.summarise(batch.stats)
         for board in ends:
