@@ -66,10 +66,6 @@ class Connection:
         return bool(self.hangup.poll(0))
 
     @property
-    def partial_bytes(self) -> int:
-        return len(self._partial)
-
-    @property
     def identified(self) -> bool:
         """Classic, or v2 with its whole hello received."""
         return self.kind is Kind.CLASSIC or self.hello is not None

@@ -109,7 +109,7 @@ def banner(crate: CrateConfig, ports: ServerPorts, serve_globals: bool) -> str:
     lines = [
         f"dgs-ioc: crate {c} serving PVs DAQC{c}_*, DAQC{c}:*, VME{c}:* on CA port {ports.ca}, "
         f"PVA port {ports.pva}",
-        f"dgs-ioc: data service on {data} (gtReceiver protocol)",
+        f"dgs-ioc: data service on {data} (classic gtReceiver and v2 protocols)",
     ]
     if serve_globals:
         lines.append("dgs-ioc: serving the globals Online_CS_StartStop / SaveData / RunNumber")

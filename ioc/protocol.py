@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 #: Message types of the classic header.
 REQUEST = 1
-NORMAL_RETURN = 2
 SENDER_OFF = 3
 SERVER_SUMMARY = 4
 INSUFF_DATA = 5
@@ -74,8 +73,7 @@ class Refusal(enum.IntEnum):
 
     WRONG_RUN = 1  # it holds another run (or none): ask again later
     BUSY = 2  # another receiver is being served: ask again later
-    NOT_ALLOWED = 3  # this address is not in allowed_receivers: do not retry
-    BAD_HELLO = 4  # unknown version or malformed hello: do not retry
+    BAD_HELLO = 3  # unknown version or malformed hello: do not retry
 
     @property
     def retry(self) -> bool:

@@ -247,12 +247,17 @@ class Puller(threading.Thread):
                     max_reply_bytes=MAX_REPLY_BYTES,
                 )
             except OSError as error:
-                if time.monotonic() >= deadline:
-                    raise ConnectionError(
-                        f"no connection within {self.args.connect_timeout:g} s ({error})"
-                    ) from None
-                self.stop_event.wait(0.05)
+                self._not_yet(error, deadline)
         return None
+
+    def _not_yet(self, error: OSError, deadline: float) -> None:
+        """No connection yet (receivers may start before the IOC listens): wait a little,
+        or give up once the connect timeout has passed."""
+        if time.monotonic() >= deadline:
+            raise ConnectionError(
+                f"no connection within {self.args.connect_timeout:g} s ({error})"
+            ) from None
+        self.stop_event.wait(0.05)
 
     def _pull(self) -> None:
         """Pull until done or stopped; a lost link is re-established within the timeout."""
@@ -349,11 +354,7 @@ class Puller(threading.Thread):
                 read_timeout=READ_TIMEOUT_S, max_reply_bytes=MAX_REPLY_BYTES,
             )
         except (ConnectionRefusedError, ConnectionResetError, TimeoutError) as error:
-            if time.monotonic() >= deadline:
-                raise ConnectionError(
-                    f"no connection within {self.args.connect_timeout:g} s ({error})"
-                ) from None
-            self.stop_event.wait(0.05)
+            self._not_yet(error, deadline)
             return None
 
     def _refused(self, refused: Refused, deadline: float) -> None:

@@ -212,6 +212,20 @@ def start_run(ioc: IocProcess, save: str = "Save") -> None:
     ioc.wait_value(f"DAQC{CRATE}_CV_State", "Running")
 
 
+def begin_over_pva(pva: Pva, run_number: int | None = None) -> None:
+    """Save + Start through PVA: no tool processes beside the crate while it runs."""
+    if run_number is not None:
+        pva.put("Online_CS_RunNumber", run_number)
+    pva.put("Online_CS_SaveData", 1)
+    pva.put("Online_CS_StartStop", 1)
+    pva.wait(f"DAQC{CRATE}_CV_State", lambda v: v == 1, 15, "Running")
+
+
+def end_over_pva(pva: Pva) -> None:
+    pva.put("Online_CS_StartStop", 0)
+    pva.wait(f"DAQC{CRATE}_CV_State", lambda v: v == 0, 30, "Stopped")
+
+
 def stop_run(ioc: IocProcess, timeout: float = 20.0) -> None:
     ioc.put_ok("Online_CS_StartStop", "Stop")
     ioc.wait_value(f"DAQC{CRATE}_CV_State", "Stopped", timeout=timeout)

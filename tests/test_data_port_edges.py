@@ -24,7 +24,9 @@ from dataflow import (
     DEMO_SPECS,
     Background,
     Pva,
+    begin_over_pva,
     data_keys,
+    end_over_pva,
     generated,
     ioc_process,
     receiver,
@@ -35,17 +37,6 @@ from ioc_harness import wait_until
 from receiver.client import REQUEST
 
 
-def begin(pva: Pva) -> None:
-    pva.put("Online_CS_SaveData", 1)
-    pva.put("Online_CS_StartStop", 1)
-    pva.wait(f"DAQC{CRATE}_CV_State", lambda v: v == 1, 15, "Running")
-
-
-def end(pva: Pva) -> None:
-    pva.put("Online_CS_StartStop", 0)
-    pva.wait(f"DAQC{CRATE}_CV_State", lambda v: v == 0, 30, "Stopped")
-
-
 def every_event(tally, ioc) -> None:
     expected = generated(ioc)
     assert {b: data_keys(tally.boards[b].events).size for b in expected} == expected
@@ -54,7 +45,7 @@ def every_event(tally, ioc) -> None:
 
 def test_a_silent_client_gives_way_and_the_real_receiver_gets_the_whole_run(tmp_path):
     with ioc_process(tmp_path, "--demo") as ioc, Pva(ioc) as pva:
-        begin(pva)
+        begin_over_pva(pva)
         squatter = socket.create_connection(("127.0.0.1", ioc.ports.data), timeout=10)
         squatter.sendall(REQUEST[:3])
         wait_until(lambda: pva.get(f"DAQC{CRATE}_CV_SenderClient") != "", 10, "the squatter")
@@ -62,7 +53,7 @@ def test_a_silent_client_gives_way_and_the_real_receiver_gets_the_whole_run(tmp_
         rx = Background(receiver(ioc, pipeline=6), max_seconds=60)
         wait_until(lambda: pva.number(f"DAQC{CRATE}_CV_SenderReplies") > 0, 10, "data flowing")
         assert time.monotonic() - started < 5, "the silent client held the port"
-        end(pva)
+        end_over_pva(pva)
         every_event(rx.join(60), ioc)
         squatter.close()
         assert "gave way" in ioc.log()
@@ -70,7 +61,7 @@ def test_a_silent_client_gives_way_and_the_real_receiver_gets_the_whole_run(tmp_
 
 def test_a_second_receiver_is_told_why_it_waits_and_keeps_its_deadline(tmp_path):
     with ioc_process(tmp_path, "--demo") as ioc, Pva(ioc) as pva:
-        begin(pva)
+        begin_over_pva(pva)
         first = Background(receiver(ioc, pipeline=6), max_seconds=60)
         wait_until(lambda: pva.get(f"DAQC{CRATE}_CV_SenderClient") != "", 10, "the first")
         started = time.monotonic()
@@ -81,7 +72,7 @@ def test_a_second_receiver_is_told_why_it_waits_and_keeps_its_deadline(tmp_path)
         waited = time.monotonic() - started
         assert "waiting" in quick.stdout and "another receiver" in quick.stdout, quick.stdout
         assert waited < 8, f"--seconds 3 took {waited:.1f} s"
-        end(pva)
+        end_over_pva(pva)
         every_event(first.join(60), ioc)
         assert "told to retry later" in ioc.log()
 
@@ -92,7 +83,7 @@ def test_only_allowed_addresses_are_served(tmp_path):
                                       'data_bind = "127.0.0.1"\nallowed_receivers = ["10.0.0.0/8"]')
     config.write_text(text)
     with ioc_process(tmp_path, "--config", str(config)) as ioc, Pva(ioc) as pva:
-        begin(pva)
+        begin_over_pva(pva)
         for _ in range(3):
             with socket.create_connection(("127.0.0.1", ioc.ports.data), timeout=10) as sock:
                 sock.sendall(REQUEST)
@@ -100,15 +91,15 @@ def test_only_allowed_addresses_are_served(tmp_path):
                 with contextlib.suppress(ConnectionResetError):  # closed unread: a reset
                     assert sock.recv(16) == b"", "an address outside allowed_receivers was served"
         pva.wait(f"DAQC{CRATE}_CV_SenderRejected", lambda v: v == 3, 10, "three refusals")
-        end(pva)
+        end_over_pva(pva)
     assert ioc.log().count("not in allowed_receivers") == 1, "refusals must not flood the log"
 
 
 def test_the_quick_client_after_stop_ends_with_every_boards_end_of_run(tmp_path):
     with ioc_process(tmp_path, "--demo") as ioc, Pva(ioc) as pva:
-        begin(pva)
+        begin_over_pva(pva)
         time.sleep(1.0)
-        end(pva)
+        end_over_pva(pva)
         quick = subprocess.run(
             [sys.executable, "-m", "receiver.client", f"127.0.0.1:{ioc.ports.data}"],
             capture_output=True, text=True, timeout=60,
@@ -123,7 +114,7 @@ def test_replies_a_stalled_receiver_never_took_are_counted_lost_in_flight(tmp_pa
     per board: generated = received + lost in flight, to the event."""
     config = write_config(tmp_path, DEMO_SPECS, sender={"idle_timeout_s": 1.0})
     with ioc_process(tmp_path, "--config", str(config)) as ioc, Pva(ioc) as pva:
-        begin(pva)
+        begin_over_pva(pva)
         stalled = socket.socket()
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stalled.connect(("127.0.0.1", ioc.ports.data))
@@ -132,7 +123,7 @@ def test_replies_a_stalled_receiver_never_took_are_counted_lost_in_flight(tmp_pa
                    "the stalled receiver closed")
         rx = Background(receiver(ioc, pipeline=6), max_seconds=60)
         time.sleep(1.0)
-        end(pva)
+        end_over_pva(pva)
         tally = rx.join(60)
         stalled.close()
         wait_until(lambda: sum(pva.get(f"DAQC{CRATE}_OL_LostEventsInFlight")) > 0, 10,

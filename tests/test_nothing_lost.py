@@ -31,7 +31,9 @@ from dataflow import (
     Background,
     Pva,
     assert_pool_whole,
+    begin_over_pva,
     data_keys,
+    end_over_pva,
     generated,
     ioc_process,
     receiver,
@@ -56,20 +58,6 @@ def set_rate(pva: Pva, rate_hz: float) -> None:
         pva.put(f"VME{CRATE}:{name}:SIM_EventRate", rate_hz)
 
 
-def begin(pva: Pva, run_number: int | None = None) -> None:
-    """Save + Start through PVA: no tool processes beside the crate while it runs."""
-    if run_number is not None:
-        pva.put("Online_CS_RunNumber", run_number)
-    pva.put("Online_CS_SaveData", 1)
-    pva.put("Online_CS_StartStop", 1)
-    pva.wait(f"DAQC{CRATE}_CV_State", lambda v: v == 1, 15, "Running")
-
-
-def end(pva: Pva) -> None:
-    pva.put("Online_CS_StartStop", 0)
-    pva.wait(f"DAQC{CRATE}_CV_State", lambda v: v == 0, 30, "Stopped")
-
-
 def assert_no_overflow(pva: Pva) -> None:
     for name in BOARDS:
         figures = sim_figures(pva, name)
@@ -83,12 +71,12 @@ def assert_no_overflow(pva: Pva) -> None:
 def test_a_late_classic_receiver_gets_every_event(crate, rate_hz, late_s):
     with Pva(crate) as pva:
         set_rate(pva, rate_hz)
-        begin(pva)
+        begin_over_pva(pva)
         time.sleep(late_s)  # the point of the test: nobody takes data meanwhile
         rx = Background(receiver(crate, pipeline=6), max_seconds=90)
         wait_until(lambda: pva.number(f"DAQC{CRATE}_CV_Retained") < 5, 60,
                    "the receiver to catch up")
-        end(pva)
+        end_over_pva(pva)
         tally = rx.join(90)
         assert pva.number(f"DAQC{CRATE}_OL_TotalBufsLost") == 0
         assert sum(pva.get(f"DAQC{CRATE}_OL_LostMemory")) == 0
@@ -157,7 +145,7 @@ def assert_union_is_every_event_once(per_directory: list[dict[int, np.ndarray]],
 def test_receivers_killed_twice_and_restarted_elsewhere_hold_every_event_once(crate, tmp_path):
     with Pva(crate) as pva:
         set_rate(pva, 1000)
-        begin(pva, run_number=21)
+        begin_over_pva(pva, run_number=21)
         dirs = []
         for attempt in range(2):
             out = tmp_path / f"rx{attempt}"
@@ -171,7 +159,7 @@ def test_receivers_killed_twice_and_restarted_elsewhere_hold_every_event_once(cr
         last = start_receiver(crate, out, 21)
         dirs.append(out / "run00021")
         time.sleep(1.0)
-        end(pva)
+        end_over_pva(pva)
         code, stdout, stderr = finish(last)
         assert code == 0, stdout + stderr
         assert "recovered" in stdout, "the killed receiver's files were not reconciled"
@@ -201,7 +189,7 @@ def test_a_full_disk_exits_4_with_whole_records_and_a_second_receiver_gets_the_r
     crate, tmp_path
 ):
     with small_filesystem(tmp_path / "small", "3m") as small, Pva(crate) as pva:
-        begin(pva, run_number=31)
+        begin_over_pva(pva, run_number=31)
         first = start_receiver(crate, small, 31)
         code, stdout, stderr = finish(first)
         assert code == 4, stdout + stderr
@@ -217,7 +205,7 @@ def test_a_full_disk_exits_4_with_whole_records_and_a_second_receiver_gets_the_r
         roomy = tmp_path / "roomy"
         second = start_receiver(crate, roomy, 31)
         time.sleep(1.0)
-        end(pva)
+        end_over_pva(pva)
         code, stdout, stderr = finish(second)
         assert code == 0, stdout + stderr
         assert_no_overflow(pva)
@@ -234,17 +222,17 @@ def test_a_full_disk_exits_4_with_whole_records_and_a_second_receiver_gets_the_r
 
 def test_a_receiver_for_the_next_run_takes_nothing_of_the_previous_one(crate, tmp_path):
     with Pva(crate) as pva:
-        begin(pva, run_number=10)
+        begin_over_pva(pva, run_number=10)
         time.sleep(1.0)
-        end(pva)  # run 10's data wait in the crate: nobody took them
+        end_over_pva(pva)  # run 10's data wait in the crate: nobody took them
         assert pva.number(f"DAQC{CRATE}_CV_Retained") > 1
         early = start_receiver(crate, tmp_path / "next", 11)
         time.sleep(2.0)
         assert early.poll() is None, "the receiver of run 11 ended before run 11 began"
         assert not list((tmp_path / "next" / "run00011").glob("*.gtd_*")), "it took run 10"
-        begin(pva, run_number=11)
+        begin_over_pva(pva, run_number=11)
         time.sleep(1.0)
-        end(pva)
+        end_over_pva(pva)
         code, stdout, stderr = finish(early)
         assert code == 0, stdout + stderr
         assert "run 10" in stdout, "it did not say which run it waited behind"
