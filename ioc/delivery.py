@@ -19,7 +19,7 @@ import collections
 from dataclasses import dataclass
 
 from ioc import cuts, protocol
-from ioc.losses import LossLedger, LossReason, count_events
+from ioc.losses import LossLedger, LossReason, buffer_events
 from ioc.pool import Buffer, BufferPool, Owner
 
 #: Classic replies remembered to attribute bytes a closed connection never took.
@@ -155,7 +155,7 @@ class Delivery:
         an acknowledgement."""
         start = buf.sent_bytes
         if not acknowledged:
-            self._recent.append((buf.card, end - start, _reply_events(buf, start, end)))
+            self._recent.append((buf.card, end - start, buffer_events(buf, start, end)))
         elif not self._unacked or self._unacked[-1].buf is not buf:
             self._unacked.append(_Span(buf, start, self.sent))
         buf.sent_bytes = end
@@ -247,14 +247,7 @@ class Delivery:
             nbytes = buf.nbytes - buf.sent_bytes
             if nbytes <= 0:
                 continue
-            events = count_events(buf.words[buf.sent_bytes // 4 : buf.nbytes // 4])
-            self.losses.add(reason, buf.card, nbytes, events)
+            self.losses.add(reason, buf.card, nbytes, buffer_events(buf, buf.sent_bytes))
             total += nbytes
         return total
 
-
-def _reply_events(buf: Buffer, start: int, end: int) -> int:
-    """Events in a classic reply, for loss accounting should it never arrive."""
-    if buf.packet_words:
-        return (end - start) // (4 * buf.packet_words)
-    return count_events(buf.words[start // 4 : end // 4])

@@ -27,6 +27,7 @@ import numpy as np
 
 from ioc import packets
 from ioc.decoder import NATIVE_MARKER, gather, native_view
+from ioc.pool import Buffer
 
 CARDS = 7
 
@@ -63,6 +64,17 @@ def count_events(words: np.ndarray) -> int:
         return 0
     types = packets.header_type(gather(native, starts + 3))
     return int(np.count_nonzero(types != packets.HEADER_TYPE_F))
+
+
+def buffer_events(buf: Buffer, start: int = 0, end: int | None = None) -> int:
+    """Events in bytes [start, end) of a buffer: arithmetic when outLoop's walk found
+    equal-size packets throughout, a marker count otherwise."""
+    end = buf.nbytes if end is None else end
+    if buf.is_type_f:
+        return 0
+    if buf.packet_words:
+        return (end - start) // (4 * buf.packet_words)
+    return count_events(buf.words[start // 4 : end // 4])
 
 
 @dataclass(frozen=True)

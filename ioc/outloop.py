@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ioc.checker import SHALLOW_EVENTS, Checker
-from ioc.losses import LossLedger, LossReason, count_events
+from ioc.losses import LossLedger, LossReason, buffer_events
 from ioc.packets import CH_END_OF_RUN, HEADER_WORDS, channel_id
 from ioc.pool import BUFFER_BYTES, Buffer, BufferPool, Owner
 from ioc.pvs import CARDS
@@ -223,7 +223,7 @@ class OutLoop:
             c.bufs_lost += 1
         if 0 <= buf.card < CARDS:
             c.lost_bytes_by_card[buf.card] += buf.nbytes
-        self.losses.add(reason, buf.card, buf.nbytes, count_events(buf.payload_words()))
+        self.losses.add(reason, buf.card, buf.nbytes, buffer_events(buf))
 
     def _check(self, buf: Buffer, c: _RunCounters, seen: set[tuple[int, int]]) -> bool:
         """Check one buffer; False if a fatal error discards it."""

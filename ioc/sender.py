@@ -164,10 +164,6 @@ class Sender:
         """The bound port (an ephemeral port, once chosen, is kept for later runs)."""
         return self._listener.port
 
-    @property
-    def bind(self) -> str:
-        return self._listener.bind
-
     def start(self) -> None:
         """Start the sender thread; the listener opens with a run."""
         if self._thread is None:
