@@ -98,7 +98,6 @@ class Delivery:
         if self._caught_up == self.generation:
             return 0
         with self.pool.lock:
-            self._caught_up = self.generation
             buffers = [span.buf for span in self._unacked]
             if self._held is not None and self._held not in buffers:
                 buffers.append(self._held)
@@ -111,7 +110,13 @@ class Delivery:
             self.sent = self.acked = 0
             self.last_client = ""
             self._recent.clear()
+            self._caught_up = self.generation
         return nbytes
+
+    @property
+    def held_generation(self) -> int:
+        """The run whose data the sender still holds: acknowledgements of it still count."""
+        return self._caught_up
 
     @property
     def current(self) -> bool:

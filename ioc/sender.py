@@ -326,6 +326,9 @@ class Sender:
 
     def _housekeeping(self, now: float) -> None:
         self._drain_wake_pipe()
+        conn = self._current
+        if not self.delivery.current and conn is not None and conn.kind is Kind.V2:
+            self._last_acknowledgements(conn)
         self.delivery.catch_up()
         self._accept_all()
         self._manage_listener(now)
@@ -574,7 +577,7 @@ class Sender:
                                                      self._run_info(previous)))
             self.log.info("receiver %s: v2, run %d, resuming at byte %d", conn.peer,
                           self.delivery.run.number, self.delivery.sent)
-        if conn.ack_changed:
+        if conn.ack_changed and conn.generation == self.delivery.held_generation:
             conn.ack_changed = False
             try:
                 self.delivery.acknowledge(conn.acked)
@@ -757,7 +760,7 @@ class Sender:
         with contextlib.suppress(OSError, Violation):
             while count := conn.sock.recv_into(self._scratch, 0, socket.MSG_DONTWAIT):
                 conn.feed(memoryview(self._scratch)[:count])
-        if conn.ack_changed and conn.greeted and conn.generation == self.delivery.generation:
+        if conn.ack_changed and conn.greeted and conn.generation == self.delivery.held_generation:
             conn.ack_changed = False
             with contextlib.suppress(ValueError):
                 self.delivery.acknowledge(conn.acked)

@@ -243,20 +243,45 @@ def test_the_next_client_learns_how_the_previous_one_described_itself(make_sende
     second.close()
 
 
+def new_run(sender: Sender) -> None:
+    sender.losses.reset_run()
+    sender.run_started(save=True, run=RunIdentity(13, RUN.start_ns + 10**9, (101, 102)))
+
+
 def test_a_new_run_ends_a_v2_connection_of_the_old_one_and_counts_its_leftovers(make_sender):
     pool, sender = make_sender()
     queue(pool, digitizer_events(3))
     queue(pool, digitizer_events(4, first_ts=50))
     client = V2Client(sender.port, run=12)
-    client.take(1)  # one buffer received and acknowledged... in the next request
-    sender.losses.reset_run()
-    sender.run_started(save=True, run=RunIdentity(13, RUN.start_ns + 10**9, (101, 102)))
+    client.take(1)
+    client.ask(0)  # the acknowledgement of the stored buffer alone
+    wait_until(lambda: sender.delivery.acked == client.acked, 5, "the acknowledgement applied")
+    new_run(sender)
     client.ask()
     header, _ = client.reply()
     assert header[0] == REFUSED and header[2] == WRONG_RUN and header[3] == 13
     client.close()
-    superseded = sender.losses.snapshot()
-    assert superseded.events[LossReason.SUPERSEDED][0] == 4
+    wait_until(lambda: sender.delivery.current, 5, "the sender caught up with the new run")
+    assert sender.losses.snapshot().events[LossReason.SUPERSEDED][0] == 4
+    wait_until(lambda: len(pool.q_free) == pool.size, 5, "the old run's buffers released")
+
+
+def test_an_acknowledgement_of_the_old_run_after_a_start_is_no_violation(make_sender):
+    """The old run's acknowledgement arriving once its data were dropped: the client is told
+    the run is over (WRONG_RUN), not cut off as a protocol breaker."""
+    pool, sender = make_sender()
+    queue(pool, digitizer_events(3))
+    queue(pool, digitizer_events(4, first_ts=50))
+    client = V2Client(sender.port, run=12)
+    client.take(1)
+    new_run(sender)
+    wait_until(lambda: sender.delivery.current, 5, "the sender caught up with the new run")
+    client.ask()
+    header, _ = client.reply()
+    assert header[0] == REFUSED and header[2] == WRONG_RUN and header[3] == 13
+    client.close()
+    assert sender.losses.snapshot().events[LossReason.SUPERSEDED][0] == 7
+    assert sender.stats().rejected == 0
     wait_until(lambda: len(pool.q_free) == pool.size, 5, "the old run's buffers released")
 
 
