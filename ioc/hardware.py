@@ -132,6 +132,19 @@ class Board(abc.ABC):
     def select_fifo(self, fifo: int) -> None:  # noqa: B027 - digitizers have one FIFO
         """Route a trigger board's packets to FIFO ``fifo``; digitizers ignore it."""
 
+    @abc.abstractmethod
+    def write_register(self, register: str, value: int) -> None:
+        """Write the whole 32-bit ``register``, named as in the original's register map
+        (``reg_led_threshold0``); raises KeyError for a register the board does not have.
+
+        Bit fields are the caller's business (read, modify, write): the IOC's register
+        records do that, as the original's asynMask device support did.
+        """
+
+    @abc.abstractmethod
+    def read_register(self, register: str) -> int:
+        """The 32-bit value of ``register`` as the board reports it now (KeyError if unknown)."""
+
 
 class Crate(abc.ABC):
     """A crate: its boards and the clock their timestamps count from."""

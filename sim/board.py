@@ -81,6 +81,7 @@ class SimBoard(Board):
         self._generated = np.zeros(self.CHANNELS, dtype=np.int64)
         self._dropped = np.zeros(self.CHANNELS, dtype=np.int64)
         self._cleared = np.zeros(self.CHANNELS, dtype=np.int64)
+        self._registers: dict[str, int] = {}
         self.set_event_rate(spec.event_rate_hz)
 
     # What subclasses provide.
@@ -221,6 +222,17 @@ class SimBoard(Board):
         with self._lock:
             self._catch_up()
             self._package_data = _check_package_data(value)
+
+    def write_register(self, register: str, value: int) -> None:
+        with self._lock:
+            if register not in self._registers:
+                raise KeyError(register)
+            self._catch_up()
+            self._registers[register] = int(value) & 0xFFFFFFFF
+
+    def read_register(self, register: str) -> int:
+        with self._lock:
+            return self._registers[register]
 
     # Simulation controls (the SIM_* PVs).
 
