@@ -17,11 +17,13 @@ import logging
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from epicscorelibs.ioc import dbCore
 
 from ioc.dbfiles import acf_text
+from ioc.putcheck import PutCheck
 
 #: ``DBR_STRING`` of db_access.h and the size of one EPICS string.
 DBR_STRING = 0
@@ -84,11 +86,40 @@ def _channel_value(channel: int | None) -> str:
     return buffer.value.decode(errors="replace")
 
 
-class PutLogger:
-    """Logs every trapped write: before it, remember the old value; after it, log the change."""
+#: CA DBR type codes of a client's put (db_access.h) and their C types.
+_CA_VALUE_TYPES = {1: ctypes.c_int16, 2: ctypes.c_float, 3: ctypes.c_uint16,
+                   4: ctypes.c_uint8, 5: ctypes.c_int32, 6: ctypes.c_double}
+#: Called before a client's put with the record name and the client's unconverted value.
+RawCheck = Callable[[str, object], None]
 
-    def __init__(self, logger: logging.Logger = put_log) -> None:
+
+def _raw_value(message: _TrapWriteMessage) -> object:
+    """The first element of what the client sent, before EPICS converts it."""
+    if not message.data or message.no_elements < 1:
+        return None
+    if message.dbr_type == 0:
+        return ctypes.string_at(message.data).decode(errors="replace")
+    ctype = _CA_VALUE_TYPES.get(message.dbr_type)
+    return ctype.from_address(message.data).value if ctype else None
+
+
+def _value_record(channel: str) -> str | None:
+    """The record of a channel that writes its value (``REC`` or ``REC.VAL``), else None."""
+    record, _, field = channel.partition(".")
+    return record if field in ("", "VAL") else None
+
+
+class PutLogger:
+    """Logs every trapped write: before it, remember the old value; after it, log the change.
+
+    Before the write it also hands the client's raw value to ``raw_check`` (the put
+    check's veto, which EPICS's own conversion would otherwise hide)."""
+
+    def __init__(self, logger: logging.Logger = put_log, raw_check: RawCheck | None = None,
+                 after_check: Callable[[str], None] | None = None) -> None:
         self._log = logger
+        self._raw_check = raw_check
+        self._after_check = after_check
         self._pending: dict[int, tuple[str, str]] = {}
         self._tokens = itertools.count(1)
         self._lock = threading.Lock()
@@ -102,15 +133,19 @@ class PutLogger:
             message = message_p.contents
             if not after:
                 token = next(self._tokens)
+                name = _channel_name(message.channel)
                 with self._lock:
-                    self._pending[token] = (
-                        _channel_name(message.channel),
-                        _channel_value(message.channel),
-                    )
+                    self._pending[token] = (name, _channel_value(message.channel))
                 message.user_pvt = token
+                record = _value_record(name)
+                if self._raw_check is not None and record is not None:
+                    self._raw_check(record, _raw_value(message))
                 return
             with self._lock:
                 name, old = self._pending.pop(message.user_pvt or 0, ("?", "?"))
+            record = _value_record(name)
+            if self._after_check is not None and record is not None:
+                self._after_check(record)
             new = _channel_value(message.channel)
             who = f"{_text(message.userid)}@{_text(message.hostid)}"
             if new == old:
@@ -138,14 +173,20 @@ def write_rules(text: str) -> Path:
     return path
 
 
-def install() -> Path:
-    """Load the access-security rules of db/dgs.acf and log puts; call before iocInit."""
+def install(put_check: PutCheck | None = None) -> Path:
+    """Load the access-security rules of db/dgs.acf and log puts; call before iocInit.
+
+    With ``put_check``, a client's raw value is checked before each trapped write."""
     global _put_logger
     path = write_rules(acf_text())
     if _set_filename(str(path).encode()) != 0:
         raise RuntimeError(f"asSetFilename({path}) failed")
     if _put_logger is None:
-        _put_logger = PutLogger()
+        if put_check is None:
+            _put_logger = PutLogger()
+        else:
+            _put_logger = PutLogger(raw_check=put_check.veto_raw,
+                                    after_check=put_check.clear_veto)
         _put_logger.register()
     log.info(
         "access security: rules of db/dgs.acf (RUNPROTECT follows Online_CS_StartStop), "

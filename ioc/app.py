@@ -297,10 +297,12 @@ class CrateIoc:
                 self.system, f"DAQC{self.crate_id}", self.records, restore_start=False
             )
         builder.LoadDatabase()
-        access.install()
+        self.records.install_put_check()
+        access.install(self.records.put_check)
         epics.ca.initialize_libca()
         _no_memory_lock()
         softioc.iocInit(asyncio_dispatcher.AsyncioDispatcher())
+        self.records.put_check.confirm()
         self.records.publish("BuffersTotal", self.pool.size)
         self.inloop.start()
         self.outloop.start()
@@ -375,9 +377,11 @@ class GlobalsIoc:
         """Restore the globals (StartStop included: the crates keep running) and serve them."""
         self._autosave = _restore_globals(self.system, "globals", self.records, restore_start=True)
         builder.LoadDatabase()
-        access.install()
+        self.records.install_put_check()
+        access.install(self.records.put_check)
         _no_memory_lock()
         softioc.iocInit(asyncio_dispatcher.AsyncioDispatcher())
+        self.records.put_check.confirm()
 
     def stop(self) -> None:
         """Nothing runs besides the records."""

@@ -1,12 +1,14 @@
 """Builds the pythonSoftIOC records of `ioc.pvs.PV_TABLE` and publishes to them.
 
-Writable records validate every put against the table (range, enum index,
-evenness) plus any run-time rule the IOC adds (unique package data, faults
-only while running); a refused put leaves the value unchanged and the client
-sees a write failure. Publication goes through `Records.publish`, which skips
-values that did not change, because every record update costs CPU. Every
-record carries the access-security group of its table row in ASG (rules:
-db/dgs.acf, loaded by ioc/access.py).
+Writable records check every client put against the table (range, enum
+index, integral, evenness) plus any run-time rule the IOC adds (unique package
+data, faults only while running), inside EPICS's ``dbPut`` (ioc.putcheck): a
+refused put leaves the value unchanged, raises no alarm, and every Channel
+Access client, plain or put-callback, is told the write failed; PV Access puts
+are refused when the record processes (ioc.putcheck says why). Publication goes
+through `Records.publish`, which skips values that did not change, because
+every record update costs CPU. Every record carries the access-security group
+of its table row in ASG (rules: db/dgs.acf, loaded by ioc/access.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import numpy as np
 from softioc import builder
 
+from ioc.putcheck import PutCheck
 from ioc.pvs import PV, Instance
 
 #: A run-time rule: returns None to accept a put, or the reason to refuse it.
@@ -28,6 +31,8 @@ Rule = Callable[[Instance, Any], str | None]
 Handler = Callable[[Instance, Any], None]
 
 _DESC_MAX = 40
+#: Writable record types whose value is a whole number.
+INTEGRAL = frozenset({"longout", "bo", "mbbo"})
 
 log = logging.getLogger("dgs.records")
 
@@ -36,6 +41,8 @@ def table_check(pv: PV, value: Any) -> str | None:
     """The PV table's own rule for a put: None if accepted, else why not."""
     if isinstance(value, float) and not math.isfinite(value):
         return "not a finite number"
+    if pv.record in INTEGRAL and not float(value).is_integer():
+        return f"{value} is not an integer"
     if pv.enums and not (0 <= value < len(pv.enums)):
         return f"enum index {value} out of range 0..{len(pv.enums) - 1}"
     if pv.low is not None and value < pv.low:
@@ -74,6 +81,8 @@ class Records:
         self._rules = rules or {}
         self._handlers = handlers or {}
         self._records: dict[tuple[str, int | str | None], Any] = {}
+        self._by_name: dict[str, Instance] = {}
+        self.put_check = PutCheck(self.check)
         self._writable: set[tuple[str, int | str | None]] = set()
         self._published: dict[tuple[str, int | str | None], Any] = {}
         self._lock = threading.Lock()
@@ -85,6 +94,7 @@ class Records:
             self._records[k] = self._build(inst, value)
             if inst.pv.writable:
                 self._writable.add(k)
+                self._by_name[inst.name] = inst
 
     @staticmethod
     def _key(key: str, index: int | None, board: str | None) -> tuple[str, int | str | None]:
@@ -116,7 +126,8 @@ class Records:
                     return
                 self._published[k] = value
         if k in self._writable:
-            record.set(value, process=False)
+            with self.put_check.internal():
+                record.set(value, process=False)
         else:
             record.set(value)
 
@@ -164,21 +175,36 @@ class Records:
                 )
         raise ValueError(f"{name}: unknown record type {pv.record}")
 
-    def _validator(self, inst: Instance):
+    def check(self, name: str, value: float | int) -> str | None:
+        """Why a client's put of ``value`` to record ``name`` is refused; None accepts it."""
+        inst = self._by_name.get(name)
+        if inst is None:
+            return None
+        reason = table_check(inst.pv, value)
         rule = self._rules.get(inst.pv.key)
+        if reason is None and rule is not None:
+            reason = rule(inst, value)
+        return reason
+
+    def _validator(self, inst: Instance):
+        """The check again when the record processes: what PV Access puts meet (see
+        ioc.putcheck); a Channel Access put refused in ``dbPut`` never gets here."""
 
         def validate(record, value) -> bool:
-            reason = table_check(inst.pv, value)
-            if reason is None and rule is not None:
-                reason = rule(inst, value)
-            if reason is not None:
-                log.warning("refused put %s = %r: %s", inst.name, value, reason)
-                if isinstance(value, float) and not math.isfinite(value):
-                    _reprocess_later(record)
-                return False
-            return True
+            reason = self.check(inst.name, value)
+            if reason is None:
+                return True
+            log.warning("refused put %s = %r: %s", inst.name, value, reason)
+            if isinstance(value, float) and not math.isfinite(value):
+                _reprocess_later(record)
+            return False
 
         return validate
+
+    def install_put_check(self) -> None:
+        """Check client puts inside ``dbPut``; after LoadDatabase, before iocInit."""
+        samples = {inst.pv.record: inst.name for inst in self._by_name.values()}
+        self.put_check.install(samples)
 
     @staticmethod
     def _call(handler: Handler, inst: Instance, value: Any) -> None:
