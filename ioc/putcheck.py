@@ -49,7 +49,9 @@ DBF_CODES = {"ao": 10, "longout": 5, "bo": 11, "mbbo": 11}
 #: here has its states, so SPC_MOD takes its place.
 ALLOWED_SPECIALS = {"ao": (0,), "longout": (0,), "bo": (0,), "mbbo": (0, 2)}
 
-#: The check: the record name and its new value; None accepts, else the reason.
+#: A check: the record name and its new value; None accepts, else the reason. The raw
+#: check sees the client's unconverted number and must have no side effects (the full
+#: check may save the value: it runs once, on the value the record will hold).
 Check = Callable[[str, float | int], str | None]
 
 log = logging.getLogger("dgs.puts")
@@ -110,8 +112,9 @@ _get_rset.restype = ctypes.c_void_p
 class PutCheck:
     """The wrapped ``special`` routines and what they need between before and after."""
 
-    def __init__(self, check: Check) -> None:
+    def __init__(self, check: Check, raw_check: Check) -> None:
         self._check = check
+        self._raw_check = raw_check
         self._old: dict[int, bytes] = {}
         self._vetoes: dict[str, str] = {}
         self._internal = threading.local()
@@ -178,10 +181,10 @@ class PutCheck:
         number = _number(value)
         if number is None:
             return
-        reason = self._check(record, number)
+        reason = self._raw_check(record, number)
         if reason is not None:
             with self._lock:
-                self._vetoes[record] = f"{value!r}: {reason}"
+                self._vetoes[record] = f"{value}: {reason}"
 
     def clear_veto(self, record: str) -> None:
         with self._lock:

@@ -82,7 +82,7 @@ class Records:
         self._handlers = handlers or {}
         self._records: dict[tuple[str, int | str | None], Any] = {}
         self._by_name: dict[str, Instance] = {}
-        self.put_check = PutCheck(self.check)
+        self.put_check = PutCheck(self.check, self.raw_check)
         self._writable: set[tuple[str, int | str | None]] = set()
         self._published: dict[tuple[str, int | str | None], Any] = {}
         self._lock = threading.Lock()
@@ -185,6 +185,12 @@ class Records:
         if reason is None and rule is not None:
             reason = rule(inst, value)
         return reason
+
+    def raw_check(self, name: str, value: float) -> str | None:
+        """The table's check of a client's number before EPICS converts it (no run-time
+        rules: those may save the value and run once, on what the record will hold)."""
+        inst = self._by_name.get(name)
+        return None if inst is None else table_check(inst.pv, value)
 
     def _validator(self, inst: Instance):
         """The check again when the record processes: what PV Access puts meet (see
