@@ -31,6 +31,8 @@ from sim.traces import AMPLITUDE_BIN_SHIFT, NOISE_VARIANTS, trace_bank, validate
 
 #: Word 4 flag bit "CFD valid", set on every type-8 event.
 CFD_VALID_FLAG = 1 << 11
+#: Word 10 bit "P2 mode" (spec 04).
+P2_MODE_BIT = 14
 #: Ticks from the event timestamp to the peak timestamp (word 9).
 PEAK_DELAY_TICKS = 60
 #: Events written per pass, so a pass's temporaries stay in cache.
@@ -94,6 +96,9 @@ class SimDigitizer(SimBoard):
         self._channel_of_draw: np.ndarray | None = None
         self._quantile_floor: np.ndarray | None = None
         self._quantile_span: np.ndarray | None = None
+        # Per-channel mode flags ORed into header words 3 and 10; None while all are 0.
+        self._word3_flags: np.ndarray | None = None
+        self._word10_flags: np.ndarray | None = None
         super().__init__(spec, clock, crate_seed)
 
     @property
@@ -156,6 +161,7 @@ class SimDigitizer(SimBoard):
             self._trace_samples = samples
         cfd = registers.CFD_MODE.get(reg[registers.MASTER_LOGIC_STATUS])
         self._header_type = HEADER_TYPE_CFD if cfd else HEADER_TYPE_LED
+        self._decode_header_flags()
         floor, weights = self._event_selection()
         if np.array_equal(weights, self._channel_shares * QUANTILES):
             return
@@ -169,6 +175,20 @@ class SimDigitizer(SimBoard):
         if (weights != QUANTILES).any():
             targets = (_ALL_DRAWS * bounds[-1]) >> _DRAW_BITS
             self._channel_of_draw = np.searchsorted(bounds, targets, side="right").astype(np.uint32)
+
+    def _decode_header_flags(self) -> None:
+        """The channel-control mode bits the header reports (the simulated sums do not change)."""
+        controls = [self._registers[channel_register(registers.CHANNEL_CONTROL, channel)]
+                    for channel in range(DIGITIZER_CHANNELS)]
+        word3_flags = np.array([
+            word3(0, 0, 0, 0, cfd_sum_mode=bool(registers.CFD_ESUM_MODE.get(control)),
+                  trigger_ts_mode=bool(registers.TRIG_TS_MODE.get(control)))
+            for control in controls
+        ], dtype=np.uint32)
+        word10_flags = np.array([registers.P2_MODE.get(control) << P2_MODE_BIT
+                                 for control in controls], dtype=np.uint32)
+        self._word3_flags = word3_flags if word3_flags.any() else None
+        self._word10_flags = word10_flags if word10_flags.any() else None
 
     def _event_selection(self) -> tuple[np.ndarray, np.ndarray]:
         """Per channel: the first energy quantile produced, and how many of the table's are.
@@ -242,6 +262,10 @@ class SimDigitizer(SimBoard):
         block[:, 8] = post_low | pre
         block[:, 9] = ((ts_low + PEAK_DELAY_TICKS) & 0xFFFF) << 16 | post >> 8
         block[:, 10] = ts_low << 16
+        if self._word3_flags is not None:
+            block[:, 3] |= self._word3_flags[channels]
+        if self._word10_flags is not None:
+            block[:, 10] |= self._word10_flags[channels]
         block[:, 11] = post_low
         block[:, 12] = (post >> 8 & 0xFF) << 24 | pre
         block[:, 13] = (post >> 16) << 24 | (ts_low & 0x3FF) << 14

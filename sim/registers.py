@@ -43,12 +43,16 @@ class Field:
 
 
 # Digitizer fields the simulator honours (MDigUser: channel_enableN, trigger_polarityN,
-# led_thresholdN, raw_data_lengthN, cfd_mode, master_logic_enable, user_package_data).
+# cfd_esum_modeN, trig_ts_modeN, P2_modeN, led_thresholdN, raw_data_lengthN, cfd_mode,
+# master_logic_enable, user_package_data).
 CHANNEL_CONTROL = "reg_channel_control"  # + channel number
 CHANNEL_ENABLE = Field(0x00000001)  # 0 "Reset", 1 "Run"
 TRIGGER_POLARITY = Field(0x00000C00)  # 0 Disabled, 1 RiseEdge, 2 FallEdge, 3 Both
 POLARITY_RISING_EDGE = 1
 POLARITIES_SEEING_RISING_PULSES = (1, 3)  # RiseEdge, Both
+CFD_ESUM_MODE = Field(0x80000000)  # 0 "LED or CFD", 1 "LED+d": header word 3 bit 22
+TRIG_TS_MODE = Field(0x00000002)  # 0 "arrival", 1 "TrigMsg": header word 3 bit 21
+P2_MODE = Field(0x00000010)  # 0 "Separate", 1 "Span": header word 10 bit 14
 LED_THRESHOLD = "reg_led_threshold"  # + channel number
 LED_THRESHOLD_ADC = Field(0x00003FFF)  # EGU "adu"
 RAW_DATA_LENGTH = "reg_raw_data_length"  # + channel number

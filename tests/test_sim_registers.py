@@ -155,6 +155,18 @@ def test_header_type_and_package_data_registers_shape_later_packets():
     assert (before, after) == ({(7, PACKAGE_DATA)}, {(8, 404)})
 
 
+def test_header_mode_flags_follow_each_channels_control_bits():
+    clock = ManualClock()
+    board = running_digitizer(clock)
+    set_field(board, "reg_channel_control2", 0x80000000, 0x80000000)  # cfd_esum_mode: LED+d
+    set_field(board, "reg_channel_control4", 0x00000002, 0x00000002)  # trig_ts_mode: TrigMsg
+    set_field(board, "reg_channel_control6", 0x00000010, 0x00000010)  # P2_mode: Span
+    clock.advance(RUN_TICKS // 10)
+    flags = {(e["channel"], e["mode_bits"], e["p2"] & 0x4000) for e in walk(read_all(board))}
+    expected = {(c, 0, 0) for c in range(10)} - {(2, 0, 0), (4, 0, 0), (6, 0, 0)}
+    assert flags == expected | {(2, 0b100, 0), (4, 0b010, 0), (6, 0, 0x4000)}
+
+
 def test_configuration_sets_the_power_on_registers():
     board = digitizer(ManualClock(), trace_samples=64, header_type=8).board(0)
     assert board.read_register("reg_raw_data_length0") == 64
