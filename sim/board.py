@@ -5,6 +5,9 @@ A board does nothing between calls. Each call that looks at the FIFO first
 logic was on) are built straight into the FIFO, those that no longer fit are
 counted as dropped. Subclasses only say how big an event is and how to write
 a batch of them.
+
+Settings live in the board's register file (`sim.registers`): a register write
+first catches up, so it applies to the events arriving after it.
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ class SimBoard(Board):
         self._selected = 0
         self._logic_on = False
         self._registers = self._power_on(spec, _check_package_data(spec.package_data))
-        self._package_data = spec.package_data
+        self._package_data = 0  # set by _decode_registers, like every register-borne setting
         # Share of each channel's arrivals that the board's settings let through (1.0 = all).
         self._channel_shares = np.ones(self.CHANNELS)
         self._pending: set[Fault] = set()
@@ -112,9 +115,9 @@ class SimBoard(Board):
     def _decode_registers(self) -> None:
         """Derive the generation settings from the register file (lock held, caught up).
 
-        Sets ``_channel_shares``, the fraction of each channel's events that are produced;
-        the arrival rate follows their sum, so a filtered channel's rate falls instead of
-        its events being made and thrown away.
+        Subclasses that filter events set ``_channel_shares``, the fraction of each
+        channel's events that are produced; the arrival rate follows their sum, so a
+        filtered channel's rate falls instead of its events being made and thrown away.
         """
         self._package_data = registers.PACKAGE_DATA.get(self._registers[self.PACKAGE_DATA_REGISTER])
 
@@ -307,7 +310,10 @@ class SimBoard(Board):
             return self._event_rate_hz
 
     def set_event_rate(self, hz: float) -> None:
-        """Events per second per channel (digitizer) or triggers per second, from now on."""
+        """Events per second per channel (digitizer) or triggers per second, from now on.
+
+        A digitizer channel's rate before its enable and threshold select events.
+        """
         hz = float(hz)
         with self._lock:
             self._arrive()
