@@ -17,11 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ioc.hardware import BoardKind
+from ioc.packets import DIGITIZER_CHANNELS
 
 #: Every register value is one 32-bit word.
 REGISTER_MASK = 0xFFFFFFFF
-#: Channels of a digitizer; its per-channel registers end in the channel number.
-DIGITIZER_CHANNELS = 10
 
 
 @dataclass(frozen=True)
@@ -113,7 +112,8 @@ _DIGITIZER_SINGLE = (
 #: Every digitizer register, master and slave alike (218).
 DIGITIZER_REGISTERS = frozenset(
     _DIGITIZER_SINGLE
-    + tuple(channel_register(p, c) for p in _DIGITIZER_PER_CHANNEL for c in range(10))
+    + tuple(channel_register(p, c) for p in _DIGITIZER_PER_CHANNEL
+            for c in range(DIGITIZER_CHANNELS))
 )
 
 _TRIGGER_SINGLE_NAMES = (
