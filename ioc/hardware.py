@@ -138,7 +138,8 @@ class Board(abc.ABC):
         (``reg_led_threshold0``); raises KeyError for a register the board does not have.
 
         Bit fields are the caller's business (read, modify, write): the IOC's register
-        records do that, as the original's asynMask device support did.
+        records do that, as the original's asynMask device support did. A status register
+        the board only reports (the original's ``regin_*``) raises ValueError.
         """
 
     @abc.abstractmethod

@@ -5,6 +5,9 @@ A board does nothing between calls. Each call that looks at the FIFO first
 logic was on) are built straight into the FIFO, those that no longer fit are
 counted as dropped. Subclasses only say how big an event is and how to write
 a batch of them.
+
+Settings live in the board's register file (`sim.registers`): a register write
+first catches up, so it applies to the events arriving after it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 
 from ioc.hardware import Board, BoardIdentity, BoardKind, FifoStatus, ReadError
 from ioc.packets import HEADER_TYPE_LED, TIMESTAMP_MASK
+from sim import registers
 from sim.arrivals import ArrivalProcess
 from sim.clock import CrateClock
 from sim.faults import PACKET_FAULTS, Fault
@@ -54,6 +58,10 @@ class SimBoard(Board):
     CHANNELS: int
     #: Number of FIFOs the board has.
     FIFOS: int
+    #: The register whose low 12 bits are the package data (board id) in packets.
+    PACKAGE_DATA_REGISTER: str
+    #: The register whose bit 0 is the master logic enable, if the board has one.
+    LOGIC_REGISTER: str | None = None
 
     def __init__(self, spec: SimBoardSpec, clock: CrateClock, crate_seed: int) -> None:
         if not 1 <= spec.slot <= 31:
@@ -72,7 +80,10 @@ class SimBoard(Board):
         self._fifos = [Fifo(spec.fifo_words, self.CHANNELS) for _ in range(self.FIFOS)]
         self._selected = 0
         self._logic_on = False
-        self._package_data = _check_package_data(spec.package_data)
+        self._registers = self._power_on(spec, _check_package_data(spec.package_data))
+        self._package_data = 0  # set by _decode_registers, like every register-borne setting
+        # Share of each channel's arrivals that the board's settings let through (1.0 = all).
+        self._channel_shares = np.ones(self.CHANNELS)
         self._pending: set[Fault] = set()
         self._unbuilt: list[np.ndarray] = []  # arrival ticks of events not yet written
         self._unbuilt_events = 0
@@ -81,7 +92,7 @@ class SimBoard(Board):
         self._generated = np.zeros(self.CHANNELS, dtype=np.int64)
         self._dropped = np.zeros(self.CHANNELS, dtype=np.int64)
         self._cleared = np.zeros(self.CHANNELS, dtype=np.int64)
-        self._registers: dict[str, int] = {}
+        self._decode_registers()
         self.set_event_rate(spec.event_rate_hz)
 
     # What subclasses provide.
@@ -96,6 +107,23 @@ class SimBoard(Board):
 
     def _corrupt(self, block: np.ndarray, ticks: np.ndarray, channels: np.ndarray) -> None:
         """Apply pending packet faults to a freshly written batch (digitizers only)."""
+
+    def _power_on(self, spec: SimBoardSpec, package_data: int) -> dict[str, int]:
+        """The register file as configured, before any write."""
+        return registers.power_on(spec.kind, package_data)
+
+    def _decode_registers(self) -> None:
+        """Derive the generation settings from the register file (lock held, caught up).
+
+        Subclasses that filter events set ``_channel_shares``, the fraction of each
+        channel's events that are produced; the arrival rate follows their sum, so a
+        filtered channel's rate falls instead of its events being made and thrown away.
+        """
+        self._package_data = registers.PACKAGE_DATA.get(self._registers[self.PACKAGE_DATA_REGISTER])
+
+    def _live_register(self, register: str) -> int | None:
+        """The value of a register that reports live board state, else None (lock held)."""
+        return None
 
     def _fifo(self, fifo: int) -> Fifo:
         return self._fifos[0]
@@ -123,7 +151,7 @@ class SimBoard(Board):
             self._unbuilt_events += ticks.size
         if lost:
             fifo.full = True
-            share = np.full(self.CHANNELS, 1.0 / self.CHANNELS)
+            share = self._channel_shares / self._channel_shares.sum()
             self._dropped += self._rng.multinomial(lost, share)
 
     def _build(self) -> None:
@@ -204,35 +232,70 @@ class SimBoard(Board):
 
     def set_master_logic(self, on: bool) -> None:
         with self._lock:
-            if on == self._logic_on:
-                return
-            if on:
-                self._arrivals.restart(max(self._clock.now_ticks(), self._last_tick))
-            else:
-                self._arrive()
-            self._logic_on = on
+            self._switch_logic(on)
+
+    def _switch_logic(self, on: bool) -> None:
+        if on == self._logic_on:
+            return
+        if on:
+            self._arrivals.restart(max(self._clock.now_ticks(), self._last_tick))
+        else:
+            self._arrive()
+        self._logic_on = on
+        if self.LOGIC_REGISTER is not None:
+            value = self._registers[self.LOGIC_REGISTER]
+            self._registers[self.LOGIC_REGISTER] = registers.MASTER_LOGIC_ENABLE.put(value, on)
 
     def reinit_pipeline(self) -> None:
         """Nothing to do: the simulated pipeline keeps no state between events."""
 
     def latch_timestamp(self) -> int:
-        return self._clock.now_ticks() & TIMESTAMP_MASK
+        with self._lock:
+            timestamp = self._clock.now_ticks() & TIMESTAMP_MASK
+            self._latched(timestamp)
+            return timestamp
+
+    def _latched(self, timestamp: int) -> None:
+        """Put a latched timestamp where the board's registers show it (lock held)."""
 
     def set_package_data(self, value: int) -> None:
+        """The package data (board id) of packets from now on: the low 12 bits of
+        the package-data register, the other bits kept."""
+        _check_package_data(value)
         with self._lock:
             self._catch_up()
-            self._package_data = _check_package_data(value)
+            register = self._registers[self.PACKAGE_DATA_REGISTER]
+            self._store(self.PACKAGE_DATA_REGISTER, registers.PACKAGE_DATA.put(register, value))
 
     def write_register(self, register: str, value: int) -> None:
+        """Store ``value`` (cut to 32 bits); settings it changes apply to events arriving after.
+
+        ValueError for a read-only (``regin_*``) register.
+        """
         with self._lock:
             if register not in self._registers:
                 raise KeyError(register)
+            if registers.is_read_only(register):
+                raise ValueError(f"{self.identity.name}: {register} is read-only")
             self._catch_up()
-            self._registers[register] = int(value) & 0xFFFFFFFF
+            self._store(register, int(value) & registers.REGISTER_MASK)
+
+    def _store(self, register: str, value: int) -> None:
+        """Write a register and apply it (lock held, events so far built)."""
+        self._registers[register] = value
+        shares = self._channel_shares
+        self._decode_registers()
+        if not np.array_equal(shares, self._channel_shares):
+            start = max(self._clock.now_ticks(), self._last_tick)
+            self._arrivals.restart(start, self._event_rate_hz * self._channel_shares.sum())
+        if register == self.LOGIC_REGISTER:
+            self._switch_logic(bool(registers.MASTER_LOGIC_ENABLE.get(value)))
 
     def read_register(self, register: str) -> int:
         with self._lock:
-            return self._registers[register]
+            value = self._registers[register]
+            live = self._live_register(register)
+            return value if live is None else live
 
     # Simulation controls (the SIM_* PVs).
 
@@ -247,12 +310,15 @@ class SimBoard(Board):
             return self._event_rate_hz
 
     def set_event_rate(self, hz: float) -> None:
-        """Events per second per channel (digitizer) or triggers per second, from now on."""
+        """Events per second per channel (digitizer) or triggers per second, from now on.
+
+        A digitizer channel's rate before its enable and threshold select events.
+        """
         hz = float(hz)
         with self._lock:
             self._arrive()
             start = max(self._clock.now_ticks(), self._last_tick)
-            self._arrivals.restart(start, hz * self.CHANNELS)
+            self._arrivals.restart(start, hz * self._channel_shares.sum())
             self._event_rate_hz = hz
 
     def inject(self, fault: Fault | int) -> None:

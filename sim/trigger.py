@@ -11,6 +11,7 @@ import numpy as np
 
 from ioc.hardware import MAIN_DATA_FIFO, TRIGGER_FIFOS
 from ioc.packets import TRIGGER_MARKER, TRIGGER_WORDS
+from sim import registers
 from sim.board import SimBoard, SimBoardSpec
 from sim.clock import CrateClock
 from sim.fifo import Fifo
@@ -33,6 +34,7 @@ class SimTrigger(SimBoard):
 
     CHANNELS = 1
     FIFOS = TRIGGER_FIFOS
+    PACKAGE_DATA_REGISTER = registers.TRIGGER_PACKAGE_DATA
 
     def __init__(self, spec: SimBoardSpec, clock: CrateClock, crate_seed: int) -> None:
         if not spec.kind.is_trigger:
@@ -61,6 +63,10 @@ class SimTrigger(SimBoard):
     def _fifo(self, fifo: int) -> Fifo:
         self._check_fifo(fifo)
         return self._fifos[fifo]
+
+    def _latched(self, timestamp: int) -> None:
+        for piece, register in enumerate(registers.TRIGGER_LATCHED_TIMESTAMP):
+            self._registers[register] = (timestamp >> (16 * piece)) & 0xFFFF
 
     def _event_words(self) -> int:
         return TRIGGER_WORDS
