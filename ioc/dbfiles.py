@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ioc.config import CrateConfig, demo_config
 from ioc.pvs import PV, PV_TABLE, Access, BoardRef, Instance, Scope, expand
+from ioc.recfields import derived_fields
 
 DB_DIR = Path(__file__).resolve().parent.parent / "db"
 CRATE_MACRO = "$(CRATE)"
@@ -71,6 +72,7 @@ def record_fields(pv: PV) -> tuple[tuple[str, str], ...]:
         fields.append(("EGU", pv.egu))
     if pv.prec is not None:
         fields.append(("PREC", str(pv.prec)))
+    fields += derived_fields(pv)
     if pv.record in ("bi", "bo"):
         fields += [("ZNAM", pv.enums[0]), ("ONAM", pv.enums[1])]
     elif pv.record in ("mbbi", "mbbo"):

@@ -12,6 +12,8 @@ from ioc_harness import wait_until
 from p4p.client.thread import Context
 
 ENABLED = ("MDIG1", "MDIG2", "MDIG3", "MDIG4")
+#: EPICS alarm severity MINOR, as p4p reports it.
+MINOR = 1
 
 
 def start_run(ioc, save: str = "No Save") -> None:
@@ -101,6 +103,8 @@ def test_save_without_a_receiver_keeps_the_memory_budget_then_counts_what_it_dis
         lost = [pva.number(f"DAQC01_OL_DataLost{card}") for card in range(4)]
         assert lost == pytest.approx(list(lost_memory[:4]), abs=0.01)
         assert pva.number("DAQC01_OL_BufLostPerecnt") > 0
+        for name in ("DAQC01_OL_LostMemory", "DAQC01_OL_TotalBufsLost", "DAQC01_OL_DataLost0"):
+            assert pva.get(name).severity == MINOR, f"{name} shows no alarm"
         trace_before = pva.get("DAQC01_CV_Trace").copy()
         wait_until(lambda: not np.array_equal(pva.get("DAQC01_CV_Trace"), trace_before), 10,
                    "the trace to keep updating while data are discarded")
