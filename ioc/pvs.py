@@ -49,7 +49,7 @@ class Access(enum.Enum):
     """Access-security group of a record (the ASG field; rules in db/dgs.acf)."""
 
     DEFAULT = "DEFAULT"  # clients may write at any time: run control, selectors, sim knobs
-    RUNPROTECT = "RUNPROTECT"  # crate set-up: writable only while Online_CS_StartStop = Stop
+    RUNPROTECT = "RUNPROTECT"  # crate set-up, sampled at Start; with run_protect: only at Stop
     READONLY = "READONLY"  # statistics and read-backs: never writable by clients
 
 
@@ -251,6 +251,9 @@ PV_TABLE: tuple[PV, ...] = (
        "Buffers held by a stage", initial=0),
     PV("BuffersOK", "DAQC{crate}_CV_BuffersOK", "bi", Scope.CRATE, "Every buffer accounted for",
        enums=("Leak", "OK"), initial=1, alarm=Alarm(states=(Severity.MAJOR, Severity.NO_ALARM))),
+    PV("SetupPending", "DAQC{crate}_CV_SetupPending", "bi", Scope.CRATE,
+       "Set-up changed in the run: next Start", enums=("Applied", "Pending until next Start"),
+       initial=0),
     _card("DataLost", "DAQC{crate}_OL_DataLost{n}", "Data of card n lost this run", egu="MiB",
           prec=3, alarm=ANY_KIB),
     _card("Errors", "DAQC{crate}_OL_Errors{n}", "Check errors of card n", alarm=ANY_COUNT),

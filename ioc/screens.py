@@ -286,9 +286,10 @@ def _crate_status(x: int, y: int) -> ET.Element:
             ("Crate state", text_update(pv_name("State"), 150, 0, 120)),
             ("inLoop", text_update(pv_name("InLoopRunning"), 150, 0, 120)),
             ("Global PVs", text_update(pv_name("GlobalsConnected"), 150, 0, 120)),
+            ("Set-up", text_update(pv_name("SetupPending"), 150, 0, 230)),
         ]
     )
-    return group("Crate", x, y, 400, 130, children)
+    return group("Crate", x, y, 400, 138, children)
 
 
 def _buffers(x: int, y: int) -> ET.Element:
@@ -436,7 +437,7 @@ def _checks(x: int, y: int) -> ET.Element:
             ("Every event", bool_button(pv_name("DeepCheckEnable"), 150, 0, 90)),
         ]
     )
-    children.append(label("Set-up is writable only while stopped", 10, 95, 280, 20))
+    children.append(label("Set-up changes apply at the next Start", 10, 95, 280, 20))
     return group("Checks", x, y, 300, 150, children)
 
 

@@ -93,19 +93,22 @@ def test_db_files_load_into_epics_and_the_acf_parses():
         init_file = dbCore.asInitFile
         init_file.argtypes = (ctypes.c_char_p, ctypes.c_char_p)
         init_file.restype = ctypes.c_long
-        print("acf status", init_file({str(dbfiles.DB_DIR / "dgs.acf")!r}.encode(), None))
+        for name in ("dgs.acf", "dgs-run-protect.acf"):
+            path = {str(dbfiles.DB_DIR)!r} + "/" + name
+            print(name, "status", init_file(path.encode(), None))
         """
     )
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0, out.stderr
-    assert "acf status 0" in out.stdout, out.stdout + out.stderr
+    assert "dgs.acf status 0" in out.stdout, out.stdout + out.stderr
+    assert "dgs-run-protect.acf status 0" in out.stdout, out.stdout + out.stderr
 
 
 def test_write_regenerates_and_check_reports_a_stale_file(tmp_path: Path, capsys):
     assert dbfiles.main(["--write", "--dir", str(tmp_path)]) == 0
-    for name in ("crate.db", "globals.db", "dgs.acf"):
+    for name in ("crate.db", "globals.db", "dgs.acf", "dgs-run-protect.acf"):
         assert (tmp_path / name).read_text() == (dbfiles.DB_DIR / name).read_text()
     assert dbfiles.main(["--check", "--dir", str(tmp_path)]) == 0
     (tmp_path / "crate.db").write_text("# hand edited\n")
