@@ -166,11 +166,13 @@ def test_trace_length_and_horns(demo_ioc):
     ctx = Context("pva", conf=ioc.ports.p4p_conf(), useenv=False)
     try:
         hidden = np.asarray(ctx.get("DAQC01_CV_Trace")).astype(np.uint16)
-        assert hidden[:120].any() and not hidden[120:].any()
+        assert hidden.size == 120, "the trace holds its valid samples only (X: 0..TraceLen)"
+        assert hidden.any()
         assert (hidden & 0xC000 == 0).all()
         ioc.put_ok("DAQC01_CS_TraceHorns", "Show")
         ioc.put_ok("VME01:MDIG3:SIM_TraceLength", 0)
         ioc.wait_numeric("DAQC01_CV_TraceLen", lambda v: v == 0, what="TraceLen 0")
+        assert np.asarray(ctx.get("DAQC01_CV_Trace")).size == 0
     finally:
         ctx.close()
     stop_run(ioc)
