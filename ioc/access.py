@@ -2,10 +2,10 @@
 
 The rules are the text of ``db/dgs.acf`` (`ioc.dbfiles.acf_text`), written to a
 private file and handed to EPICS with ``asSetFilename`` so ``iocInit`` enforces
-them for Channel Access and PV Access alike: crate set-up refuses writes during
-a run, statistics refuse them always. Every write a rule lets through with
-TRAPWRITE is logged as who (user@host), which PV, old value -> new value, so a
-changed set-up can be traced to a person.
+them for Channel Access and PV Access alike: statistics refuse writes always,
+and with ``run_protect = true`` the crate set-up refuses them during a run.
+Every write a rule lets through with TRAPWRITE is logged as who (user@host),
+which PV, old value -> new value, so a changed set-up can be traced to a person.
 """
 
 from __future__ import annotations
@@ -173,12 +173,13 @@ def write_rules(text: str) -> Path:
     return path
 
 
-def install(put_check: PutCheck | None = None) -> Path:
-    """Load the access-security rules of db/dgs.acf and log puts; call before iocInit.
+def install(run_protect: bool, put_check: PutCheck | None = None) -> Path:
+    """Load the access-security rules (db/dgs.acf, or db/dgs-run-protect.acf with
+    ``run_protect``) and log puts; call before iocInit.
 
     With ``put_check``, a client's raw value is checked before each trapped write."""
     global _put_logger
-    path = write_rules(acf_text())
+    path = write_rules(acf_text(run_protect))
     if _set_filename(str(path).encode()) != 0:
         raise RuntimeError(f"asSetFilename({path}) failed")
     if _put_logger is None:
@@ -189,7 +190,9 @@ def install(put_check: PutCheck | None = None) -> Path:
                                     after_check=put_check.clear_veto)
         _put_logger.register()
     log.info(
-        "access security: rules of db/dgs.acf (RUNPROTECT follows Online_CS_StartStop), "
-        "writes logged by dgs.puts"
+        "access security: %s, writes logged by dgs.puts",
+        "run_protect = true: crate set-up writable only while Online_CS_StartStop = Stop"
+        if run_protect
+        else "crate set-up writable at any time, applied at the next Start",
     )
     return path

@@ -30,7 +30,7 @@ from ioc.config import CrateConfig, SystemConfig
 from ioc.hardware import BoardKind
 from ioc.inloop import BoardSetup, InLoop
 from ioc.losses import LossLedger
-from ioc.outloop import OutLoop
+from ioc.outloop import CheckSwitches, OutLoop
 from ioc.pool import BUFFER_BYTES, BufferPool
 from ioc.publisher import Publisher
 from ioc.pvs import PV_TABLE, BoardRef, Instance, Scope, expand
@@ -46,6 +46,11 @@ TRIGGER_FAULTS = frozenset({Fault.FIFO_OVERFLOW, Fault.FIFO_UNDERFLOW, Fault.REA
 RUN_NUMBER_TIMEOUT_S = 1.0
 SHUTDOWN_DRAIN_S = 3.0
 SHUTDOWN_DELIVER_S = 1.0
+#: Crate set-up records: accepted at any time, used from the next Start on.
+SETUP_KEYS = (
+    "CS_Ena", "FifoNum", "PackageData",
+    "HeaderCheckEnable", "TimestampCheckEnable", "DeepCheckEnable",
+)  # fmt: skip
 
 log = logging.getLogger("dgs.ioc")
 
@@ -160,6 +165,7 @@ class CrateIoc:
             outloop=self.outloop,
             sender=self.sender,
             reset_accounting=self.backend.reset_accounting,
+            sample_setup=self._sample_switches,
             on_state=self._state_changed,
             on_connection=lambda ok: self.records.publish("GlobalsConnected", int(ok)),
             losses=self.losses,
@@ -183,6 +189,8 @@ class CrateIoc:
         )
         self._followers: list[epics.PV] = []
         self._autosave: AutosaveFile | None = None
+        #: The board set-up the current (or last) run uses, sampled by inLoop at Start.
+        self._run_setup: dict[int, BoardSetup] = {}
 
     # Record set-up.
 
@@ -205,13 +213,11 @@ class CrateIoc:
         }.get(key)
 
     def _handlers(self) -> dict:
-        def switch(name: str):
-            return lambda _inst, value: setattr(self.outloop.switches, name, bool(value))
+        def setup_changed(_inst: Instance, _value: Any) -> None:
+            self._update_pending()
 
         return {
-            "HeaderCheckEnable": switch("header"),
-            "TimestampCheckEnable": switch("timestamp"),
-            "DeepCheckEnable": switch("deep"),
+            **dict.fromkeys(SETUP_KEYS, setup_changed),
             "SimEventRate": lambda inst, v: self.boards_by_name[inst.board].set_event_rate(v),
             "SimTraceLength": lambda inst, v: self.boards_by_name[inst.board].set_trace_length(
                 int(v)
@@ -253,7 +259,13 @@ class CrateIoc:
         self.records.publish("SimFault", int(Fault.NONE), board=inst.board)
 
     def _sample_setup(self) -> dict[int, BoardSetup]:
-        """Board set-up as the PVs say at run start (enables, FIFO, package data)."""
+        """Run start (inLoop): the board set-up the run uses from now on."""
+        self._run_setup = self._current_setup()
+        self._update_pending()
+        return self._run_setup
+
+    def _current_setup(self) -> dict[int, BoardSetup]:
+        """Board set-up as the PVs say now (enables, FIFO, package data)."""
         return {
             cfg.card: BoardSetup(
                 enabled=bool(self.records.get("CS_Ena", board=name)),
@@ -262,6 +274,25 @@ class CrateIoc:
             )
             for name, cfg in self.board_configs.items()
         }
+
+    def _current_switches(self) -> CheckSwitches:
+        return CheckSwitches(
+            header=bool(self.records.get("HeaderCheckEnable")),
+            timestamp=bool(self.records.get("TimestampCheckEnable")),
+            deep=bool(self.records.get("DeepCheckEnable")),
+        )
+
+    def _sample_switches(self) -> None:
+        """Run start (run control): the check switches the run uses from now on."""
+        self.outloop.switches = self._current_switches()
+
+    def _update_pending(self) -> None:
+        """Show whether the set-up PVs differ from what the running run uses."""
+        pending = self.runcontrol.state is not CrateState.STOPPED and (
+            self._current_setup() != self._run_setup
+            or self._current_switches() != self.outloop.switches
+        )
+        self.records.publish("SetupPending", int(pending))
 
     def _read_run_number(self) -> int | None:
         """`Online_CS_RunNumber` as the globals hold it now (None if they do not answer)."""
@@ -273,12 +304,13 @@ class CrateIoc:
 
     def _enabled_package_data(self) -> tuple[int, ...]:
         """Board ids of the boards a Start now enables (what a v2 receiver should expect)."""
-        setups = self._sample_setup().values()
+        setups = self._current_setup().values()
         return tuple(sorted(setup.package_data for setup in setups if setup.enabled))
 
     def _state_changed(self, state: CrateState) -> None:
         self.records.publish("State", int(state))
         if state is CrateState.STOPPED:
+            self.records.publish("SetupPending", 0)
             self.publisher.publish_now()
 
     # Life cycle.
@@ -298,7 +330,7 @@ class CrateIoc:
             )
         builder.LoadDatabase()
         self.records.install_put_check()
-        access.install(self.records.put_check)
+        access.install(self.system.run_protect, self.records.put_check)
         epics.ca.initialize_libca()
         _no_memory_lock()
         softioc.iocInit(asyncio_dispatcher.AsyncioDispatcher())
@@ -378,7 +410,7 @@ class GlobalsIoc:
         self._autosave = _restore_globals(self.system, "globals", self.records, restore_start=True)
         builder.LoadDatabase()
         self.records.install_put_check()
-        access.install(self.records.put_check)
+        access.install(self.system.run_protect, self.records.put_check)
         _no_memory_lock()
         softioc.iocInit(asyncio_dispatcher.AsyncioDispatcher())
         self.records.put_check.confirm()

@@ -169,6 +169,8 @@ class SystemConfig:
     globals_ca: str = f"127.0.0.1:{DEFAULT_CA_PORT}"
     globals_pva: str | None = None  # None: DEFAULT_PVA_PORT on the globals_ca host
     state_dir: str | None = None  # None: default_state_dir()
+    #: Refuse writes to the crate set-up (RUNPROTECT group) while a run is active.
+    run_protect: bool = False
     crates: tuple[CrateConfig, ...] = ()
     source: str = field(default="", compare=False)  # file name or "demo"
 
@@ -339,6 +341,7 @@ _SYSTEM_KEYS = {
     "globals_ca": _Key(str, _host_port),
     "globals_pva": _Key(str, _host_port),
     "state_dir": _Key(str, _non_empty),
+    "run_protect": _Key(bool),
 }
 _CRATE_KEYS = {
     "host": _Key(str, _host),

@@ -7,7 +7,9 @@ table instead of being kept by hand:
 - ``db/crate.db``: every record of a crate (the demo crate's boards, crate id
   as the macro ``$(CRATE)``), with the fields the IOC gives it;
 - ``db/globals.db``: the three global run-control records;
-- ``db/dgs.acf``: the access-security groups of the ASG fields.
+- ``db/dgs.acf``: the access-security groups of the ASG fields, as the IOC
+  loads them by default (set-up writable at any time, as in the original);
+- ``db/dgs-run-protect.acf``: the same with ``run_protect = true``.
 
 ``python -m ioc.dbfiles --write`` regenerates them; ``--check`` fails when the
 files on disk differ from what the table gives (the test does the same).
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from ioc.config import CrateConfig, demo_config
 from ioc.pvs import PV, PV_TABLE, Access, BoardRef, Instance, Scope, expand
+from ioc.recfields import derived_fields
 
 DB_DIR = Path(__file__).resolve().parent.parent / "db"
 CRATE_MACRO = "$(CRATE)"
@@ -47,7 +50,8 @@ RUNTIME_RULES = {
 }
 ACCESS_NOTES = {
     Access.DEFAULT: "clients may write at any time",
-    Access.RUNPROTECT: f"writable only while {RUN_CONTROL_PV} = Stop",
+    Access.RUNPROTECT: "crate set-up, sampled at Start: writable at any time; with "
+    f"run_protect = true only while {RUN_CONTROL_PV} = Stop",
     Access.READONLY: "never writable by clients",
 }
 
@@ -71,6 +75,7 @@ def record_fields(pv: PV) -> tuple[tuple[str, str], ...]:
         fields.append(("EGU", pv.egu))
     if pv.prec is not None:
         fields.append(("PREC", str(pv.prec)))
+    fields += derived_fields(pv)
     if pv.record in ("bi", "bo"):
         fields += [("ZNAM", pv.enums[0]), ("ONAM", pv.enums[1])]
     elif pv.record in ("mbbi", "mbbo"):
@@ -183,16 +188,39 @@ def _group_members(group: Access) -> list[str]:
     return templates
 
 
-def acf_text() -> str:
+def _run_protect_rules(run_protect: bool) -> list[str]:
+    if not run_protect:
+        return ["    RULE(1, READ)", "    RULE(0, WRITE, TRAPWRITE)"]
+    return [
+        f'    INPA("{RUN_CONTROL_PV}")',
+        "    RULE(1, READ)",
+        "    RULE(0, WRITE, TRAPWRITE) {",
+        '        CALC("A=0")',
+        "    }",
+    ]
+
+
+def acf_text(run_protect: bool = False) -> str:
     """The access-security file the IOC loads before iocInit (ioc/access.py)."""
+    if run_protect:
+        mode = [
+            "# run_protect = true: RUNPROTECT reads "
+            f"{RUN_CONTROL_PV} over Channel Access and",
+            "# refuses writes while it is Start; while that link is down (globals IOC",
+            "# unreachable) the protected records refuse writes too.",
+        ]
+    else:
+        mode = [
+            "# run_protect = false (the default, as in the original): RUNPROTECT records are",
+            "# writable at any time; a change applies at the next Start.",
+        ]
     lines = [
         "# Access security of the DGS crate IOC, generated from ioc/pvs.py by",
         "#   python -m ioc.dbfiles --write",
         "# The IOC loads this text at start-up; every record's ASG field names its group.",
         "# Rules at level 0 allow writes to values only (VAL, PROC), never to record",
         "# configuration (DESC, EGU, ...). TRAPWRITE sends every write to the put log.",
-        f"# RUNPROTECT reads {RUN_CONTROL_PV} over Channel Access: while that link is",
-        "# down (globals IOC unreachable) the protected records refuse writes.",
+        *mode,
     ]
     for group in Access:
         lines += ["", f"# {group.value}: {ACCESS_NOTES[group]}."]
@@ -205,11 +233,7 @@ def acf_text() -> str:
         "}",
         "",
         f"ASG({Access.RUNPROTECT.value}) {{",
-        f'    INPA("{RUN_CONTROL_PV}")',
-        "    RULE(1, READ)",
-        "    RULE(0, WRITE, TRAPWRITE) {",
-        '        CALC("A=0")',
-        "    }",
+        *_run_protect_rules(run_protect),
         "}",
         "",
         f"ASG({Access.READONLY.value}) {{",
@@ -221,7 +245,12 @@ def acf_text() -> str:
 
 def generated_files() -> dict[str, str]:
     """File name in ``db/`` -> contents."""
-    return {"crate.db": crate_db(), "globals.db": globals_db(), "dgs.acf": acf_text()}
+    return {
+        "crate.db": crate_db(),
+        "globals.db": globals_db(),
+        "dgs.acf": acf_text(run_protect=False),
+        "dgs-run-protect.acf": acf_text(run_protect=True),
+    }
 
 
 _RECORD = re.compile(r'record\(\s*(\w+)\s*,\s*"([^"]+)"\s*\)\s*\{(.*?)\}', re.S)

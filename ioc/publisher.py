@@ -50,14 +50,15 @@ def outloop_diagnostics(
     return [0.0] * CARDS
 
 
-def trace_waveform(words: np.ndarray | None, show_marks: bool) -> tuple[np.ndarray, int]:
-    """The 1024-sample trace and its valid length: masked to 14 bits unless Show."""
-    out = np.zeros(TRACE_LENGTH, dtype=np.int16)
+def trace_waveform(words: np.ndarray | None, show_marks: bool) -> np.ndarray:
+    """The valid samples of the trace (at most 1024): masked to 14 bits unless Show.
+
+    Only the valid samples are published (the waveform's NORD = TraceLen), so a
+    plot that autoscales shows samples 0..TraceLen, not a tail of zeros.
+    """
     if words is None or words.size == 0:
-        return out, 0
-    samples = trace_samples(words, raw=show_marks)[:TRACE_LENGTH]
-    out[: samples.size] = samples.view(np.int16)
-    return out, int(samples.size)
+        return np.zeros(0, dtype=np.int16)
+    return trace_samples(words, raw=show_marks)[:TRACE_LENGTH].view(np.int16)
 
 
 @dataclass
@@ -172,9 +173,9 @@ class Publisher:
         r.publish("SendRate", round(outs.send_rate_kbps, 1))
 
         words = self.outloop.trace_words(trace_bd, int(r.get("TraceChan")))
-        trace, length = trace_waveform(words, show_marks=bool(r.get("TraceHorns")))
+        trace = trace_waveform(words, show_marks=bool(r.get("TraceHorns")))
         r.publish("Trace", trace)
-        r.publish("TraceLen", length)
+        r.publish("TraceLen", trace.size)
 
         r.publish("SenderRunning", int(snd.serving))
         r.publish("SenderClient", snd.client)

@@ -49,8 +49,37 @@ class Access(enum.Enum):
     """Access-security group of a record (the ASG field; rules in db/dgs.acf)."""
 
     DEFAULT = "DEFAULT"  # clients may write at any time: run control, selectors, sim knobs
-    RUNPROTECT = "RUNPROTECT"  # crate set-up: writable only while Online_CS_StartStop = Stop
+    RUNPROTECT = "RUNPROTECT"  # crate set-up, sampled at Start; with run_protect: only at Stop
     READONLY = "READONLY"  # statistics and read-backs: never writable by clients
+
+
+class Severity(enum.Enum):
+    """EPICS alarm severity, as the record fields (HSV, ZSV, ...) spell it."""
+
+    NO_ALARM = "NO_ALARM"
+    MINOR = "MINOR"
+    MAJOR = "MAJOR"
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """When a record's value is a state an operator must notice (Phoebus borders, alarm server).
+
+    Thresholds follow EPICS: MINOR at value >= high or <= low, MAJOR at value >= hihi;
+    ``states`` gives the severity of each enum state of a bi/mbbi. For records without
+    alarm fields (waveforms) the IOC applies the thresholds to the largest element.
+    """
+
+    high: float | None = None
+    hihi: float | None = None
+    low: float | None = None
+    states: tuple[Severity, ...] = ()
+
+
+#: A count that should stay 0 (errors, losses): MINOR from 1.
+ANY_COUNT = Alarm(high=1)
+#: A MiB figure published at KiB resolution that should stay 0: MINOR from 1 KiB.
+ANY_KIB = Alarm(high=1 / 1024)
 
 
 class Scope(enum.Enum):
@@ -76,6 +105,7 @@ class PV:
     desc: str
     enums: tuple[str, ...] = ()
     initial: float | int | str | None = None
+    #: The range of values: writes outside it are refused; clients see it as LOPR..HOPR.
     low: float | None = None
     high: float | None = None
     even: bool = False
@@ -86,6 +116,7 @@ class PV:
     kinds: frozenset[BoardKind] = ALL_KINDS
     autosave: bool = False  # kept across restarts, written at once (ioc.autosave)
     access: Access | None = None  # None: DEFAULT for output records, READONLY for inputs
+    alarm: Alarm | None = None
 
     @property
     def writable(self) -> bool:
@@ -102,12 +133,14 @@ class PV:
         return self.template.format(crate=crate, n=n, board=board)
 
 
-def _stat(key: str, template: str, desc: str, egu: str = "", prec: int | None = None) -> PV:
-    return PV(key, template, "ai", Scope.CRATE, desc, egu=egu, prec=prec, initial=0)
+def _stat(key: str, template: str, desc: str, egu: str = "", prec: int | None = None,
+          **extra) -> PV:
+    return PV(key, template, "ai", Scope.CRATE, desc, egu=egu, prec=prec, initial=0, **extra)
 
 
-def _card(key: str, template: str, desc: str, egu: str = "", prec: int | None = None) -> PV:
-    return PV(key, template, "ai", Scope.CARD, desc, egu=egu, prec=prec, initial=0)
+def _card(key: str, template: str, desc: str, egu: str = "", prec: int | None = None,
+          **extra) -> PV:
+    return PV(key, template, "ai", Scope.CARD, desc, egu=egu, prec=prec, initial=0, **extra)
 
 
 ON_OFF = dict(low=0, high=1)
@@ -152,15 +185,16 @@ PV_TABLE: tuple[PV, ...] = (
     PV("SimGenerated", "VME{crate}:{board}:SIM_Generated", "ai", Scope.SIM,
        "Events accepted by the FIFO this run", initial=0),
     PV("SimDropped", "VME{crate}:{board}:SIM_Dropped", "ai", Scope.SIM,
-       "Events dropped by a full FIFO this run", initial=0),
+       "Events dropped by a full FIFO this run", initial=0, alarm=ANY_COUNT),
     PV("SimCleared", "VME{crate}:{board}:SIM_Cleared", "ai", Scope.SIM,
-       "Events cleared by FIFO resets this run", initial=0),
+       "Events cleared by FIFO resets this run", initial=0, alarm=ANY_COUNT),
     # inLoop.
     _stat("CrateNum", "DAQC{crate}_CV_CRATENUM", "Crate number"),
     _stat("InLoop1", "DAQC{crate}_CV_InLoop1", "MiB read since run start", egu="MiB"),
     _stat("InLoop2", "DAQC{crate}_CV_InLoop2", "Type-F headers built since run start"),
     _stat("InLoop3", "DAQC{crate}_CV_InLoop3", "Board polls since run start"),
-    _stat("InLoop4", "DAQC{crate}_CV_InLoop4", "Last transfer: bytes or error code"),
+    _stat("InLoop4", "DAQC{crate}_CV_InLoop4", "Last transfer: bytes or error code",
+          alarm=Alarm(low=-1)),
     PV("BoardType", "DAQC{crate}_BoardType{n}", "mbbi", Scope.SLOT, "Board type in slot n+1",
        enums=BOARD_TYPE_STATES, initial=0),
     PV("InLoopRunning", "DAQC{crate}:inLoop_Running", "bi", Scope.CRATE, "inLoop running",
@@ -177,13 +211,15 @@ PV_TABLE: tuple[PV, ...] = (
           prec=3),
     _stat("TotalBufsWritten", "DAQC{crate}_OL_TotalBufsWritten", "Buffers checked this run"),
     _stat("TotalFBufsWritten", "DAQC{crate}_OL_TotalFBufsWritten", "Type-F headers checked"),
-    _stat("TotalBufsLost", "DAQC{crate}_OL_TotalBufsLost", "Buffers recycled unsent"),
-    _stat("BufLostPerecnt", "DAQC{crate}_OL_BufLostPerecnt", "Lost / written", egu="%", prec=2),
+    _stat("TotalBufsLost", "DAQC{crate}_OL_TotalBufsLost", "Buffers recycled unsent",
+          alarm=ANY_COUNT),
+    _stat("BufLostPerecnt", "DAQC{crate}_OL_BufLostPerecnt", "Lost / written", egu="%", prec=2,
+          low=0, high=100, alarm=Alarm(high=1, hihi=10)),
     _stat("SendRate", "DAQC{crate}_CV_SendRate", "Rate into qSender", egu="kB/s", prec=1),
     PV("Trace", "DAQC{crate}_CV_Trace", "waveform", Scope.CRATE, "Selected trace",
        length=1024, dtype="int16"),
     PV("TraceLen", "DAQC{crate}_CV_TraceLen", "longin", Scope.CRATE, "Valid samples in Trace",
-       initial=0),
+       initial=0, low=-5, high=1024),
     PV("TraceBd", "DAQC{crate}_CS_TraceBd", "longout", Scope.CRATE,
        "Card to trace (4..7: first-error rec.)", initial=0, low=0, high=15),
     PV("TraceChan", "DAQC{crate}_CS_TraceChan", "longout", Scope.CRATE, "Channel to trace",
@@ -207,16 +243,20 @@ PV_TABLE: tuple[PV, ...] = (
        "A receiver is being served", enums=("Stopped", "Running"), initial=0),
     # New in this product.
     PV("State", "DAQC{crate}_CV_State", "mbbi", Scope.CRATE, "Run state of this crate",
-       enums=CV_STATE_STATES, initial=0),
+       enums=CV_STATE_STATES, initial=0,
+       alarm=Alarm(states=(Severity.NO_ALARM,) * 3 + (Severity.MINOR,))),
     PV("BuffersTotal", "DAQC{crate}_CV_BuffersTotal", "longin", Scope.CRATE, "Pool size",
        initial=0),
     PV("BuffersHeld", "DAQC{crate}_CV_BuffersHeld", "longin", Scope.CRATE,
        "Buffers held by a stage", initial=0),
     PV("BuffersOK", "DAQC{crate}_CV_BuffersOK", "bi", Scope.CRATE, "Every buffer accounted for",
-       enums=("Leak", "OK"), initial=1),
+       enums=("Leak", "OK"), initial=1, alarm=Alarm(states=(Severity.MAJOR, Severity.NO_ALARM))),
+    PV("SetupPending", "DAQC{crate}_CV_SetupPending", "bi", Scope.CRATE,
+       "Set-up changed in the run: next Start", enums=("Applied", "Pending until next Start"),
+       initial=0),
     _card("DataLost", "DAQC{crate}_OL_DataLost{n}", "Data of card n lost this run", egu="MiB",
-          prec=3),
-    _card("Errors", "DAQC{crate}_OL_Errors{n}", "Check errors of card n"),
+          prec=3, alarm=ANY_KIB),
+    _card("Errors", "DAQC{crate}_OL_Errors{n}", "Check errors of card n", alarm=ANY_COUNT),
     PV("SenderClient", "DAQC{crate}_CV_SenderClient", "stringin", Scope.CRATE,
        "Receiver being served", initial=""),
     _stat("SenderReplies", "DAQC{crate}_CV_SenderReplies", "Data replies sent this run"),
@@ -225,11 +265,13 @@ PV_TABLE: tuple[PV, ...] = (
     _stat("SenderWireRate", "DAQC{crate}_CV_SenderWireRate", "Socket write rate", egu="kB/s",
           prec=1),
     _stat("SenderRequeued", "DAQC{crate}_CV_SenderRequeued", "Replies put back after a failure"),
-    _stat("ReadErrors", "DAQC{crate}_CV_ReadErrors", "FIFO read errors this run"),
+    _stat("ReadErrors", "DAQC{crate}_CV_ReadErrors", "FIFO read errors this run",
+          alarm=ANY_COUNT),
     PV("FirstError", "DAQC{crate}_OL_FirstError{n}", "waveform", Scope.CARD,
        "First error [code, offset, x1, x2]", length=4, dtype="float64"),
     PV("GlobalsConnected", "DAQC{crate}_CV_GlobalsConnected", "bi", Scope.CRATE,
-       "Global run-control PVs reachable", enums=("Disconnected", "Connected"), initial=0),
+       "Global run-control PVs reachable", enums=("Disconnected", "Connected"), initial=0,
+       alarm=Alarm(states=(Severity.MAJOR, Severity.NO_ALARM))),
     _stat("SenderRejected", "DAQC{crate}_CV_SenderRejected",
           "Clients refused or cut off (protocol)"),
     _stat("Retained", "DAQC{crate}_CV_Retained", "Undelivered data kept for receivers",
@@ -237,12 +279,13 @@ PV_TABLE: tuple[PV, ...] = (
     *(
         PV(f"Lost{reason.value}", f"DAQC{{crate}}_OL_Lost{reason.value}", "waveform",
            Scope.CRATE, f"MiB lost per card: {reason.value}", length=7, dtype="float64",
-           egu="MiB")
+           egu="MiB", alarm=ANY_KIB)
         for reason in LossReason
     ),
     *(
         PV(f"LostEvents{reason.value}", f"DAQC{{crate}}_OL_LostEvents{reason.value}", "waveform",
-           Scope.CRATE, f"Events lost per card: {reason.value}", length=7, dtype="float64")
+           Scope.CRATE, f"Events lost per card: {reason.value}", length=7, dtype="float64",
+           alarm=ANY_COUNT)
         for reason in LossReason
     ),
 )

@@ -20,10 +20,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
-from softioc import builder
+from softioc import alarm, builder
 
 from ioc.putcheck import PutCheck
-from ioc.pvs import PV, Instance
+from ioc.pvs import PV, Alarm, Instance, Severity
+from ioc.recfields import array_severity, derived_fields
 
 #: A run-time rule: returns None to accept a put, or the reason to refuse it.
 Rule = Callable[[Instance, Any], str | None]
@@ -33,6 +34,12 @@ Handler = Callable[[Instance, Any], None]
 _DESC_MAX = 40
 #: Writable record types whose value is a whole number.
 INTEGRAL = frozenset({"longout", "bo", "mbbo"})
+#: (severity, status) an array record shows for a table severity (HIGH/HIHI thresholds).
+_ARRAY_ALARM = {
+    Severity.NO_ALARM: (alarm.NO_ALARM, alarm.NO_ALARM),
+    Severity.MINOR: (alarm.MINOR_ALARM, alarm.HIGH_ALARM),
+    Severity.MAJOR: (alarm.MAJOR_ALARM, alarm.HIHI_ALARM),
+}
 
 log = logging.getLogger("dgs.records")
 
@@ -85,6 +92,8 @@ class Records:
         self.put_check = PutCheck(self.check, self.raw_check)
         self._writable: set[tuple[str, int | str | None]] = set()
         self._published: dict[tuple[str, int | str | None], Any] = {}
+        #: Arrays whose severity the IOC sets (waveforms have no alarm fields).
+        self._array_alarms: dict[tuple[str, int | str | None], Alarm] = {}
         self._lock = threading.Lock()
         for inst in self.instances:
             value = initial(inst) if initial else None
@@ -95,6 +104,8 @@ class Records:
             if inst.pv.writable:
                 self._writable.add(k)
                 self._by_name[inst.name] = inst
+            if inst.pv.record == "waveform" and inst.pv.alarm is not None:
+                self._array_alarms[k] = inst.pv.alarm
 
     @staticmethod
     def _key(key: str, index: int | None, board: str | None) -> tuple[str, int | str | None]:
@@ -128,6 +139,9 @@ class Records:
         if k in self._writable:
             with self.put_check.internal():
                 record.set(value, process=False)
+        elif k in self._array_alarms:
+            severity, status = _ARRAY_ALARM[array_severity(self._array_alarms[k], value)]
+            record.set(value, severity=severity, alarm=status)
         else:
             record.set(value)
 
@@ -138,6 +152,7 @@ class Records:
             fields["EGU"] = pv.egu
         if pv.prec is not None:
             fields["PREC"] = pv.prec
+        fields.update(derived_fields(pv))
         if pv.writable:
             fields["validate"] = self._validator(inst)
             handler = self._handlers.get(pv.key)

@@ -77,6 +77,7 @@ class RunControl:
         outloop: OutLoop,
         sender: SenderControl,
         reset_accounting: Callable[[], None],
+        sample_setup: Callable[[], None] = lambda: None,
         on_state: Callable[[CrateState], None],
         on_connection: Callable[[bool], None],
         losses: LossLedger | None = None,
@@ -87,6 +88,7 @@ class RunControl:
         self.outloop = outloop
         self.sender = sender
         self._reset_accounting = reset_accounting
+        self._sample_setup = sample_setup
         self._on_state = on_state
         self._on_connection = on_connection
         self._losses = losses or LossLedger()
@@ -245,6 +247,7 @@ class RunControl:
             log.error("run refused: data port cannot be bound: %s", err)
             return
         self._reset_accounting()
+        self._sample_setup()
         self._losses.reset_run()
         self.run_save = self.save
         # Read, not only followed: the monitors of two PVs keep no order between them, so a

@@ -51,6 +51,10 @@ WIDGET_VERSIONS = {
 KINDS = ("digitizer", "trigger", "empty")
 PLACEHOLDER = "X"
 TRACE_CHANNELS = 10
+#: The trace waveform's capacity and the 14-bit ADC range: where the autoscaling
+#: trace axes start before the first trace arrives.
+TRACE_SAMPLES = next(pv.length for pv in PV_TABLE if pv.key == "Trace")
+ADC_FULL_SCALE = 1 << 14
 ROW_HEIGHT = 30
 ROW_WIDTH = 1200
 
@@ -201,10 +205,27 @@ def progress_bar(pv: str, maximum: float, x: int, y: int, w: int, h: int = 20) -
     return element
 
 
-def xy_plot(pv: str, title: str, x: int, y: int, w: int, h: int) -> ET.Element:
+def _plot_axis(parent: ET.Element, tag: str, title: str, maximum: float) -> None:
+    """An autoscaling axis (Phoebus's default is a fixed 0..100); ``maximum`` is
+    where it starts before the first value."""
+    axis = _add(parent, tag)
+    _add(axis, "title", title)
+    _add(axis, "autoscale", "true")
+    _add(axis, "log_scale", "false")
+    _add(axis, "minimum", "0.0")
+    _add(axis, "maximum", f"{float(maximum)}")
+    _add(axis, "show_grid", "true")
+    _add(axis, "visible", "true")
+
+
+def xy_plot(pv: str, title: str, x: int, y: int, w: int, h: int, *, x_title: str,
+            x_max: float, y_title: str, y_max: float) -> ET.Element:
+    """A waveform against its element index: both axes autoscale."""
     element = _widget("xyplot", f"Plot {pv}", x, y, w, h)
     _add(element, "title", title)
     _add(element, "show_legend", "false")
+    _plot_axis(element, "x_axis", x_title, x_max)
+    _plot_axis(_add(element, "y_axes"), "y_axis", y_title, y_max)
     traces = _add(element, "traces")
     trace = _add(traces, "trace")
     _add(trace, "name", title)
@@ -286,9 +307,10 @@ def _crate_status(x: int, y: int) -> ET.Element:
             ("Crate state", text_update(pv_name("State"), 150, 0, 120)),
             ("inLoop", text_update(pv_name("InLoopRunning"), 150, 0, 120)),
             ("Global PVs", text_update(pv_name("GlobalsConnected"), 150, 0, 120)),
+            ("Set-up", text_update(pv_name("SetupPending"), 150, 0, 230)),
         ]
     )
-    return group("Crate", x, y, 400, 130, children)
+    return group("Crate", x, y, 400, 138, children)
 
 
 def _buffers(x: int, y: int) -> ET.Element:
@@ -407,7 +429,8 @@ def _trace(x: int, y: int) -> ET.Element:
         bool_button(pv_name("TraceHorns"), 350, 5, 80),
         label("Samples", 445, 5, 60),
         text_update(pv_name("TraceLen"), 505, 5, 80),
-        xy_plot(pv_name("Trace"), "Trace", 10, 40, 600, 340),
+        xy_plot(pv_name("Trace"), "Trace", 10, 40, 600, 340, x_title="Sample",
+                x_max=TRACE_SAMPLES, y_title="ADC counts", y_max=ADC_FULL_SCALE),
     ]
     return group("Trace", x, y, 630, 420, children)
 
@@ -436,7 +459,7 @@ def _checks(x: int, y: int) -> ET.Element:
             ("Every event", bool_button(pv_name("DeepCheckEnable"), 150, 0, 90)),
         ]
     )
-    children.append(label("Set-up is writable only while stopped", 10, 95, 280, 20))
+    children.append(label("Set-up changes apply at the next Start", 10, 95, 280, 20))
     return group("Checks", x, y, 300, 150, children)
 
 

@@ -1,12 +1,18 @@
-"""Access security enforced by the IOC (db/dgs.acf): the crate set-up is frozen during a run.
+"""Access security enforced by the IOC (db/dgs.acf, db/dgs-run-protect.acf).
 
-RUNPROTECT records refuse writes while ``Online_CS_StartStop`` = Start, statistics
-refuse them always, run control stays writable, and every accepted write is
-logged with who made it.
+By default, as in the original, the crate set-up (RUNPROTECT group: board
+enables, FifoNum, package data, check enables) is writable at any time and
+applies at the next Start; the crate screen shows that a change is pending.
+With ``run_protect = true`` those records refuse writes while
+``Online_CS_StartStop`` = Start. Statistics refuse writes always, run control
+stays writable, and every accepted write is logged with who made it.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from dataflow import crate_toml
 from ioc_harness import IocProcess, wait_until
 
 PROTECTED = {
@@ -47,8 +53,17 @@ def wait_access(ioc: IocProcess, name: str, rights: str) -> None:
     wait_until(lambda: access(ioc, name) == rights, 10, f"{name} access {rights!r}", 0.1)
 
 
-def test_set_up_is_refused_during_a_run_and_accepted_after_stop(demo_ioc):
-    ioc = demo_ioc
+def run_protected_config(directory: Path) -> Path:
+    """The demo crate as a file, with ``[system] run_protect = true``."""
+    path = directory / "protected.toml"
+    path.write_text(crate_toml().replace("[system]", "[system]\nrun_protect = true", 1))
+    return path
+
+
+def test_with_run_protect_set_up_is_refused_during_a_run_and_accepted_after_stop(
+    start_ioc, tmp_path
+):
+    ioc = start_ioc("--config", str(run_protected_config(tmp_path)))
     wait_access(ioc, "VME01:MDIG1:CS_Ena", "read, write")
     ioc.put_ok("VME01:MDIG1:CS_Ena", "Disable")
     assert ioc.get("VME01:MDIG1:CS_Ena") == "Disable"
@@ -93,10 +108,13 @@ def test_only_values_are_writable_never_record_configuration(shared_demo_ioc):
     assert ioc.get("Online_CS_StartStop.ZNAM") == "Stop"
 
 
-def test_remote_globals_protect_the_crate_and_an_unreachable_globals_ioc_freezes_it(start_ioc):
+def test_remote_globals_protect_the_crate_and_an_unreachable_globals_ioc_freezes_it(
+    start_ioc, tmp_path
+):
     globals_ioc = start_ioc("--demo", "--globals-only")
     crate = start_ioc(
-        "--demo", "--globals", "remote", "--globals-ca", f"127.0.0.1:{globals_ioc.ports.ca}"
+        "--config", str(run_protected_config(tmp_path)),
+        "--globals", "remote", "--globals-ca", f"127.0.0.1:{globals_ioc.ports.ca}",
     )
     wait_access(crate, "VME01:MDIG1:FifoNum", "read, write")
     globals_ioc.put_ok("Online_CS_StartStop", "Start")
@@ -110,3 +128,40 @@ def test_remote_globals_protect_the_crate_and_an_unreachable_globals_ioc_freezes
     globals_ioc.stop()
     wait_access(crate, "VME01:MDIG1:FifoNum", "read, no write")
     assert access(crate, "DAQC01_CS_TraceBd") == "read, write"
+
+
+def test_by_default_set_up_is_writable_in_a_run_and_applies_at_the_next_start(demo_ioc):
+    """A board disabled during a run keeps taking data until the next Start, where it
+    stops; the crate shows the change as pending meanwhile."""
+    ioc = demo_ioc
+    ioc.put_ok("Online_CS_StartStop", "Start")
+    ioc.wait_value("DAQC01_CV_State", "Running")
+    assert access(ioc, *PROTECTED) == ["read, write"] * len(PROTECTED)
+    assert ioc.get("DAQC01_CV_SetupPending") == "Applied"
+    for name, (changed, _) in PROTECTED.items():
+        ioc.put_ok(name, changed)
+    assert ioc.caget(*PROTECTED) == [changed for changed, _ in PROTECTED.values()]
+    ioc.wait_value("DAQC01_CV_SetupPending", "Pending until next Start")
+    before = ioc.getf("DAQC01_OL_Data0")
+    ioc.wait_numeric("DAQC01_OL_Data0", lambda mib: mib > before, what="MDIG1 still read")
+    for name in STATISTICS:
+        assert refused(ioc, name, "5"), name
+
+    ioc.put_ok("Online_CS_StartStop", "Stop")
+    ioc.wait_value("DAQC01_CV_State", "Stopped", timeout=20)
+    assert ioc.get("DAQC01_CV_SetupPending") == "Applied"
+    ioc.put_ok("Online_CS_StartStop", "Start")
+    ioc.wait_value("DAQC01_CV_State", "Running")
+    ioc.wait_numeric("DAQC01_OL_Data0", lambda mib: mib == 0, what="the new run's counters")
+    first = ioc.wait_numeric("DAQC01_OL_Data2", lambda mib: mib > 0, what="MDIG3 read")
+    ioc.wait_numeric("DAQC01_OL_Data2", lambda mib: mib > first, what="more from MDIG3")
+    assert ioc.getf("DAQC01_OL_Data0") == 0, "the disabled board was read in the new run"
+    assert ioc.getf("VME01:MDIG1:SIM_Generated") == 0
+    assert ioc.get("DAQC01_CV_SetupPending") == "Applied"
+    ioc.put_ok("VME01:MDIG1:CS_Ena", "Enable")
+    ioc.wait_value("DAQC01_CV_SetupPending", "Pending until next Start")
+    ioc.put_ok("VME01:MDIG1:CS_Ena", "Disable")  # as the run started: nothing pending
+    ioc.wait_value("DAQC01_CV_SetupPending", "Applied")
+    ioc.put_ok("Online_CS_StartStop", "Stop")
+    ioc.wait_value("DAQC01_CV_State", "Stopped", timeout=20)
+    assert "put VME01:MDIG1:CS_Ena by " in ioc.log()

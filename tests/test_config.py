@@ -101,6 +101,7 @@ def test_demo_is_the_spec_demonstration_system():
     demo = demo_config()
     assert demo.source == "demo"
     assert demo.globals == "local"
+    assert demo.run_protect is False  # as in the original: set-up writable at any time
     (only,) = demo.crates
     assert demo.crate(None) is only
     assert (only.crate, only.backend, only.seed) == ("01", "sim", 1)
@@ -345,6 +346,10 @@ CASES = {
     "globals_ca port 0": (system(keys='globals_ca = "127.0.0.1:0"'), ["globals_ca", "1..65535"]),
     "globals_ca bad port": (system(keys='globals_ca = "h:ca"'), ["globals_ca", "'h:ca'"]),
     "state_dir empty": (system(keys='state_dir = ""'), ["state_dir must not be empty"]),
+    "run_protect a string": (
+        system(keys='run_protect = "yes"'), ["[system]", "run_protect must be a boolean"]
+    ),
+    "run_protect a number": (system(keys="run_protect = 1"), ["run_protect must be a boolean"]),
     # sender
     "reply too small": (sender("max_reply_bytes = 2047"), ["max_reply_bytes must be 2048.."]),
     "reply too big": (sender("max_reply_bytes = 10_000_001"), ["..10000000, got 10000001"]),

@@ -119,7 +119,8 @@ def test_every_pv_answers_pvget(shared_demo_ioc):
     assert int(by_name["DAQC01_CV_BuffersTotal"]) == 200
     assert by_name["Online_CS_StartStop"].raw.value.choices == ["Stop", "Start"]
     trace = np.asarray(by_name["DAQC01_CV_Trace"])
-    assert trace.shape == (1024,) and trace.dtype == np.int16
+    assert trace.dtype == np.int16  # only the valid samples: none before a run
+    assert trace.shape == (int(by_name["DAQC01_CV_TraceLen"]),)
     assert np.asarray(by_name["DAQC01_OL_FirstError0"]).shape == (4,)
 
 

@@ -126,3 +126,21 @@ def test_url_opens_the_crate_screen_with_every_macro_it_needs():
     scan = screens.scan_screen(Path(url.path), macros)
     assert scan.unresolved == set()
     assert "VME02:SDIG1:user_package_data" in scan.pvs
+
+
+def test_the_trace_plot_autoscales_with_samples_on_x():
+    """Phoebus's default axes are a fixed 0..100: a trace at ~1000 counts would fall
+    off. X is the element index of the trace, whose length is TraceLen."""
+    root = ET.parse(screens.OPI_DIR / "crate.bob").getroot()
+    (plot,) = (widget for widget in root.iter("widget") if widget.get("type") == "xyplot")
+    (trace,) = plot.find("traces")
+    assert trace.findtext("y_pv") == "DAQC$(CRATE)_CV_Trace"
+    assert trace.findtext("x_pv") == "", "X must be the sample index"
+    x_axis = plot.find("x_axis")
+    (y_axis,) = plot.find("y_axes")
+    for axis in (x_axis, y_axis):
+        assert axis.findtext("autoscale") == "true"
+        assert axis.findtext("log_scale") == "false"
+    assert x_axis.findtext("title") == "Sample"
+    assert float(x_axis.findtext("minimum")) == 0
+    assert float(x_axis.findtext("maximum")) == 1024
