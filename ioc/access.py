@@ -5,7 +5,9 @@ private file and handed to EPICS with ``asSetFilename`` so ``iocInit`` enforces
 them for Channel Access and PV Access alike: crate set-up refuses writes during
 a run, statistics refuse them always. Every write a rule lets through with
 TRAPWRITE is logged as who (user@host), which PV, old value -> new value, so a
-changed set-up can be traced to a person.
+changed set-up can be traced to a person. After the write, the record's name is
+passed to every listener added with `on_write` (the register records reach the
+boards this way, `ioc.register_io`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from epicscorelibs.ioc import dbCore
@@ -85,10 +88,12 @@ def _channel_value(channel: int | None) -> str:
 
 
 class PutLogger:
-    """Logs every trapped write: before it, remember the old value; after it, log the change."""
+    """Logs every trapped write: before it, remember the old value; after it, log the change
+    and tell the listeners which record was written."""
 
     def __init__(self, logger: logging.Logger = put_log) -> None:
         self._log = logger
+        self.listeners: list[Callable[[str], None]] = []
         self._pending: dict[int, tuple[str, str]] = {}
         self._tokens = itertools.count(1)
         self._lock = threading.Lock()
@@ -117,6 +122,9 @@ class PutLogger:
                 self._log.info("put %s by %s: %s (unchanged)", name, who, old)
             else:
                 self._log.info("put %s by %s: %s -> %s", name, who, old, new)
+            record = name.partition(".")[0]
+            for listener in self.listeners:
+                listener(record)
         except Exception:
             log.exception("put log failed")
 
@@ -136,6 +144,14 @@ def write_rules(text: str) -> Path:
     path = Path(name)
     atexit.register(path.unlink, missing_ok=True)
     return path
+
+
+def on_write(listener: Callable[[str], None]) -> None:
+    """Call ``listener(record name)`` after every client write to a trapped record;
+    it runs on the server's thread, so it must only hand the work on."""
+    if _put_logger is None:
+        raise RuntimeError("access.install() first")
+    _put_logger.listeners.append(listener)
 
 
 def install() -> Path:

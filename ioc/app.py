@@ -35,6 +35,9 @@ from ioc.pool import BUFFER_BYTES, BufferPool
 from ioc.publisher import Publisher
 from ioc.pvs import PV_TABLE, BoardRef, Instance, Scope, expand
 from ioc.records import Records, Rule, table_check
+from ioc.register_db import RegisterDatabase, load_into_ioc
+from ioc.register_db import build as build_register_db
+from ioc.register_io import RegisterIO
 from ioc.runcontrol import CrateState, RunControl
 from ioc.sender import Sender
 from sim import Fault, SimBoardSpec, SimCrate
@@ -99,6 +102,30 @@ def _no_memory_lock() -> None:
     preallocated and touched once), and a shared DAQ host does not want it.
     """
     ctypes.c_int.in_dll(imports.dbCore, "dbThreadRealtimeLock").value = 0
+
+
+def _crate_prefixes(system: SystemConfig) -> tuple[str, ...]:
+    """Name prefixes of the system's crate IOCs (the globals' fan-outs link to them)."""
+    return tuple(f"VME{crate.crate}:" for crate in system.crates)
+
+
+def _register_database(
+    system: SystemConfig, records: Records, crate: CrateConfig | None, *, with_globals: bool
+) -> RegisterDatabase:
+    """The original IOCs' records this IOC serves besides its own table (ioc/register_db.py)."""
+    database = build_register_db(
+        crate.crate if crate else "",
+        [(b.name, b.kind) for b in sorted(crate.boards, key=lambda b: b.card)] if crate else [],
+        with_crate=crate is not None,
+        with_globals=with_globals,
+        already_served=[inst.name for inst in records.instances],
+        remote_prefixes=_crate_prefixes(system),
+    )
+    log.info(
+        "register map: %d records besides the IOC's own %d",
+        len(database.records), len(records.instances),
+    )
+    return database
 
 
 def build_sim_crate(crate: CrateConfig) -> SimCrate:
@@ -183,6 +210,10 @@ class CrateIoc:
         )
         self._followers: list[epics.PV] = []
         self._autosave: AutosaveFile | None = None
+        self.register_db = _register_database(
+            system, self.records, crate, with_globals=self.serve_globals
+        )
+        self.register_io = RegisterIO(self.boards_by_name, self.register_db.plan)
 
     # Record set-up.
 
@@ -297,10 +328,13 @@ class CrateIoc:
                 self.system, f"DAQC{self.crate_id}", self.records, restore_start=False
             )
         builder.LoadDatabase()
+        load_into_ioc(self.register_db)
         access.install()
+        access.on_write(self.register_io.written)
         epics.ca.initialize_libca()
         _no_memory_lock()
         softioc.iocInit(asyncio_dispatcher.AsyncioDispatcher())
+        self.register_io.start()
         self.records.publish("BuffersTotal", self.pool.size)
         self.inloop.start()
         self.outloop.start()
@@ -358,6 +392,7 @@ class CrateIoc:
         self.runcontrol.quit()
         self.outloop.shutdown()
         self.publisher.shutdown()
+        self.register_io.shutdown()
 
 
 class GlobalsIoc:
@@ -370,11 +405,13 @@ class GlobalsIoc:
             expand("", (), with_globals=True, with_crate=False),
             rules=_autosave_rules(lambda: self._autosave),
         )
+        self.register_db = _register_database(system, self.records, None, with_globals=True)
 
     def start(self) -> None:
         """Restore the globals (StartStop included: the crates keep running) and serve them."""
         self._autosave = _restore_globals(self.system, "globals", self.records, restore_start=True)
         builder.LoadDatabase()
+        load_into_ioc(self.register_db)
         access.install()
         _no_memory_lock()
         softioc.iocInit(asyncio_dispatcher.AsyncioDispatcher())
