@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import tempfile
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -35,7 +36,7 @@ from ioc.pool import BUFFER_BYTES, BufferPool
 from ioc.publisher import Publisher
 from ioc.pvs import PV_TABLE, BoardRef, Instance, Scope, expand
 from ioc.records import Records, Rule, table_check
-from ioc.register_db import RegisterDatabase, load_into_ioc
+from ioc.register_db import RegisterDatabase
 from ioc.register_db import build as build_register_db
 from ioc.register_io import RegisterIO
 from ioc.runcontrol import CrateState, RunControl
@@ -126,6 +127,17 @@ def _register_database(
         len(database.records), len(records.instances),
     )
     return database
+
+
+def load_into_ioc(database: RegisterDatabase) -> None:
+    """Load the register-map records into EPICS (before iocInit) through a private file."""
+    fd, name = tempfile.mkstemp(prefix="dgs-registers-", suffix=".db")
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(database.text())
+        softioc.dbLoadDatabase(name)
+    finally:
+        os.unlink(name)
 
 
 def build_sim_crate(crate: CrateConfig) -> SimCrate:

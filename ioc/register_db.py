@@ -14,14 +14,9 @@ the system, so no link searches the network for a record nobody serves.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
-
-from softioc import softioc
 
 from ioc.hardware import BoardKind
 from ioc.registermap import (
@@ -86,22 +81,24 @@ class RegisterDatabase:
     skipped: list[tuple[str, str]]  # (name, the map's record type) already in ioc.pvs
     plan: RegisterPlan
 
-    def text(self) -> str:
-        return render(self.records)
+    def text(self, *, annotate: bool = False) -> str:
+        return render(self.records, annotate=annotate)
 
 
 def _candidates(
     crate: str,
     boards: Iterable[tuple[str, BoardKind]],
     *,
-    with_crate: bool,
+    board_records: bool,
+    crate_records: bool,
     with_globals: bool,
 ) -> Iterable[tuple[str, MapRecord, str | None]]:
     boards = list(boards)
-    if with_crate:
+    if board_records:
         for board, kind in boards:
             for record in (*load(PER_BOARD_MAP), *load(BOARD_MAPS[kind])):
                 yield resolve(record.name, crate, board), record, board
+    if crate_records:
         names = {board for board, _ in boards} | {"GLBL"}
         for record in load(CRATE_MAP):
             name = resolve(record.name, crate)
@@ -122,9 +119,12 @@ def build(
     with_globals: bool,
     already_served: Iterable[str] = (),
     remote_prefixes: tuple[str, ...] = (),
+    board_records: bool | None = None,
 ) -> RegisterDatabase:
     """The register-map records of one IOC.
 
+    ``with_crate``: the boards' and the crate's records (``board_records=False``
+    leaves out the boards' own, for the reference file of the crate level);
     ``already_served``: names of the IOC's own records (kept, not duplicated);
     ``remote_prefixes``: name prefixes other IOCs of the system serve (links kept).
     """
@@ -133,7 +133,11 @@ def build(
     skipped: list[tuple[str, str]] = []
     seen: set[str] = set()
     for name, record, board in _candidates(
-        crate, boards, with_crate=with_crate, with_globals=with_globals
+        crate,
+        boards,
+        board_records=with_crate if board_records is None else board_records,
+        crate_records=with_crate,
+        with_globals=with_globals,
     ):
         if name in served_elsewhere:
             skipped.append((name, record.rtype))
@@ -214,23 +218,19 @@ def record_fields(record: Served) -> list[tuple[str, str]]:
     return fields
 
 
-def render(records: Iterable[Served]) -> str:
-    """The records in ``.db`` syntax."""
+def _binding_note(binding: Binding) -> str:
+    direction = "written" if binding.write else "read back"
+    return f"# {binding.register} bits 0x{binding.mask:08x} (shift {binding.shift}), {direction}"
+
+
+def render(records: Iterable[Served], *, annotate: bool = False) -> str:
+    """The records in ``.db`` syntax; ``annotate`` puts each register binding in a comment."""
     lines = []
     for record in records:
+        if annotate and record.source.binding is not None:
+            lines.append(_binding_note(record.source.binding))
         lines.append(f'record({record.source.rtype}, "{record.name}") {{')
         lines += [f'    field({name}, "{_quoted(value)}")' for name, value in record_fields(record)]
         lines.append("}")
     return "\n".join(lines) + "\n"
 
-
-def load_into_ioc(database: RegisterDatabase) -> None:
-    """Load the records into EPICS (before iocInit) through a private temporary file."""
-    fd, name = tempfile.mkstemp(prefix="dgs-registers-", suffix=".db")
-    path = Path(name)
-    try:
-        with os.fdopen(fd, "w") as file:
-            file.write(database.text())
-        softioc.dbLoadDatabase(str(path))
-    finally:
-        path.unlink(missing_ok=True)

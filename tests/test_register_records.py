@@ -16,6 +16,7 @@ import textwrap
 import pytest
 from ioc_harness import wait_until
 
+from ioc import dbfiles
 from ioc.config import demo_config
 from ioc.hardware import BoardKind
 from ioc.register_db import Bound
@@ -23,15 +24,14 @@ from ioc.register_io import merged, shown
 from ioc.registermap import BOARD_MAPS, CRATE_MAP, GLOBALS_MAP, PER_BOARD_MAP, load, resolve
 from ioc.registermap import Binding as MapBinding
 
-RTYP_SCRIPT = textwrap.dedent(
+CAGET_SCRIPT = textwrap.dedent(
     """
     import json, sys
     import epics
 
-    names = json.load(sys.stdin)
-    values = epics.caget_many([f"{name}.RTYP" for name in names], as_string=True,
-                              connection_timeout=10.0)
-    print(json.dumps(dict(zip(names, values))))
+    channels = json.load(sys.stdin)
+    values = epics.caget_many(channels, as_string=True, connection_timeout=10.0)
+    print(json.dumps(dict(zip(channels, values))))
     """
 )
 THRESHOLD = "VME01:MDIG1:led_threshold0"
@@ -58,10 +58,11 @@ def expected_demo_records() -> dict[str, str]:
     return expected
 
 
-def record_types(ioc, names: list[str]) -> dict[str, str | None]:
+def caget_many(ioc, channels: list[str]) -> dict[str, str | None]:
+    """Channel -> value as a string (None: not connected), all at once with pyepics."""
     out = subprocess.run(
-        [sys.executable, "-c", RTYP_SCRIPT],
-        input=json.dumps(names),
+        [sys.executable, "-c", CAGET_SCRIPT],
+        input=json.dumps(channels),
         env=ioc.env,
         capture_output=True,
         text=True,
@@ -69,6 +70,11 @@ def record_types(ioc, names: list[str]) -> dict[str, str | None]:
     )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def record_types(ioc, names: list[str]) -> dict[str, str | None]:
+    types = caget_many(ioc, [f"{name}.RTYP" for name in names])
+    return {name: types[f"{name}.RTYP"] for name in names}
 
 
 def test_the_original_record_set_connects_with_the_original_types(shared_demo_ioc):
@@ -81,6 +87,19 @@ def test_the_original_record_set_connects_with_the_original_types(shared_demo_io
     for name in ("VME01:MDIG1:clk_select", "VME01:MDIG4:user_package_data_RBV", "ScriptStage",
                  "Setup_Script_State", "VME01:GLBL:clk_select", THRESHOLD):
         assert served[name] == expected[name], name
+
+
+def test_the_ioc_serves_the_records_of_db_registers_files(shared_demo_ioc):
+    records = dbfiles.parse_db(
+        (dbfiles.DB_DIR / "registers_digitizer_master.db").read_text(),
+        {"CRATE": "01", "BOARD": "MDIG3"},
+    ) + dbfiles.parse_db((dbfiles.DB_DIR / "registers_crate.db").read_text(), {"CRATE": "01"})
+    channels = {f"{r.name}.RTYP": r.rtype for r in records}
+    channels |= {f"{r.name}.ASG": r.field("ASG") or "" for r in records}  # "": DEFAULT
+    channels |= {f"{r.name}.EGU": r.field("EGU") for r in records if r.field("EGU")}
+    served = caget_many(shared_demo_ioc, sorted(channels))
+    wrong = [f"{c}: {served[c]!r} != {want!r}" for c, want in channels.items() if served[c] != want]
+    assert wrong == [], wrong[:10]
 
 
 def test_a_threshold_write_lands_in_the_register_and_keeps_its_other_bits(shared_demo_ioc):
