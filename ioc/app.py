@@ -105,9 +105,15 @@ def _no_memory_lock() -> None:
     ctypes.c_int.in_dll(imports.dbCore, "dbThreadRealtimeLock").value = 0
 
 
-def _crate_prefixes(system: SystemConfig) -> tuple[str, ...]:
-    """Name prefixes of the system's crate IOCs (the globals' fan-outs link to them)."""
-    return tuple(f"VME{crate.crate}:" for crate in system.crates)
+def _other_crates(system: SystemConfig, crate: CrateConfig | None) -> tuple[str, ...]:
+    """Name prefixes of the records other crate IOCs of the system serve from the register
+    map (the globals' fan-outs link to them): their crate-level and board records."""
+    return tuple(
+        f"VME{other.crate}:{owner}:"
+        for other in system.crates
+        if crate is None or other.crate != crate.crate
+        for owner in ("GLBL", *(board.name for board in other.boards))
+    )
 
 
 def _register_database(
@@ -120,7 +126,7 @@ def _register_database(
         with_crate=crate is not None,
         with_globals=with_globals,
         already_served=[inst.name for inst in records.instances],
-        remote_prefixes=_crate_prefixes(system),
+        remote_prefixes=_other_crates(system, crate),
     )
     log.info(
         "register map: %d records besides the IOC's own %d",
@@ -222,10 +228,10 @@ class CrateIoc:
         )
         self._followers: list[epics.PV] = []
         self._autosave: AutosaveFile | None = None
-        self.register_db = _register_database(
+        self._register_db: RegisterDatabase | None = _register_database(
             system, self.records, crate, with_globals=self.serve_globals
         )
-        self.register_io = RegisterIO(self.boards_by_name, self.register_db.plan)
+        self.register_io = RegisterIO(self.boards_by_name, self._register_db.plan)
 
     # Record set-up.
 
@@ -340,7 +346,8 @@ class CrateIoc:
                 self.system, f"DAQC{self.crate_id}", self.records, restore_start=False
             )
         builder.LoadDatabase()
-        load_into_ioc(self.register_db)
+        load_into_ioc(self._register_db)
+        self._register_db = None  # loaded: only the plan (register_io) is needed from now on
         access.install()
         access.on_write(self.register_io.written)
         epics.ca.initialize_libca()
@@ -417,13 +424,16 @@ class GlobalsIoc:
             expand("", (), with_globals=True, with_crate=False),
             rules=_autosave_rules(lambda: self._autosave),
         )
-        self.register_db = _register_database(system, self.records, None, with_globals=True)
+        self._register_db: RegisterDatabase | None = _register_database(
+            system, self.records, None, with_globals=True
+        )
 
     def start(self) -> None:
         """Restore the globals (StartStop included: the crates keep running) and serve them."""
         self._autosave = _restore_globals(self.system, "globals", self.records, restore_start=True)
         builder.LoadDatabase()
-        load_into_ioc(self.register_db)
+        load_into_ioc(self._register_db)
+        self._register_db = None
         access.install()
         _no_memory_lock()
         softioc.iocInit(asyncio_dispatcher.AsyncioDispatcher())

@@ -31,6 +31,9 @@ from ioc.config import CrateConfig, demo_config
 from ioc.hardware import BoardKind
 from ioc.pvs import PV, PV_TABLE, Access, BoardRef, Instance, Scope, expand
 from ioc.register_db import build as build_register_db
+from ioc.register_db import render as render_registers
+from ioc.registermap import CRATE_MAP
+from ioc.registermap import load as load_map
 
 DB_DIR = Path(__file__).resolve().parent.parent / "db"
 CRATE_MACRO = "$(CRATE)"
@@ -214,17 +217,22 @@ def register_files() -> dict[str, str]:
     crate = demo_crate()
     own = [inst.name for inst in expand(CRATE_MACRO, board_refs(crate), with_globals=True)]
     boards = [(b.name, b.kind) for b in board_refs(crate)]
-    crate_level = build_register_db(
-        CRATE_MACRO, boards, with_globals=False, already_served=own, board_records=False,
-        remote_prefixes=(f"VME{CRATE_MACRO}:",),
-    )
+    crate = build_register_db(CRATE_MACRO, boards, with_globals=False, already_served=own)
+    crate_level = {id(record) for record in load_map(CRATE_MAP)}
     names = ", ".join(name for name, _ in boards)
     header = _register_header(f"Crate level (macro CRATE; fan-outs for boards {names})")
-    files["registers_crate.db"] = header + "\n" + crate_level.text(annotate=True)
+    files["registers_crate.db"] = header + "\n" + render_registers(
+        [record for record in crate.records if id(record.source) in crate_level],
+        crate.pushed,
+        annotate=True,
+    )
     global_level = build_register_db(
         "", (), with_crate=False, with_globals=True, already_served=own, remote_prefixes=("VME",)
     )
-    header = _register_header("Globals IOC (ScriptStage, Setup_Script_State, fan-outs)")
+    header = _register_header(
+        "Globals IOC (ScriptStage, Setup_Script_State, fan-outs); the IOC keeps links to\n"
+        "# the crates of its configuration only"
+    )
     files["registers_globals.db"] = header + "\n" + global_level.text(annotate=True)
     return files
 

@@ -80,9 +80,11 @@ class RegisterDatabase:
     records: list[Served]
     skipped: list[tuple[str, str]]  # (name, the map's record type) already in ioc.pvs
     plan: RegisterPlan
+    #: Records `ioc.register_io` updates (readbacks and their readers): they do not scan.
+    pushed: frozenset[str]
 
     def text(self, *, annotate: bool = False) -> str:
-        return render(self.records, annotate=annotate)
+        return render(self.records, self.pushed, annotate=annotate)
 
 
 def _candidates(
@@ -123,8 +125,8 @@ def build(
 ) -> RegisterDatabase:
     """The register-map records of one IOC.
 
-    ``with_crate``: the boards' and the crate's records (``board_records=False``
-    leaves out the boards' own, for the reference file of the crate level);
+    ``with_crate``: the boards' and the crate's records; ``board_records`` overrides
+    the first (the reference file of one board kind has no crate records);
     ``already_served``: names of the IOC's own records (kept, not duplicated);
     ``remote_prefixes``: name prefixes other IOCs of the system serve (links kept).
     """
@@ -159,7 +161,10 @@ def build(
                 links[link_field] = f"{text} {link.flags}".strip()
                 targets[link_field] = target
         served.append(Served(name, record, board, links, targets))
-    return RegisterDatabase(served, skipped, _plan(served))
+    plan = _plan(served)
+    pushed = {bound.name for shown in plan.readbacks.values() for bound in shown}
+    pushed.update(reader for readers in plan.readers.values() for reader in readers)
+    return RegisterDatabase(served, skipped, plan, frozenset(pushed))
 
 
 def _plan(records: list[Served]) -> RegisterPlan:
@@ -201,14 +206,15 @@ def _quoted(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"')
 
 
-def record_fields(record: Served) -> list[tuple[str, str]]:
-    """The fields of a served record: the map's facts, as soft records."""
+def record_fields(record: Served, pushed: bool) -> list[tuple[str, str]]:
+    """The fields of a served record: the map's facts, as soft records; ``pushed``
+    records are updated when their register changes instead of scanning."""
     source = record.source
     readback = source.binding is not None and not source.binding.write
     fields = [
         (name, value)
         for name, value in source.fields.items()
-        if not (readback and name == "SCAN")  # readbacks are pushed from the board
+        if not (pushed and name == "SCAN")
     ]
     if source.raw:
         fields.append(("DTYP", "Raw Soft Channel"))
@@ -223,14 +229,17 @@ def _binding_note(binding: Binding) -> str:
     return f"# {binding.register} bits 0x{binding.mask:08x} (shift {binding.shift}), {direction}"
 
 
-def render(records: Iterable[Served], *, annotate: bool = False) -> str:
+def render(records: Iterable[Served], pushed: frozenset[str], *, annotate: bool = False) -> str:
     """The records in ``.db`` syntax; ``annotate`` puts each register binding in a comment."""
     lines = []
     for record in records:
         if annotate and record.source.binding is not None:
             lines.append(_binding_note(record.source.binding))
         lines.append(f'record({record.source.rtype}, "{record.name}") {{')
-        lines += [f'    field({name}, "{_quoted(value)}")' for name, value in record_fields(record)]
+        lines += [
+            f'    field({name}, "{_quoted(value)}")'
+            for name, value in record_fields(record, record.name in pushed)
+        ]
         lines.append("}")
     return "\n".join(lines) + "\n"
 

@@ -5,7 +5,9 @@ itself, or a user-level ``ao`` whose link set its ``...LONGOUT``, or a fan-out),
 `ioc.access` reports the record name here. One worker thread then, for each
 output, reads the record's new value, merges its bit field into the 32-bit
 register (read, modify, write through `ioc.hardware.Board`) and refreshes every
-record showing that register. At start it refreshes every readback once.
+record showing that register. At start, and then every second as the original
+scanned them, it reads every register a readback shows and updates the
+readbacks whose register changed.
 
 Bit fields follow the original's device support (asyn's asynUInt32Digital with
 the crate driver's width/shift fields): ``bo`` sets the whole mask when 1;
@@ -21,6 +23,7 @@ import ctypes
 import logging
 import queue
 import threading
+import time
 from collections.abc import Mapping
 
 from softioc import fields
@@ -30,8 +33,9 @@ from ioc.hardware import Board
 from ioc.register_db import Bound, RegisterPlan
 
 REGISTER_BITS = 0xFFFFFFFF
+#: Seconds between two reads of every register shown by a readback.
+POLL_S = 1.0
 _STOP = object()
-_REFRESH_ALL = object()
 
 log = logging.getLogger("dgs.registers")
 
@@ -76,16 +80,19 @@ def _put_long(name: str, value: int) -> None:
 class RegisterIO:
     """Moves register values between the records and the boards, on one worker thread."""
 
-    def __init__(self, boards: Mapping[str, Board], plan: RegisterPlan) -> None:
+    def __init__(
+        self, boards: Mapping[str, Board], plan: RegisterPlan, poll_s: float = POLL_S
+    ) -> None:
         self._boards = boards
         self._plan = plan
+        self._poll_s = poll_s
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._missing: set[tuple[str, str]] = set()
+        self._shown: dict[tuple[str, str], int] = {}  # register value the readbacks show
         self._thread = threading.Thread(target=self._run, name="registers", daemon=True)
 
     def start(self) -> None:
-        """Refresh every readback from the boards, then follow client writes."""
-        self._queue.put(_REFRESH_ALL)
+        """Refresh every readback from the boards, then follow client writes and poll."""
         self._thread.start()
 
     def written(self, name: str) -> None:
@@ -99,19 +106,33 @@ class RegisterIO:
             self._thread.join(timeout=2.0)
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not _STOP:
+        self._poll()
+        self._log_missing()
+        next_poll = time.monotonic() + self._poll_s
+        while True:
             try:
-                if item is _REFRESH_ALL:
-                    self._refresh_all()
+                item = self._queue.get(timeout=max(0.0, next_poll - time.monotonic()))
+            except queue.Empty:
+                item = None
+            if item is _STOP:
+                return
+            try:
+                if item is None:
+                    next_poll = time.monotonic() + self._poll_s
+                    self._poll()
                 else:
                     for output in self._plan.outputs[item]:
                         self._write(output)
             except Exception:
-                log.exception("register update after %s failed", item)
+                log.exception("register update (%s) failed", item or "poll")
 
-    def _refresh_all(self) -> None:
+    def _poll(self) -> None:
+        """Show what the boards hold now (the original scanned its readbacks each second)."""
         for board, register in self._plan.readbacks:
-            self._refresh(board, register)
+            if (board, register) not in self._missing:
+                self._refresh(board, register)
+
+    def _log_missing(self) -> None:
         for board in self._boards:
             missing = sorted(register for name, register in self._missing if name == board)
             if missing:
@@ -141,10 +162,12 @@ class RegisterIO:
         self._refresh(output.board, register)
 
     def _refresh(self, board: str, register: str) -> None:
+        """Put the register's value into its readbacks if it differs from what they show."""
         records = self._plan.readbacks.get((board, register), ())
         value = self._read(board, register) if records else None
-        if value is None:
+        if value is None or self._shown.get((board, register)) == value:
             return
+        self._shown[(board, register)] = value
         for record in records:
             shown_value = shown(record, value)
             if shown_value is not None:
