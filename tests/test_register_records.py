@@ -14,6 +14,7 @@ import sys
 import textwrap
 
 import pytest
+from dataflow import DEMO_SPECS, TRIGGER_SPEC, write_config
 from ioc_harness import wait_until
 
 from ioc import dbfiles
@@ -100,6 +101,17 @@ def test_the_ioc_serves_the_records_of_db_registers_files(shared_demo_ioc):
     served = caget_many(shared_demo_ioc, sorted(channels))
     wrong = [f"{c}: {served[c]!r} != {want!r}" for c, want in channels.items() if served[c] != want]
     assert wrong == [], wrong[:10]
+
+
+def test_a_trigger_board_serves_the_trigger_register_records(start_ioc, tmp_path):
+    config = write_config(tmp_path, (*DEMO_SPECS, TRIGGER_SPEC))
+    ioc = start_ioc("--config", str(config))
+    trigger = {
+        resolve(record.name, "01", TRIGGER_SPEC.name): record.rtype
+        for record in load(BOARD_MAPS[BoardKind.TRIGGER_MASTER])
+    }
+    served = record_types(ioc, sorted(trigger))
+    assert [name for name, rtype in trigger.items() if served[name] != rtype] == []
 
 
 def test_a_threshold_write_lands_in_the_register_and_keeps_its_other_bits(shared_demo_ioc):
