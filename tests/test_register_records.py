@@ -126,6 +126,19 @@ def test_a_threshold_write_lands_in_the_register_and_keeps_its_other_bits(shared
     assert ioc.getf(f"{COARSE}_RBV") == 5
 
 
+def test_a_pv_access_write_lands_in_the_register_too(shared_demo_ioc):
+    from p4p.client.thread import Context
+
+    context = Context("pva", conf=shared_demo_ioc.ports.p4p_conf(), useenv=False)
+    try:
+        context.put("VME01:MDIG1:led_threshold0", 4321, timeout=5.0)
+    finally:
+        context.close()
+    wait_until(
+        lambda: int(shared_demo_ioc.get(REGISTER_RBV)) & 0x3FFF == 4321, 5, "PVA write applied"
+    )
+
+
 def test_readbacks_refuse_client_writes(shared_demo_ioc):
     assert shared_demo_ioc.put_refused(REGISTER_RBV, 3)
     assert shared_demo_ioc.put_refused(f"{THRESHOLD}_RBV", 3)
