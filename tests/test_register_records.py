@@ -17,7 +17,7 @@ import pytest
 from dataflow import DEMO_SPECS, TRIGGER_SPEC, write_config
 from ioc_harness import wait_until
 
-from ioc import dbfiles
+from ioc import dbfiles, screens
 from ioc.config import demo_config
 from ioc.hardware import BoardKind
 from ioc.register_db import Bound
@@ -112,6 +112,21 @@ def test_a_trigger_board_serves_the_trigger_register_records(start_ioc, tmp_path
     }
     served = record_types(ioc, sorted(trigger))
     assert [name for name, rtype in trigger.items() if served[name] != rtype] == []
+
+
+def test_the_register_screen_opens_from_the_crate_screen_and_names_served_records(
+    shared_demo_ioc,
+):
+    macros = screens.crate_macros(demo_config().crates[0])
+    crate = screens.scan_screen(screens.OPI_DIR / "crate.bob", macros)
+    opened = {(path.name, m["BOARD"]) for path, m in crate.opens if "BOARD" in m}
+    assert ("registers_digitizer.bob", "MDIG2") in opened
+    screen = screens.scan_screen(
+        screens.OPI_DIR / "registers_digitizer.bob", {"CRATE": "01", "BOARD": "MDIG2"}
+    )
+    assert screen.unresolved == set() and len(screen.pvs) > 1000
+    served = record_types(shared_demo_ioc, sorted(screen.pvs))
+    assert [name for name, rtype in served.items() if rtype is None] == []
 
 
 def test_a_threshold_write_lands_in_the_register_and_keeps_its_other_bits(shared_demo_ioc):
