@@ -128,15 +128,12 @@ def _register_database(
         already_served=[inst.name for inst in records.instances],
         remote_prefixes=_other_crates(system, crate),
     )
-    log.info(
-        "register map: %d records besides the IOC's own %d",
-        len(database.records), len(records.instances),
-    )
     return database
 
 
 def load_into_ioc(database: RegisterDatabase) -> None:
     """Load the register-map records into EPICS (before iocInit) through a private file."""
+    log.info("register map: %d records besides the IOC's own", len(database.records))
     fd, name = tempfile.mkstemp(prefix="dgs-registers-", suffix=".db")
     try:
         with os.fdopen(fd, "w") as file:

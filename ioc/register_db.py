@@ -68,7 +68,7 @@ class RegisterPlan:
     #: Written record name -> the register outputs its value reaches (itself, OUT links).
     outputs: dict[str, tuple[Bound, ...]] = field(default_factory=dict)
     #: (board, register) -> the records showing that register.
-    readbacks: dict[tuple[str, str], list[Bound]] = field(default_factory=list)
+    readbacks: dict[tuple[str, str], list[Bound]] = field(default_factory=dict)
     #: Readback record name -> records reading it through an input link (processed after).
     readers: dict[str, list[str]] = field(default_factory=dict)
 
@@ -168,7 +168,7 @@ def build(
 
 
 def _plan(records: list[Served]) -> RegisterPlan:
-    plan = RegisterPlan(readbacks={})
+    plan = RegisterPlan()
     by_name = {record.name: record for record in records}
     bound = {
         r.name: Bound(r.name, r.board, r.source.rtype, r.source.binding, r.source.state_values)
