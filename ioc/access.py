@@ -6,6 +6,8 @@ them for Channel Access and PV Access alike: statistics refuse writes always,
 and with ``run_protect = true`` the crate set-up refuses them during a run.
 Every write a rule lets through with TRAPWRITE is logged as who (user@host),
 which PV, old value -> new value, so a changed set-up can be traced to a person.
+After the write, the record's name is passed to every listener added with
+`on_write` (the register records reach the boards this way, `ioc.register_io`).
 """
 
 from __future__ import annotations
@@ -110,7 +112,8 @@ def _value_record(channel: str) -> str | None:
 
 
 class PutLogger:
-    """Logs every trapped write: before it, remember the old value; after it, log the change.
+    """Logs every trapped write: before it, remember the old value; after it, log the change
+    and tell the listeners which record was written.
 
     Before the write it also hands the client's raw value to ``raw_check`` (the put
     check's veto, which EPICS's own conversion would otherwise hide)."""
@@ -120,6 +123,7 @@ class PutLogger:
         self._log = logger
         self._raw_check = raw_check
         self._after_check = after_check
+        self.listeners: list[Callable[[str], None]] = []
         self._pending: dict[int, tuple[str, str]] = {}
         self._tokens = itertools.count(1)
         self._lock = threading.Lock()
@@ -152,6 +156,9 @@ class PutLogger:
                 self._log.info("put %s by %s: %s (unchanged)", name, who, old)
             else:
                 self._log.info("put %s by %s: %s -> %s", name, who, old, new)
+            written = name.partition(".")[0]
+            for listener in self.listeners:
+                listener(written)
         except Exception:
             log.exception("put log failed")
 
@@ -171,6 +178,14 @@ def write_rules(text: str) -> Path:
     path = Path(name)
     atexit.register(path.unlink, missing_ok=True)
     return path
+
+
+def on_write(listener: Callable[[str], None]) -> None:
+    """Call ``listener(record name)`` after every client write to a trapped record;
+    it runs on the server's thread, so it must only hand the work on."""
+    if _put_logger is None:
+        raise RuntimeError("access.install() first")
+    _put_logger.listeners.append(listener)
 
 
 def install(run_protect: bool, put_check: PutCheck | None = None) -> Path:

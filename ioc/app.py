@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import tempfile
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +36,9 @@ from ioc.pool import BUFFER_BYTES, BufferPool
 from ioc.publisher import Publisher
 from ioc.pvs import PV_TABLE, BoardRef, Instance, Scope, expand
 from ioc.records import Records, Rule, table_check
+from ioc.register_db import RegisterDatabase
+from ioc.register_db import build as build_register_db
+from ioc.register_io import RegisterIO
 from ioc.runcontrol import CrateState, RunControl
 from ioc.sender import Sender
 from sim import Fault, SimBoardSpec, SimCrate
@@ -104,6 +108,44 @@ def _no_memory_lock() -> None:
     preallocated and touched once), and a shared DAQ host does not want it.
     """
     ctypes.c_int.in_dll(imports.dbCore, "dbThreadRealtimeLock").value = 0
+
+
+def _other_crates(system: SystemConfig, crate: CrateConfig | None) -> tuple[str, ...]:
+    """Name prefixes of the records other crate IOCs of the system serve from the register
+    map (the globals' fan-outs link to them): their crate-level and board records."""
+    return tuple(
+        f"VME{other.crate}:{owner}:"
+        for other in system.crates
+        if crate is None or other.crate != crate.crate
+        for owner in ("GLBL", *(board.name for board in other.boards))
+    )
+
+
+def _register_database(
+    system: SystemConfig, records: Records, crate: CrateConfig | None, *, with_globals: bool
+) -> RegisterDatabase:
+    """The original IOCs' records this IOC serves besides its own table (ioc/register_db.py)."""
+    database = build_register_db(
+        crate.crate if crate else "",
+        [(b.name, b.kind) for b in sorted(crate.boards, key=lambda b: b.card)] if crate else [],
+        with_crate=crate is not None,
+        with_globals=with_globals,
+        already_served=[inst.name for inst in records.instances],
+        remote_prefixes=_other_crates(system, crate),
+    )
+    return database
+
+
+def load_into_ioc(database: RegisterDatabase) -> None:
+    """Load the register-map records into EPICS (before iocInit) through a private file."""
+    log.info("register map: %d records besides the IOC's own", len(database.records))
+    fd, name = tempfile.mkstemp(prefix="dgs-registers-", suffix=".db")
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(database.text())
+        softioc.dbLoadDatabase(name)
+    finally:
+        os.unlink(name)
 
 
 def build_sim_crate(crate: CrateConfig) -> SimCrate:
@@ -191,6 +233,10 @@ class CrateIoc:
         self._autosave: AutosaveFile | None = None
         #: The board set-up the current (or last) run uses, sampled by inLoop at Start.
         self._run_setup: dict[int, BoardSetup] = {}
+        self._register_db: RegisterDatabase | None = _register_database(
+            system, self.records, crate, with_globals=self.serve_globals
+        )
+        self.register_io = RegisterIO(self.boards_by_name, self._register_db.plan)
 
     # Record set-up.
 
@@ -329,12 +375,16 @@ class CrateIoc:
                 self.system, f"DAQC{self.crate_id}", self.records, restore_start=False
             )
         builder.LoadDatabase()
+        load_into_ioc(self._register_db)
+        self._register_db = None  # loaded: only the plan (register_io) is needed from now on
         self.records.install_put_check()
         access.install(self.system.run_protect, self.records.put_check)
+        access.on_write(self.register_io.written)
         epics.ca.initialize_libca()
         _no_memory_lock()
         softioc.iocInit(asyncio_dispatcher.AsyncioDispatcher())
         self.records.put_check.confirm()
+        self.register_io.start()
         self.records.publish("BuffersTotal", self.pool.size)
         self.inloop.start()
         self.outloop.start()
@@ -392,6 +442,7 @@ class CrateIoc:
         self.runcontrol.quit()
         self.outloop.shutdown()
         self.publisher.shutdown()
+        self.register_io.shutdown()
 
 
 class GlobalsIoc:
@@ -404,11 +455,16 @@ class GlobalsIoc:
             expand("", (), with_globals=True, with_crate=False),
             rules=_autosave_rules(lambda: self._autosave),
         )
+        self._register_db: RegisterDatabase | None = _register_database(
+            system, self.records, None, with_globals=True
+        )
 
     def start(self) -> None:
         """Restore the globals (StartStop included: the crates keep running) and serve them."""
         self._autosave = _restore_globals(self.system, "globals", self.records, restore_start=True)
         builder.LoadDatabase()
+        load_into_ioc(self._register_db)
+        self._register_db = None
         self.records.install_put_check()
         access.install(self.system.run_protect, self.records.put_check)
         _no_memory_lock()

@@ -9,7 +9,11 @@ table instead of being kept by hand:
 - ``db/globals.db``: the three global run-control records;
 - ``db/dgs.acf``: the access-security groups of the ASG fields, as the IOC
   loads them by default (set-up writable at any time, as in the original);
-- ``db/dgs-run-protect.acf``: the same with ``run_protect = true``.
+- ``db/dgs-run-protect.acf``: the same with ``run_protect = true``;
+- ``db/registers_<board kind>.db``, ``db/registers_crate.db``,
+  ``db/registers_globals.db``: the original IOCs' records the IOC builds from
+  the register map (``ioc/registermap``, `ioc.register_db`), each register
+  binding in a comment; records already in the files above are left out.
 
 ``python -m ioc.dbfiles --write`` regenerates them; ``--check`` fails when the
 files on disk differ from what the table gives (the test does the same).
@@ -26,11 +30,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ioc.config import CrateConfig, demo_config
+from ioc.hardware import BoardKind
 from ioc.pvs import PV, PV_TABLE, Access, BoardRef, Instance, Scope, expand
 from ioc.recfields import derived_fields
+from ioc.register_db import build as build_register_db
+from ioc.register_db import render as render_registers
+from ioc.registermap import CRATE_MAP
+from ioc.registermap import load as load_map
 
 DB_DIR = Path(__file__).resolve().parent.parent / "db"
 CRATE_MACRO = "$(CRATE)"
+BOARD_MACRO = "$(BOARD)"
 #: Characters of DESC an IOC keeps (a 40-byte field holding its terminating NUL).
 DESC_MAX = 39
 COMMENT_WIDTH = 96
@@ -47,6 +57,11 @@ RUN_CONTROL_PV = "Online_CS_StartStop"
 RUNTIME_RULES = {
     "PackageData": "unique in the system",
     "SimFault": "a fault only while running with the board enabled",
+}
+#: The register-map records (db/registers_*.db) in the access groups.
+REGISTER_MEMBERS = {
+    Access.DEFAULT: ("every other record of db/registers_*.db (the original had no rules)",),
+    Access.READONLY: ("the register readbacks of db/registers_*.db (..._RBV)",),
 }
 ACCESS_NOTES = {
     Access.DEFAULT: "clients may write at any time",
@@ -178,6 +193,55 @@ def globals_db() -> str:
     return header + "\n" + body
 
 
+def _register_header(what: str) -> str:
+    return "\n".join(
+        [
+            f"# {what}.",
+            "# Records of the original IOCs, generated from the register map",
+            "# (ioc/registermap, facts of the original databases) by",
+            "#   python -m ioc.dbfiles --write",
+            "# The IOC serves them as soft records; a client write to one bound to a register",
+            "# is merged into that register of the board, readbacks (ASG READONLY) show it.",
+            "# Records the IOC's own table defines (crate.db, globals.db) are not repeated.",
+        ]
+    )
+
+
+def register_files() -> dict[str, str]:
+    """The register-map records: one file per board kind, the crate level, the globals."""
+    files = {}
+    for kind in BoardKind:
+        refs = (BoardRef(BOARD_MACRO, kind),)
+        own = [inst.name for inst in expand(CRATE_MACRO, refs, with_globals=False)]
+        database = build_register_db(
+            CRATE_MACRO, [(BOARD_MACRO, kind)], with_globals=False, already_served=own,
+            board_records=True, with_crate=False,
+        )
+        header = _register_header(f"Per board of kind {kind.value} (macros CRATE, BOARD)")
+        files[f"registers_{kind.value}.db"] = header + "\n" + database.text(annotate=True)
+    crate = demo_crate()
+    own = [inst.name for inst in expand(CRATE_MACRO, board_refs(crate), with_globals=True)]
+    boards = [(b.name, b.kind) for b in board_refs(crate)]
+    crate = build_register_db(CRATE_MACRO, boards, with_globals=False, already_served=own)
+    crate_level = {id(record) for record in load_map(CRATE_MAP)}
+    names = ", ".join(name for name, _ in boards)
+    header = _register_header(f"Crate level (macro CRATE; fan-outs for boards {names})")
+    files["registers_crate.db"] = header + "\n" + render_registers(
+        [record for record in crate.records if id(record.source) in crate_level],
+        crate.pushed,
+        annotate=True,
+    )
+    global_level = build_register_db(
+        "", (), with_crate=False, with_globals=True, already_served=own, remote_prefixes=("VME",)
+    )
+    header = _register_header(
+        "Globals IOC (ScriptStage, Setup_Script_State, fan-outs); the IOC keeps links to\n"
+        "# the crates of its configuration only"
+    )
+    files["registers_globals.db"] = header + "\n" + global_level.text(annotate=True)
+    return files
+
+
 def _group_members(group: Access) -> list[str]:
     templates = []
     for pv in PV_TABLE:
@@ -225,6 +289,7 @@ def acf_text(run_protect: bool = False) -> str:
     for group in Access:
         lines += ["", f"# {group.value}: {ACCESS_NOTES[group]}."]
         lines += [f"#   {name}" for name in _group_members(group)]
+        lines += [f"#   {note}" for note in REGISTER_MEMBERS.get(group, ())]
     lines += [
         "",
         f"ASG({Access.DEFAULT.value}) {{",
@@ -250,6 +315,7 @@ def generated_files() -> dict[str, str]:
         "globals.db": globals_db(),
         "dgs.acf": acf_text(run_protect=False),
         "dgs-run-protect.acf": acf_text(run_protect=True),
+        **register_files(),
     }
 
 

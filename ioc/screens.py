@@ -489,10 +489,13 @@ def _cell(columns: tuple, title: str, make, *args) -> ET.Element:
 
 def board_row(kind: str) -> str:
     """One card's row of the board table: set-up of the board, statistics of the card."""
-    cells = [
-        _cell(BOARD_COLUMNS, "Card", label, "$(CARD)"),
-        _cell(BOARD_COLUMNS, "Board", label, "$(BOARD)" if kind != "empty" else "(empty)"),
-    ]
+    cells = [_cell(BOARD_COLUMNS, "Card", label, "$(CARD)")]
+    if kind == "empty":
+        cells.append(_cell(BOARD_COLUMNS, "Board", label, "(empty)"))
+    else:  # the board's name opens its register screen (ioc/register_screens.py)
+        x, w = _column(BOARD_COLUMNS, "Board")
+        registers = {"CRATE": "$(CRATE)", "BOARD": "$(BOARD)"}
+        cells.append(open_button(f"registers_{kind}.bob", registers, "$(BOARD)", x, 2, w, 25))
     if kind == "empty":
         placeholder = placeholder_name("PlaceholderEna")
         cells.append(_cell(BOARD_COLUMNS, "Enable", text_update, placeholder))
@@ -619,7 +622,10 @@ def example_systems() -> dict[str, SystemConfig]:
 
 def generated_screens() -> dict[str, str]:
     """File name in ``opi/`` -> contents: the generic screens and the example systems."""
+    from ioc.register_screens import register_screens  # it builds on this module's widgets
+
     files = {"crate.bob": crate_screen(), "crate_summary.bob": crate_summary()}
+    files.update(register_screens())
     for name, system in example_systems().items():
         title = "DGS demo system" if system.source == "demo" else f"DGS system ({name[:-4]})"
         files[name] = system_screen(system, title)

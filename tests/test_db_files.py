@@ -108,9 +108,31 @@ def test_db_files_load_into_epics_and_the_acf_parses():
 
 def test_write_regenerates_and_check_reports_a_stale_file(tmp_path: Path, capsys):
     assert dbfiles.main(["--write", "--dir", str(tmp_path)]) == 0
-    for name in ("crate.db", "globals.db", "dgs.acf", "dgs-run-protect.acf"):
+    for name in ("crate.db", "globals.db", "dgs.acf", "dgs-run-protect.acf",
+                 "registers_crate.db"):
         assert (tmp_path / name).read_text() == (dbfiles.DB_DIR / name).read_text()
     assert dbfiles.main(["--check", "--dir", str(tmp_path)]) == 0
     (tmp_path / "crate.db").write_text("# hand edited\n")
     assert dbfiles.main(["--check", "--dir", str(tmp_path)]) == 1
     assert "crate.db is out of date" in capsys.readouterr().out
+
+
+def test_register_files_load_into_epics():
+    """The register-map files are real EPICS input for a crate with every board kind."""
+    loads = [
+        f"softioc.dbLoadDatabase({str(dbfiles.DB_DIR / f'registers_{kind}.db')!r}, "
+        f"substitutions='CRATE=01,BOARD={board}')"
+        for kind, board in (
+            ("digitizer_master", "MDIG1"), ("digitizer_slave", "SDIG1"), ("trigger_master", "MTRG"),
+        )
+    ]
+    loads += [
+        f"softioc.dbLoadDatabase({str(dbfiles.DB_DIR / 'registers_crate.db')!r}, "
+        "substitutions='CRATE=01')",
+        f"softioc.dbLoadDatabase({str(dbfiles.DB_DIR / 'registers_globals.db')!r})",
+    ]
+    script = "from softioc import softioc\n" + "\n".join(loads) + "\nprint('loaded')\n"
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and "loaded" in out.stdout, out.stderr
