@@ -35,6 +35,10 @@ from ioc.register_db import Bound, RegisterPlan
 REGISTER_BITS = 0xFFFFFFFF
 #: Seconds between two reads of every register shown by a readback.
 POLL_S = 1.0
+#: Registers the records write change only by those writes (followed at once) and by
+#: the IOC's own run control (package data, master logic at Start): read every few
+#: polls, so polling costs the idle crate little.
+SETTINGS_EVERY = 5
 _STOP = object()
 
 log = logging.getLogger("dgs.registers")
@@ -89,6 +93,11 @@ class RegisterIO:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._missing: set[tuple[str, str]] = set()
         self._shown: dict[tuple[str, str], int] = {}  # register value the readbacks show
+        written = {(out.board, out.binding.register)
+                   for outputs in plan.outputs.values() for out in outputs}
+        #: Readback registers no record writes (status, counters, clocks): read every poll.
+        self._status = [key for key in plan.readbacks if key not in written]
+        self._polls = 0
         self._thread = threading.Thread(target=self._run, name="registers", daemon=True)
 
     def start(self) -> None:
@@ -127,8 +136,11 @@ class RegisterIO:
                 log.exception("register update (%s) failed", item or "poll")
 
     def _poll(self) -> None:
-        """Show what the boards hold now (the original scanned its readbacks each second)."""
-        for board, register in self._plan.readbacks:
+        """Show what the boards hold now (the original scanned its readbacks each second;
+        settings are read every `SETTINGS_EVERY` polls, status registers every poll)."""
+        keys = self._status if self._polls % SETTINGS_EVERY else self._plan.readbacks
+        self._polls += 1
+        for board, register in keys:
             if (board, register) not in self._missing:
                 self._refresh(board, register)
 
