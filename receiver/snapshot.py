@@ -4,13 +4,15 @@ The receiver saves one at the beginning and one at the end of a run, so a run's
 files always carry the conditions they were taken under (board enables,
 package data, simulation settings, checker switches, buffer and loss counters).
 
-Which PVs: every record of the crate (``DAQC<NN>...`` and ``VME<NN>:...``) and
-the global run-control records, except the live trace waveform.
+Which PVs: the records of the crate's PV table (``DAQC<NN>...`` and
+``VME<NN>:...``) and the global run-control records, except the live trace
+waveform. The thousands of register-map records are left out: reading them
+takes seconds, and the receiver takes the snapshot before it starts pulling.
 
 - Over PV Access (``--pv-pva HOST:PORT``) the server's own channel list names
-  them (the ``pvlist`` tool of the environment), so per-board records of any
-  configuration are included; values are read with p4p, searching that one
-  server over TCP, so several IOCs on one host never get mixed up.
+  the per-board records, so those of any configuration are included; values
+  are read with p4p, searching that one server over TCP, so several IOCs on one
+  host never get mixed up.
 - Over Channel Access (``--pv-ca HOST:PORT``) there is no way to list a
   server's names, so the crate-wide records of the PV table (`ioc.pvs`) are
   read, with pyepics in a child process whose CA address list is that one
@@ -49,6 +51,14 @@ def wanted(name: str, crate: str) -> bool:
     if name == f"DAQC{crate}_CV_Trace":
         return False
     return name.startswith((f"DAQC{crate}", f"VME{crate}:", GLOBAL_PREFIX))
+
+
+#: Name endings of the PV table's per-board records (``VME<NN>:<board>:CS_Ena``, ...).
+BOARD_SUFFIXES = tuple(
+    pv.template.split("{board}", 1)[1]
+    for pv in PV_TABLE
+    if pv.scope in (Scope.BOARD, Scope.SIM)
+)
 
 
 def table_names(crate: str) -> list[str]:
@@ -185,11 +195,9 @@ def take(
     }
     try:
         if pva:
-            names = sorted(
-                set(table_names(crate))
-                | {name for name in list_pva_names(pva, timeout) if wanted(name, crate)}
-            )
-            values = read_pva(pva, names, timeout)
+            listed = {name for name in list_pva_names(pva, timeout) if wanted(name, crate)}
+            own = set(table_names(crate)) | {n for n in listed if n.endswith(BOARD_SUFFIXES)}
+            values = read_pva(pva, sorted(own), timeout)
         elif ca:
             values = read_ca(ca, table_names(crate), timeout)
         else:
