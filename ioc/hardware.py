@@ -129,6 +129,15 @@ class Board(abc.ABC):
     def set_package_data(self, value: int) -> None:
         """Program the 12-bit user package data (board id) put in every packet."""
 
+    @property
+    def fifo_words(self) -> int | None:
+        """The capacity of each of the board's FIFOs in words, None if the backend cannot tell.
+
+        Only statistics use it (FifoPeak = depth / capacity); it must not touch the
+        hardware, as it is read once per run. With None, FifoPeak stays 0.
+        """
+        return None
+
     def select_fifo(self, fifo: int) -> None:  # noqa: B027 - digitizers have one FIFO
         """Route a trigger board's packets to FIFO ``fifo``; digitizers ignore it."""
 

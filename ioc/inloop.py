@@ -95,6 +95,10 @@ class InLoopStats:
     read_errors: int
     bytes_read: int
     run_serial: int
+    #: Longest wait between two polls of one enabled board in Scan this run.
+    scan_gap_max_ms: float
+    #: Highest FIFO fill a poll saw this run, by board name (0 for boards not enabled).
+    fifo_peak_percent: dict[str, float]
 
 
 #: InLoop4 codes for transfers that did not happen.
@@ -170,6 +174,10 @@ class _BoardRun:
     after_reset: bool = False
     #: The last poll found the FIFO empty.
     idle: bool = False
+    #: FIFO capacity from the backend (None: unknown), the deepest poll and the last poll time.
+    capacity_words: int | None = None
+    peak_depth_words: int = 0
+    last_poll_at: float = 0.0
     #: Type-F headers decided but not yet built for lack of a buffer: (channel, type, ts).
     pending: collections.deque[tuple[int, int, int]] = field(default_factory=collections.deque)
     #: Head of a partial event cut off at the end of the previous buffer (deep FIFOs only).
@@ -265,7 +273,17 @@ class InLoop:
                 read_errors=self._read_errors,
                 bytes_read=self._bytes_read,
                 run_serial=self._run_serial,
+                scan_gap_max_ms=self._scan_gap_max_s * 1000.0,
+                fifo_peak_percent=self._fifo_peaks(),
             )
+
+    def _fifo_peaks(self) -> dict[str, float]:
+        peaks = {board.identity.name: 0.0 for board in self._crate.boards}
+        for reader in self._readers:
+            if reader.capacity_words:
+                fill = 100.0 * reader.peak_depth_words / reader.capacity_words
+                peaks[reader.board.identity.name] = min(100.0, fill)
+        return peaks
 
     def board_types_by_slot(self) -> tuple[int, ...]:
         """BoardType of slots 1..7 (0 where empty), as published at Idle entry."""
@@ -312,6 +330,7 @@ class InLoop:
                 while self._commands:
                     if self._commands.popleft() is _Command.START:
                         self._zero_counters()
+                        self._readers = []
                         self._running = True
                         self._run_serial += 1
                         return True
@@ -360,6 +379,7 @@ class InLoop:
         self._polls = 0
         self._last_transfer = 0
         self._read_errors = 0
+        self._scan_gap_max_s = 0.0
 
     # ----------------------------------------------------------------- run
 
@@ -390,7 +410,9 @@ class InLoop:
             board.select_fifo(fifo)
             if setup.enabled:
                 board.reset_fifo(fifo)
-                readers.append(_BoardRun(board, fifo, setup.package_data, clean_at=now))
+                reader = _BoardRun(board, fifo, setup.package_data, clean_at=now)
+                reader.capacity_words = board.fifo_words
+                readers.append(reader)
         self._readers = readers
         with self._cond:
             self._enabled = frozenset(reader.card for reader in readers)
@@ -452,7 +474,12 @@ class InLoop:
             return
         board = reader.board
         polled_at = time.monotonic()
+        if reader.last_poll_at and polled_at - reader.last_poll_at > self._scan_gap_max_s:
+            self._scan_gap_max_s = polled_at - reader.last_poll_at
+        reader.last_poll_at = polled_at
         status = board.status(reader.fifo)
+        if status.depth_words > reader.peak_depth_words:
+            reader.peak_depth_words = status.depth_words
         if status.full:
             self._overflow(reader, reenable=True)
             return

@@ -142,6 +142,9 @@ class Publisher:
         r.publish("InLoop4", ins.last_transfer)
         r.publish("ReadErrors", ins.read_errors)
         r.publish("InLoopRunning", int(ins.running))
+        r.publish("ScanGapMax", round(ins.scan_gap_max_ms, 1))
+        for name, percent in ins.fifo_peak_percent.items():
+            r.publish("FifoPeak", round(percent, 1), board=name)
         for slot_index, code in enumerate(self.inloop.board_types_by_slot()):
             r.publish("BoardType", code, index=slot_index)
 

@@ -375,7 +375,8 @@ BOARD_COLUMNS = (
     ("Total", 590, 90),
     ("Errors", 685, 80),
     ("Lost", 770, 90),
-    ("First error [code, offset, x1, x2]", 865, 330),
+    ("FIFO peak", 865, 80),
+    ("First error [code, offset, x1, x2]", 950, 245),
 )
 SIM_COLUMNS = (
     ("Card", 0, 40),
@@ -442,13 +443,14 @@ def _inloop(x: int, y: int) -> ET.Element:
         ("Type-F headers", text_update(pv_name("InLoop2"), 150, 0, 110)),
         ("Board polls", text_update(pv_name("InLoop3"), 150, 0, 110)),
         ("Last transfer", text_update(pv_name("InLoop4"), 150, 0, 110)),
+        ("Longest poll gap", text_update(pv_name("ScanGapMax"), 150, 0, 110)),
         ("Read errors", text_update(pv_name("ReadErrors"), 150, 0, 110)),
     ]
     slots = [
         (f"Slot {n + 1} board type", text_update(pv_name("BoardType", n=n), 150, 0, 110))
         for n in range(SLOTS)
     ]
-    return group("inLoop", x, y, 300, 420, _pairs(rows + slots, y0=0))
+    return group("inLoop", x, y, 300, 450, _pairs(rows + slots, y0=0))
 
 
 def _checks(x: int, y: int) -> ET.Element:
@@ -474,9 +476,9 @@ def crate_screen() -> str:
         _trace(10, 620),
         _inloop(650, 620),
         _checks(960, 620),
-        _rows("sim", SIM_COLUMNS, "Simulation (sim backend only)", 10, 1050, 270),
+        _rows("sim", SIM_COLUMNS, "Simulation (sim backend only)", 10, 1080, 270),
     ]
-    return display("DGS crate $(CRATE)", 1260, 1330, widgets)
+    return display("DGS crate $(CRATE)", 1260, 1360, widgets)
 
 
 # Row displays (one per board kind), embedded by the crate screen.
@@ -506,6 +508,7 @@ def board_row(kind: str) -> str:
             cells.append(_cell(BOARD_COLUMNS, "FIFO (trigger)", combo, pv_name("FifoNum")))
         package = pv_name("PackageData", kind=board_kind)
         cells.append(_cell(BOARD_COLUMNS, "Package data", text_entry, package))
+        cells.append(_cell(BOARD_COLUMNS, "FIFO peak", text_update, pv_name("FifoPeak")))
     for title, key in (
         ("Rate", "DataRate"),
         ("Total", "Data"),

@@ -198,6 +198,11 @@ class SimBoard(Board):
         with self._lock:
             return self._package_data
 
+    @property
+    def fifo_words(self) -> int:
+        """Every FIFO of a simulated board has the configured capacity."""
+        return self._fifos[0].capacity_words
+
     def status(self, fifo: int = 0) -> FifoStatus:
         with self._lock:
             target = self._fifo(fifo)
