@@ -480,7 +480,8 @@ class InLoop:
         status = board.status(reader.fifo)
         if status.depth_words > reader.peak_depth_words:
             reader.peak_depth_words = status.depth_words
-        if status.full:
+        if status.full:  # it refused events: 100 %, whatever room a whole event lacked
+            reader.peak_depth_words = reader.capacity_words or status.depth_words
             self._overflow(reader, reenable=True)
             return
         if status.empty and status.depth_words != 0:

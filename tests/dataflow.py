@@ -56,6 +56,7 @@ class BoardSpec:
     kind: str = "digitizer_master"
     rate_hz: float = 500.0
     enabled: bool = True
+    fifo_words: int | None = None  # the simulator's default (a physical 1 MiB FIFO) if None
 
     @property
     def is_trigger(self) -> bool:
@@ -101,6 +102,8 @@ def crate_toml(
             "[crate.board.sim]",
             f"event_rate_hz = {board.rate_hz}",
         ]
+        if board.fifo_words is not None:
+            lines.append(f"fifo_words = {board.fifo_words}")
     return "\n".join(lines) + "\n"
 
 

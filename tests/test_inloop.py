@@ -657,3 +657,42 @@ def test_an_empty_board_sends_one_heartbeat_per_two_seconds(make_rig):
     assert empties[0].words[3] & 0xFFFF0000 == 0x0C0F0000
     assert data_of(rig.collector.seen) == []
     assert rig.inloop.stats().type_f_built == 3  # two 0xE and the 0xD
+
+
+def test_fifo_peak_and_scan_gap_measure_the_run_and_restart_at_start(make_rig):
+    clock = ManualClock()
+    small_fifo = 16384
+    rig = make_rig(
+        [digitizer(0, rate_hz=1000, trace_samples=0, fifo_words=small_fifo), digitizer(1)],
+        clock=clock,
+    )
+    rig.start_run()
+    assert eventually(lambda: rig.inloop.stats().polls >= 4)
+    # inLoop cannot poll while the pool is short: the stall ScanGapMax must show.
+    rig.hold_free_buffers(leave=InLoopConfig().min_free_buffers - 1)
+    time.sleep(0.3)
+    clock.advance_seconds(0.05)  # every event arrives at once, so one poll sees them all
+    rig.release_held()
+    assert rig.collector.wait_for(lambda seen: len(data_of(rig.collector.of(0))) >= 1)
+    assert rig.collector.wait_for(lambda seen: len(data_of(rig.collector.of(1))) >= 1)
+    stats = rig.inloop.stats()
+    assert stats.scan_gap_max_ms >= 300
+    header_only, with_trace = 14, 14 + 100
+    expected = {
+        "MDIG1": 100 * rig.crate.board(0).generated * header_only / small_fifo,
+        "MDIG2": 100 * rig.crate.board(1).generated * with_trace / rig.crate.board(1).fifo_words,
+    }
+    assert stats.fifo_peak_percent == pytest.approx(expected)
+    assert 0 < expected["MDIG2"] < expected["MDIG1"] < 100
+
+    rig.crate.board(0).inject(Fault.FIFO_OVERFLOW)
+    assert eventually(lambda: rig.inloop.stats().fifo_peak_percent["MDIG1"] == 100)
+    rig.stop_run()
+
+    rig.start_run()
+    polls = rig.inloop.stats().polls
+    assert eventually(lambda: rig.inloop.stats().polls >= polls + 4)
+    stats = rig.inloop.stats()
+    assert stats.fifo_peak_percent == {"MDIG1": 0, "MDIG2": 0}  # reset FIFOs, clock stopped
+    assert 0 < stats.scan_gap_max_ms < 250
+    rig.stop_run()
