@@ -66,8 +66,10 @@ def _from_module(name: str) -> Factory:
     except Exception as err:  # a plug-in's import may fail in any way: say how
         raise BackendError(f"cannot be loaded: importing {module_name} failed: {err}") from err
     factory = getattr(module, attribute, None)
-    if not callable(factory):
+    if factory is None:
         raise BackendError(f"cannot be loaded: module {module_name} has no {attribute}")
+    if not callable(factory):
+        raise BackendError(f"cannot be loaded: {name} is not a class or factory")
     return factory
 
 

@@ -160,3 +160,8 @@ class FixedWordsCrate(Crate):
 
     def clock_origin_ns(self) -> int:
         return self._origin_ns
+
+
+def unreachable_crate(config: CrateConfig) -> Crate:
+    """A driver whose hardware does not answer: start-up must stop with its message."""
+    raise OSError(f"no VME bridge for crate {config.crate}")

@@ -79,3 +79,17 @@ def test_an_unloadable_backend_stops_start_up_with_one_line(start_ioc, tmp_path:
         f"dgs-ioc: {config}: crate {CRATE}: backend cannot be loaded: "
         "module nowhere not found, got 'nowhere:Crate'"
     ]
+
+
+def test_a_backend_that_cannot_be_built_stops_start_up_with_one_line(
+    start_ioc, tmp_path: Path
+) -> None:
+    config = tmp_path / "unreachable.toml"
+    backend = "fixed_words_backend:unreachable_crate"
+    config.write_text(crate_toml().replace("seed = 1\n", f'seed = 1\nbackend = "{backend}"\n'))
+    pythonpath = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+    ioc = start_ioc("--config", str(config), wait_ready=False, extra_env={"PYTHONPATH": pythonpath})
+    assert ioc.proc.wait(60) == 2
+    assert ioc.log().strip().splitlines() == [
+        f"dgs-ioc: crate {CRATE}: backend '{backend}' cannot be built: no VME bridge for crate 01"
+    ]
