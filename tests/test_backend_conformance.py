@@ -54,6 +54,22 @@ def test_sim_names_build_the_simulator_and_only_it_has_sim_controls() -> None:
     assert not backends.simulated(backends.build(demo_with_trigger(PLUGIN)))
 
 
+def test_an_entry_point_name_resolves_to_its_factory(tmp_path: Path, monkeypatch) -> None:
+    """A package registering ``fixed-words`` under the group, as its pyproject would."""
+    metadata = tmp_path / "mylab_backends-1.0.dist-info"
+    metadata.mkdir()
+    (metadata / "METADATA").write_text("Name: mylab-backends\nVersion: 1.0\n")
+    (metadata / "entry_points.txt").write_text(
+        f"[{backends.ENTRY_POINT_GROUP}]\nfixed-words = {PLUGIN}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    crate = backends.build(demo_with_trigger("fixed-words"))
+    assert [board.identity.name for board in crate.boards] == [
+        "MDIG1", "MDIG2", "MDIG3", "MDIG4", "MTRG"
+    ]
+    assert backends.problem("not-registered") is not None
+
+
 def test_a_plugin_backend_serves_an_ioc_through_a_run(start_ioc, tmp_path: Path) -> None:
     config = tmp_path / "plugin.toml"
     text = crate_toml((*DEMO_SPECS, TRIGGER_SPEC))
