@@ -25,10 +25,9 @@ from typing import Any
 import epics
 from softioc import asyncio_dispatcher, builder, imports, softioc
 
-from ioc import access
+from ioc import access, backends
 from ioc.autosave import AutosaveFile
 from ioc.config import CrateConfig, SystemConfig
-from ioc.hardware import BoardKind
 from ioc.inloop import BoardSetup, InLoop
 from ioc.losses import LossLedger
 from ioc.outloop import CheckSwitches, OutLoop
@@ -41,11 +40,9 @@ from ioc.register_db import build as build_register_db
 from ioc.register_io import RegisterIO
 from ioc.runcontrol import CrateState, RunControl
 from ioc.sender import Sender
-from sim import Fault, SimBoardSpec, SimCrate
+from ioc.simcontrols import SimControls
 
 GLOBAL_NAMES = ("Online_CS_StartStop", "Online_CS_SaveData", "Online_CS_RunNumber")
-#: Faults a trigger board accepts (spec 01: only the last four).
-TRIGGER_FAULTS = frozenset({Fault.FIFO_OVERFLOW, Fault.FIFO_UNDERFLOW, Fault.READ_ERROR})
 #: How long a Start waits to read the run number from the globals (else the followed value).
 RUN_NUMBER_TIMEOUT_S = 1.0
 SHUTDOWN_DRAIN_S = 3.0
@@ -148,24 +145,6 @@ def load_into_ioc(database: RegisterDatabase) -> None:
         os.unlink(name)
 
 
-def build_sim_crate(crate: CrateConfig) -> SimCrate:
-    specs = [
-        SimBoardSpec(
-            name=b.name,
-            kind=b.kind,
-            slot=b.slot,
-            card=b.card,
-            package_data=b.package_data,
-            event_rate_hz=b.sim.event_rate_hz,
-            trace_samples=b.sim.trace_samples,
-            header_type=b.sim.header_type,
-            fifo_words=b.sim.fifo_words,
-        )
-        for b in sorted(crate.boards, key=lambda b: b.card)
-    ]
-    return SimCrate(specs, seed=crate.seed)
-
-
 class CrateIoc:
     """One crate read-out IOC."""
 
@@ -176,7 +155,16 @@ class CrateIoc:
         self.serve_globals = system.globals == "local"
         self.pool = BufferPool()
         self.losses = LossLedger()
-        self.backend = build_sim_crate(crate)
+        self.backend = backends.build(crate)
+        #: The simulator's own records and hooks, when the backend is the simulator.
+        self.sim: SimControls | None = None
+        if backends.simulated(self.backend):
+            self.sim = SimControls(
+                self.backend,
+                publish=lambda key, value, **where: self.records.publish(key, value, **where),
+                running=lambda: self.runcontrol.state is CrateState.RUNNING,
+                enabled_cards=lambda: self.inloop.enabled_cards(),
+            )
         self.boards_by_name = {b.identity.name: b for b in self.backend.boards}
         self.board_configs = {b.name: b for b in crate.boards}
         self.inloop = InLoop(
@@ -206,7 +194,7 @@ class CrateIoc:
             inloop=self.inloop,
             outloop=self.outloop,
             sender=self.sender,
-            reset_accounting=self.backend.reset_accounting,
+            reset_accounting=self.sim.reset_accounting if self.sim else lambda: None,
             sample_setup=self._sample_switches,
             on_state=self._state_changed,
             on_connection=lambda ok: self.records.publish("GlobalsConnected", int(ok)),
@@ -216,18 +204,18 @@ class CrateIoc:
         )
         refs = tuple(BoardRef(b.name, b.kind) for b in crate.boards)
         self.records = Records(
-            expand(self.crate_id, refs, with_globals=self.serve_globals, sim=True),
+            expand(self.crate_id, refs, with_globals=self.serve_globals, sim=self.sim is not None),
             initial=self._initial_value,
             rules={
                 "PackageData": self._unique_package_data,
-                "SimFault": self._fault_allowed,
+                **({"SimFault": self.sim.fault_allowed} if self.sim else {}),
                 **_autosave_rules(lambda: self._autosave),
             },
             handlers=self._handlers(),
         )
         self.publisher = Publisher(
-            self.records, self.pool, self.inloop, self.outloop, self.sender, self.boards_by_name,
-            self.losses,
+            self.records, self.pool, self.inloop, self.outloop, self.sender,
+            self.sim.boards if self.sim else {}, self.losses,
         )
         self._followers: list[epics.PV] = []
         self._autosave: AutosaveFile | None = None
@@ -253,9 +241,7 @@ class CrateIoc:
             "CS_Ena": int(cfg.enabled),
             "FifoNum": cfg.fifo_num,
             "PackageData": cfg.package_data,
-            "SimEventRate": cfg.sim.event_rate_hz,
-            "SimTraceLength": cfg.sim.trace_samples,
-            "SimHeaderType": 0 if cfg.sim.header_type == 7 else 1,
+            **(SimControls.initial_values(cfg) if self.sim else {}),
         }.get(key)
 
     def _handlers(self) -> dict:
@@ -264,14 +250,7 @@ class CrateIoc:
 
         return {
             **dict.fromkeys(SETUP_KEYS, setup_changed),
-            "SimEventRate": lambda inst, v: self.boards_by_name[inst.board].set_event_rate(v),
-            "SimTraceLength": lambda inst, v: self.boards_by_name[inst.board].set_trace_length(
-                int(v)
-            ),
-            "SimHeaderType": lambda inst, v: self.boards_by_name[inst.board].set_header_type(
-                7 if int(v) == 0 else 8
-            ),
-            "SimFault": self._inject_fault,
+            **(self.sim.handlers() if self.sim else {}),
         }
 
     def _unique_package_data(self, inst: Instance, value: int) -> str | None:
@@ -285,24 +264,6 @@ class CrateIoc:
                 if board.package_data == value:
                     return f"package data {value} used by crate {other.crate} {board.name}"
         return None
-
-    def _fault_allowed(self, inst: Instance, value: int) -> str | None:
-        if value == Fault.NONE:
-            return None
-        board = self.boards_by_name[inst.board]
-        if self.runcontrol.state is not CrateState.RUNNING:
-            return "faults are accepted only while a run is active"
-        if board.identity.card not in self.inloop.enabled_cards():
-            return "the board is not enabled in this run"
-        if board.identity.kind is BoardKind.TRIGGER_MASTER and Fault(value) not in TRIGGER_FAULTS:
-            return "a trigger board accepts only FIFO overflow, underflow and read error"
-        return None
-
-    def _inject_fault(self, inst: Instance, value: int) -> None:
-        if value != Fault.NONE:
-            self.boards_by_name[inst.board].inject(Fault(value))
-            log.info("injected %s on %s", Fault(value).name, inst.board)
-        self.records.publish("SimFault", int(Fault.NONE), board=inst.board)
 
     def _sample_setup(self) -> dict[int, BoardSetup]:
         """Run start (inLoop): the board set-up the run uses from now on."""

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ioc import backends
 from ioc.hardware import MAIN_DATA_FIFO, TRIGGER_FIFOS, BoardKind
 from ioc.packets import HEADER_TYPE_CFD, HEADER_TYPE_LED, MAX_TRACE_SAMPLES, PACKAGE_DATA_MAX
 from ioc.pool import BUFFER_BYTES, POOL_SIZE
@@ -58,7 +59,6 @@ DEFAULT_CA_PORT = 5064
 DEFAULT_PVA_PORT = 5075
 #: TOML spelling of the simulated digitizer header types (SIM_HeaderType enum).
 HEADER_TYPES = {"LED": HEADER_TYPE_LED, "CFD": HEADER_TYPE_CFD}
-BACKENDS = ("sim",)
 GLOBALS_MODES = ("local", "remote")
 #: EPICS record names hold at most 60 characters; the longest board record is
 #: ``VME01:<name>:user_package_data``, which leaves this much for the name.
@@ -308,7 +308,7 @@ def _non_empty(v: str) -> str | None:
 
 
 def _backend(v: str) -> str | None:
-    return None if v in BACKENDS else "must be 'sim' (the only backend that exists)"
+    return backends.problem(v)
 
 
 def _board_name(v: str) -> str | None:

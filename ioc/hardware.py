@@ -2,8 +2,10 @@
 
 inLoop never touches hardware directly: it talks to one `Board` per VME board
 through the few operations the original IOC performed with VME registers.
-`sim/` implements this interface; a real VME or network digitizer driver would
-implement exactly this and nothing else in the IOC would change.
+`sim/` implements this interface; a real VME or network digitizer driver
+implements exactly this and nothing else in the IOC changes (`ioc.backends` says
+how a backend is named in the configuration). `tests/backend_conformance.py`
+checks a backend against the contract written here.
 
 All FIFO data are 32-bit words stored big-endian (numpy dtype ``>u4``), which
 is also the byte order on the wire, so read words go to the socket unchanged.
@@ -84,10 +86,20 @@ class ReadError(Exception):
 
 
 class Board(abc.ABC):
-    """One board of a crate, as inLoop sees it.
+    """One board of a crate, as inLoop sees it: the contract every backend keeps.
 
     Trigger boards have several FIFOs; the ``fifo`` argument selects one of
     them and is ignored by digitizers (which have one).
+
+    Threads: the inLoop thread makes every FIFO, logic and timestamp call, one at a
+    time; the register thread (`ioc.register_io`) calls `read_register` and
+    `write_register` at the same time, so a board serialises its own state (a lock).
+    Time: inLoop calls `status` and `read` on every board in its scan loop and must
+    come back to each board well within a FIFO's fill time, so neither may block for
+    more than a few milliseconds (a read of up to 1 MiB included); the set-up calls
+    are made at Start, Stop and after a fault and may take tens of milliseconds.
+    Errors: only `read` may fail in normal operation (`ReadError`); any other exception
+    is a backend fault that inLoop logs.
     """
 
     identity: BoardIdentity
@@ -95,27 +107,36 @@ class Board(abc.ABC):
     @property
     @abc.abstractmethod
     def package_data(self) -> int:
-        """The user package data (board id) currently programmed."""
+        """The user package data (board id) last programmed (or configured at start)."""
 
     @abc.abstractmethod
     def status(self, fifo: int = 0) -> FifoStatus:
-        """Poll the FIFO flags and event-bounded depth."""
+        """Poll the FIFO flags and event-bounded depth (a few ms at most; never raises).
+
+        The depth counts whole events only and never decreases except by `read`
+        and `reset_fifo`; while master logic is off it no longer grows.
+        """
 
     @abc.abstractmethod
     def read(self, out: np.ndarray, nwords: int, fifo: int = 0) -> int:
         """Copy ``nwords`` words from the FIFO into ``out`` (a ``>u4`` view).
 
-        Returns the number of words copied. Raises `ReadError` when the
-        transfer fails; the words it would have copied are then undefined.
+        ``nwords`` is at most the depth the last `status` reported, so a read never
+        splits an event; the words leave the FIFO. Returns the number of words copied
+        (inLoop treats fewer than ``nwords`` as a failed transfer). Raises `ReadError`
+        when the transfer fails; the words it would have copied and the FIFO position
+        are then undefined, and inLoop resets the FIFO. A few ms at most.
         """
 
     @abc.abstractmethod
     def reset_fifo(self, fifo: int = 0) -> None:
-        """Empty the FIFO and clear its full/almost-full flags."""
+        """Empty the FIFO and clear its full/almost-full flags: `status` then reports
+        empty with depth 0 until new events enter."""
 
     @abc.abstractmethod
     def set_master_logic(self, on: bool) -> None:
-        """Enable or disable data taking (nothing enters the FIFO while off)."""
+        """Enable or disable data taking: nothing enters any FIFO while off; events
+        already in a FIFO stay readable. Idempotent."""
 
     @abc.abstractmethod
     def reinit_pipeline(self) -> None:
@@ -123,11 +144,13 @@ class Board(abc.ABC):
 
     @abc.abstractmethod
     def latch_timestamp(self) -> int:
-        """Latch and return the board's 48-bit timestamp (10 ns ticks)."""
+        """Latch and return the board's 48-bit timestamp (10 ns ticks since
+        `Crate.clock_origin_ns`), non-decreasing between calls; a few ms at most."""
 
     @abc.abstractmethod
     def set_package_data(self, value: int) -> None:
-        """Program the 12-bit user package data (board id) put in every packet."""
+        """Program the 12-bit user package data (board id) put in every packet;
+        `package_data` returns it from then on."""
 
     @property
     def fifo_words(self) -> int | None:
@@ -139,7 +162,8 @@ class Board(abc.ABC):
         return None
 
     def select_fifo(self, fifo: int) -> None:  # noqa: B027 - digitizers have one FIFO
-        """Route a trigger board's packets to FIFO ``fifo``; digitizers ignore it."""
+        """Route a trigger board's packets to FIFO ``fifo`` (0..15, set at Start);
+        digitizers ignore it."""
 
     @abc.abstractmethod
     def write_register(self, register: str, value: int) -> None:
@@ -153,11 +177,18 @@ class Board(abc.ABC):
 
     @abc.abstractmethod
     def read_register(self, register: str) -> int:
-        """The 32-bit value of ``register`` as the board reports it now (KeyError if unknown)."""
+        """The 32-bit value of ``register`` as the board reports it now (KeyError if unknown);
+        a written control register reads back what was written. A few ms at most."""
 
 
 class Crate(abc.ABC):
-    """A crate: its boards and the clock their timestamps count from."""
+    """A crate: its boards and the clock their timestamps count from.
+
+    ``boards`` is fixed once built: one `Board` per configured board, in card order,
+    with the configured identities (unique names, cards and slots). Building a crate
+    (the backend factory, called before the EPICS servers start) may take seconds and
+    raises with a message for the user when the hardware cannot be reached.
+    """
 
     boards: list[Board]
 

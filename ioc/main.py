@@ -18,6 +18,7 @@ import sys
 import threading
 
 from ioc import preflight
+from ioc.backends import BackendError
 from ioc.config import (
     ConfigError,
     CrateConfig,
@@ -182,7 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
 
-    ioc = app.GlobalsIoc(system) if args.globals_only else app.CrateIoc(system, crate)
+    try:
+        ioc = app.GlobalsIoc(system) if args.globals_only else app.CrateIoc(system, crate)
+    except BackendError as err:
+        print(f"dgs-ioc: crate {crate.crate}: backend {crate.backend!r} {err}", file=sys.stderr)
+        return 2
     try:
         search.verdict()  # before the servers start: then this IOC would answer it
     except StartupRefused as err:

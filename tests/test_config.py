@@ -327,7 +327,18 @@ CASES = {
     "data port too big": (bad_crate(keys="data_port = 65536"), ["data_port must be 0..65535"]),
     "ca port zero": (bad_crate(keys="ca_port = 0"), ["crate 01", "ca_port must be 1..65535"]),
     "pva port too big": (bad_crate(keys="pva_port = 70000"), ["pva_port must be 1..65535"]),
-    "backend": (bad_crate(keys='backend = "vme"'), ["backend must be 'sim'", "only", "'vme'"]),
+    "backend": (
+        bad_crate(keys='backend = "vme"'),
+        ['crate 01: backend must be "sim", "sim-inprocess", "module:Class"', "'vme'"],
+    ),
+    "backend module missing": (
+        bad_crate(keys='backend = "no_such_driver:Crate"'),
+        ["crate 01: backend cannot be loaded: module no_such_driver not found"],
+    ),
+    "backend class missing": (
+        bad_crate(keys='backend = "json:Crate"'),
+        ["backend cannot be loaded: module json has no Crate", "'json:Crate'"],
+    ),
     "host empty": (bad_crate(keys='host = ""'), ["host must be a host name"]),
     "data_bind spaces": (bad_crate(keys='data_bind = "my host"'), ["data_bind must be a host"]),
     "data_bind bad address": (

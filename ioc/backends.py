@@ -1,0 +1,124 @@
+"""Which `ioc.hardware.Crate` a configured ``backend`` name builds.
+
+``[[crate]] backend`` is one of:
+
+- ``"sim"`` / ``"sim-inprocess"``: the simulated crate (`sim/`), run inside the IOC
+  process. Once the simulated crate runs as its own process (issue 15, part 1),
+  ``"sim"`` will name that process and ``"sim-inprocess"`` this in-process one.
+- ``"module:Class"``: a class or factory in an importable module (dotted path).
+- a name registered under the entry-point group ``dgs_crate_ioc.backends``.
+
+A factory is called with the crate's `ioc.config.CrateConfig` and returns a Crate.
+Names are checked while the configuration is read (`problem`), so a bad one stops
+start-up with one line before any EPICS server starts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ioc.hardware import Crate
+
+if TYPE_CHECKING:
+    from ioc.config import CrateConfig
+
+ENTRY_POINT_GROUP = "dgs_crate_ioc.backends"
+SIM_NAMES = ("sim", "sim-inprocess")
+
+Factory = Callable[["CrateConfig"], Crate]
+
+
+class BackendError(Exception):
+    """A backend name that does not lead to a factory; the message says why."""
+
+
+def _sim_crate(crate: CrateConfig) -> Crate:
+    from sim import SimBoardSpec, SimCrate
+
+    specs = [
+        SimBoardSpec(
+            name=b.name,
+            kind=b.kind,
+            slot=b.slot,
+            card=b.card,
+            package_data=b.package_data,
+            event_rate_hz=b.sim.event_rate_hz,
+            trace_samples=b.sim.trace_samples,
+            header_type=b.sim.header_type,
+            fifo_words=b.sim.fifo_words,
+        )
+        for b in crate.boards
+    ]
+    return SimCrate(specs, seed=crate.seed)
+
+
+def _from_module(name: str) -> Factory:
+    module_name, _, attribute = name.partition(":")
+    if not module_name or not attribute:
+        raise BackendError('must be "sim", "sim-inprocess", "module:Class" or an entry point name')
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise BackendError(f"cannot be loaded: module {err.name} not found") from err
+    except Exception as err:  # a plug-in's import may fail in any way: say how
+        raise BackendError(f"cannot be loaded: importing {module_name} failed: {err}") from err
+    factory = getattr(module, attribute, None)
+    if factory is None:
+        raise BackendError(f"cannot be loaded: module {module_name} has no {attribute}")
+    if not callable(factory):
+        raise BackendError(f"cannot be loaded: {name} is not a class or factory")
+    return factory
+
+
+def _from_entry_point(name: str) -> Factory:
+    found = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP).select(name=name)
+    if not found:
+        raise BackendError(
+            'must be "sim", "sim-inprocess", "module:Class" or a name registered under the '
+            f"entry-point group {ENTRY_POINT_GROUP}"
+        )
+    try:
+        return next(iter(found)).load()
+    except Exception as err:  # a plug-in's import may fail in any way: say how
+        raise BackendError(f"cannot be loaded: entry point {name} failed: {err}") from err
+
+
+def resolve(name: str) -> Factory:
+    """The factory ``name`` designates (BackendError if there is none)."""
+    if name in SIM_NAMES:
+        return _sim_crate
+    if ":" in name:
+        return _from_module(name)
+    return _from_entry_point(name)
+
+
+def problem(name: str) -> str | None:
+    """Why ``name`` is not a usable backend, or None (a configuration check)."""
+    try:
+        resolve(name)
+    except BackendError as err:
+        return str(err)
+    return None
+
+
+def build(crate: CrateConfig) -> Crate:
+    """The crate backend its configuration names (BackendError saying why it cannot be built)."""
+    try:
+        backend = resolve(crate.backend)(crate)
+    except BackendError:
+        raise
+    except Exception as err:  # a plug-in's constructor may fail in any way: say how
+        raise BackendError(f"cannot be built: {err}") from err
+    if not isinstance(backend, Crate):
+        raise BackendError(f"built a {type(backend).__name__}, not an ioc.hardware.Crate")
+    return backend
+
+
+def simulated(crate: Crate) -> bool:
+    """Whether ``crate`` offers the simulator's controls (SIM_* records, fault injection)."""
+    from sim import SimCrate
+
+    return isinstance(crate, SimCrate)
