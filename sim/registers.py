@@ -109,9 +109,19 @@ _DIGITIZER_SINGLE = (
     "reg_channel_pulsed_control",
 )
 
-#: Every digitizer register, master and slave alike (218).
+#: The VME-interface FPGA's registers (the original's ...RegistersVME/UserVME templates):
+#: clock selection (``clk_select``), power and temperature monitors, serial number.
+VME_CLOCK_CONTROL = "vme_clk_ctrl"
+VME_MONITOR_STATUS = "VME_MON_STATUS"
+VME_SERIAL_NUMBER = "SERIAL_NUMBER"
+_DIGITIZER_VME_FPGA = ("vme_gp_ctrl", VME_CLOCK_CONTROL, VME_MONITOR_STATUS, VME_SERIAL_NUMBER)
+#: Power-on monitors: power, under/over-voltage and the three temperature sensors all OK.
+MONITORS_OK = 0x3F
+
+#: Every digitizer register, master and slave alike (222).
 DIGITIZER_REGISTERS = frozenset(
     _DIGITIZER_SINGLE
+    + _DIGITIZER_VME_FPGA
     + tuple(channel_register(p, c) for p in _DIGITIZER_PER_CHANNEL
             for c in range(DIGITIZER_CHANNELS))
 )
@@ -162,8 +172,9 @@ def register_names(kind: BoardKind) -> frozenset[str]:
 
 
 def is_read_only(register: str) -> bool:
-    """``regin_*`` registers report board state; writing them has no meaning."""
-    return register.startswith("regin_")
+    """``regin_*`` registers (and the VME FPGA's monitors) report board state; writing
+    them has no meaning."""
+    return register.startswith("regin_") or register in (VME_MONITOR_STATUS, VME_SERIAL_NUMBER)
 
 
 def power_on(kind: BoardKind, package_data: int, trace_samples: int = 0,
@@ -181,6 +192,8 @@ def power_on(kind: BoardKind, package_data: int, trace_samples: int = 0,
     values[MASTER_LOGIC_STATUS] = CFD_MODE.put(0, int(cfd))
     values[CODE_REVISION] = SIM_CODE_REVISION
     values[CODE_DATE] = SIM_CODE_DATE
+    values[VME_MONITOR_STATUS] = MONITORS_OK
+    values[VME_SERIAL_NUMBER] = SIM_CODE_REVISION << 16
     control = TRIGGER_POLARITY.put(CHANNEL_ENABLE.put(0, 1), POLARITY_RISING_EDGE)
     for channel in range(DIGITIZER_CHANNELS):
         values[channel_register(CHANNEL_CONTROL, channel)] = control
