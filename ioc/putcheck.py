@@ -186,6 +186,12 @@ class PutCheck:
             with self._lock:
                 self._vetoes[record] = f"{value}: {reason}"
 
+    @staticmethod
+    def left_to_processing() -> bool:
+        """Whether the put being made on this thread is let through ``dbPut`` unchecked:
+        a PV Access put, checked when the record processes (see the module text)."""
+        return _in_pva_server()
+
     def clear_veto(self, record: str) -> None:
         with self._lock:
             self._vetoes.pop(record, None)
@@ -212,7 +218,7 @@ class PutCheck:
             return 0
         with self._lock:
             old = self._old.pop(addr.precord, None)
-        if getattr(self._internal, "active", False) or _in_pva_server():
+        if getattr(self._internal, "active", False) or self.left_to_processing():
             return 0
         name = ctypes.string_at(addr.precord).decode()
         with self._lock:

@@ -208,10 +208,12 @@ class Records:
         return None if inst is None else table_check(inst.pv, value)
 
     def _validator(self, inst: Instance):
-        """The check again when the record processes: what PV Access puts meet (see
-        ioc.putcheck); a Channel Access put refused in ``dbPut`` never gets here."""
+        """The check of a PV Access put, when the record processes (see ioc.putcheck);
+        every other put was checked in ``dbPut`` and is not checked twice."""
 
         def validate(record, value) -> bool:
+            if not self.put_check.left_to_processing():
+                return True  # checked in dbPut already: the rules (autosave) run once
             reason = self.check(inst.name, value)
             if reason is None:
                 return True
