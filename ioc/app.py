@@ -46,7 +46,9 @@ GLOBAL_NAMES = ("Online_CS_StartStop", "Online_CS_SaveData", "Online_CS_RunNumbe
 #: How long a Start waits to read the run number from the globals (else the followed value).
 RUN_NUMBER_TIMEOUT_S = 1.0
 SHUTDOWN_DRAIN_S = 3.0
-SHUTDOWN_DELIVER_S = 1.0
+#: After the drain, how long SIGTERM/Ctrl-C waits for a connected receiver to take the
+#: rest (end-of-run headers last); the sender stops earlier once everything is taken.
+SHUTDOWN_DELIVER_S = 2.0
 #: Crate set-up records: accepted at any time, used from the next Start on.
 SETUP_KEYS = (
     "CS_Ena", "FifoNum", "PackageData",
@@ -396,6 +398,7 @@ class CrateIoc:
         """SIGTERM / Ctrl-C: stop as for Stop, deliver briefly, stop every thread."""
         for pv in self._followers:
             pv.clear_callbacks()
+        self.register_io.shutdown()  # its register polls must not slow the drain below
         self.runcontrol.begin_shutdown()
         self.inloop.shutdown(drain_timeout=SHUTDOWN_DRAIN_S)
         self.runcontrol.wait_stopped(0.5)
@@ -403,7 +406,6 @@ class CrateIoc:
         self.runcontrol.quit()
         self.outloop.shutdown()
         self.publisher.shutdown()
-        self.register_io.shutdown()
 
 
 class GlobalsIoc:
