@@ -50,6 +50,7 @@ from ioc import backends
 from ioc.hardware import MAIN_DATA_FIFO, TRIGGER_FIFOS, BoardKind
 from ioc.packets import HEADER_TYPE_CFD, HEADER_TYPE_LED, MAX_TRACE_SAMPLES, PACKAGE_DATA_MAX
 from ioc.pool import BUFFER_BYTES, POOL_SIZE
+from ioc.realtime import PRIORITY_RANGE
 
 #: Card indices 0..6 and VME slots 1..7 of a crate.
 CARDS = 7
@@ -134,6 +135,12 @@ class InLoopConfig:
     #: Read nothing while qFree holds fewer buffers (the original's 10; retention packs
     #: data into full buffers, so every other buffer is memory it can use).
     min_free_buffers: int = 4
+    #: SCHED_FIFO priority of the inLoop thread (1..98), 0 for the normal policy
+    #: (`ioc.realtime`); refused without the privilege, which is logged and shown.
+    realtime_priority: int = 0
+    #: The interpreter's thread switch interval while a run goes (its default is
+    #: 5 ms); 0 leaves it alone.
+    run_switch_interval_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -367,6 +374,8 @@ _INLOOP_KEYS = {
     "max_latency_s": _Key(float, _positive),
     "drain_timeout_s": _Key(float, _positive),
     "min_free_buffers": _Key(int, _between(1, POOL_SIZE - 1)),
+    "realtime_priority": _Key(int, _between(0, PRIORITY_RANGE[1])),
+    "run_switch_interval_s": _Key(float, _between(0, 0.1)),
 }
 _BOARD_KEYS = {
     "name": _Key(str, _board_name),

@@ -27,6 +27,7 @@ import numpy as np
 from ioc import packets
 from ioc.hardware import WORD, Board, Crate, ReadError
 from ioc.pool import POOL_SIZE, Buffer, BufferPool, Owner
+from ioc.realtime import RealtimeState, enter_realtime, name_os_thread, switch_interval
 
 #: Shortest scan delay, reached with at least 160 of 200 buffers free.
 SCAN_DELAY_MIN_S = 0.001
@@ -61,6 +62,8 @@ class InLoopSettings(Protocol):
     max_latency_s: float
     drain_timeout_s: float
     min_free_buffers: int
+    realtime_priority: int
+    run_switch_interval_s: float
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,8 @@ class InLoopStats:
     scan_gap_max_ms: float
     #: Highest FIFO fill a poll saw this run, by board name (0 for boards not enabled).
     fifo_peak_percent: dict[str, float]
+    #: Whether the thread reads under the real-time policy (`ioc.realtime`).
+    realtime: RealtimeState
 
 
 #: InLoop4 codes for transfers that did not happen.
@@ -228,6 +233,7 @@ class InLoop:
         self._board_types = self._read_board_types()
         self._enabled: frozenset[int] = frozenset()
         self._readers: list[_BoardRun] = []
+        self._realtime = RealtimeState.OFF
 
     # ----------------------------------------------------------------- API
 
@@ -275,6 +281,7 @@ class InLoop:
                 run_serial=self._run_serial,
                 scan_gap_max_ms=self._scan_gap_max_s * 1000.0,
                 fifo_peak_percent=self._fifo_peaks(),
+                realtime=self._realtime,
             )
 
     def _fifo_peaks(self) -> dict[str, float]:
@@ -312,10 +319,15 @@ class InLoop:
         self._wake.set()
 
     def _main(self) -> None:
+        name_os_thread(self._thread.name if self._thread else "inLoop")
+        realtime = enter_realtime(self._config.realtime_priority, self._log)
+        with self._cond:
+            self._realtime = realtime
         self._enter_idle()
         while self._wait_for_start():
             try:
-                self._run()
+                with switch_interval(self._config.run_switch_interval_s):
+                    self._run()
             except Exception:
                 self._log.exception("inLoop: run aborted by an unexpected error")
                 self._all_master_logic_off()

@@ -26,6 +26,7 @@ from ioc.losses import LossLedger, LossReason, buffer_events
 from ioc.packets import CH_END_OF_RUN, HEADER_WORDS, channel_id
 from ioc.pool import BUFFER_BYTES, Buffer, BufferPool, Owner
 from ioc.pvs import CARDS
+from ioc.realtime import name_os_thread
 from ioc.retention import Retention
 
 BATCH_PERIOD_S = 0.050
@@ -153,6 +154,7 @@ class OutLoop:
     # The thread.
 
     def _run(self) -> None:
+        name_os_thread("outLoop")
         last_stats = time.monotonic()
         last_bytes_to_sender = 0
         last_bytes = [0] * CARDS

@@ -19,7 +19,7 @@ from ioc.losses import LossLedger, LossReason
 from ioc.outloop import OutLoop
 from ioc.packets import trace_samples
 from ioc.pool import BufferPool
-from ioc.pvs import CARDS
+from ioc.pvs import CARDS, REALTIME_STATES
 from ioc.records import Records
 
 PUBLISH_PERIOD_S = 0.5
@@ -143,6 +143,7 @@ class Publisher:
         r.publish("ReadErrors", ins.read_errors)
         r.publish("InLoopRunning", int(ins.running))
         r.publish("ScanGapMax", round(ins.scan_gap_max_ms, 1))
+        r.publish("RealTime", REALTIME_STATES.index(ins.realtime.value))
         for name, percent in ins.fifo_peak_percent.items():
             r.publish("FifoPeak", round(percent, 1), board=name)
         for slot_index, code in enumerate(self.inloop.board_types_by_slot()):

@@ -29,6 +29,9 @@ BOARD_TYPE_STATES = (
     "MYR", "9?", "10?", "11?", "AMD", "ASD", "14?", "15?",
 )  # fmt: skip
 CV_STATE_STATES = ("Stopped", "Running", "Draining", "No boards")
+#: DAQC<NN>_CV_RealTime states, in `ioc.realtime.RealtimeState` order.
+REALTIME_STATES = ("Off", "On", "Refused")
+
 SIM_FAULT_STATES = (
     "None",
     "Bad marker",
@@ -200,6 +203,9 @@ PV_TABLE: tuple[PV, ...] = (
           alarm=Alarm(low=-1)),
     _stat("ScanGapMax", "DAQC{crate}_CV_ScanGapMax", "Longest wait between polls of a board",
           egu="ms", prec=1, alarm=Alarm(high=20, hihi=40)),
+    PV("RealTime", "DAQC{crate}_CV_RealTime", "mbbi", Scope.CRATE,
+       "inLoop under the real-time policy", enums=REALTIME_STATES, initial=0,
+       alarm=Alarm(states=(Severity.NO_ALARM, Severity.NO_ALARM, Severity.MINOR))),
     PV("BoardType", "DAQC{crate}_BoardType{n}", "mbbi", Scope.SLOT, "Board type in slot n+1",
        enums=BOARD_TYPE_STATES, initial=0),
     PV("InLoopRunning", "DAQC{crate}:inLoop_Running", "bi", Scope.CRATE, "inLoop running",

@@ -444,13 +444,14 @@ def _inloop(x: int, y: int) -> ET.Element:
         ("Board polls", text_update(pv_name("InLoop3"), 150, 0, 110)),
         ("Last transfer", text_update(pv_name("InLoop4"), 150, 0, 110)),
         ("Longest poll gap", text_update(pv_name("ScanGapMax"), 150, 0, 110)),
+        ("Real-time read", text_update(pv_name("RealTime"), 150, 0, 110)),
         ("Read errors", text_update(pv_name("ReadErrors"), 150, 0, 110)),
     ]
     slots = [
         (f"Slot {n + 1} board type", text_update(pv_name("BoardType", n=n), 150, 0, 110))
         for n in range(SLOTS)
     ]
-    return group("inLoop", x, y, 300, 450, _pairs(rows + slots, y0=0))
+    return group("inLoop", x, y, 300, 480, _pairs(rows + slots, y0=0))
 
 
 def _checks(x: int, y: int) -> ET.Element:
@@ -476,9 +477,9 @@ def crate_screen() -> str:
         _trace(10, 620),
         _inloop(650, 620),
         _checks(960, 620),
-        _rows("sim", SIM_COLUMNS, "Simulation (sim backend only)", 10, 1080, 270),
+        _rows("sim", SIM_COLUMNS, "Simulation (sim backend only)", 10, 1110, 270),
     ]
-    return display("DGS crate $(CRATE)", 1260, 1360, widgets)
+    return display("DGS crate $(CRATE)", 1260, 1390, widgets)
 
 
 # Row displays (one per board kind), embedded by the crate screen.

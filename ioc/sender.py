@@ -44,6 +44,7 @@ from ioc.delivery import Delivery, RunIdentity
 from ioc.listener import DataListener, RateLimitedLog
 from ioc.losses import LossLedger
 from ioc.pool import BufferPool
+from ioc.realtime import name_os_thread
 
 #: How long one blocked send may wait before the sender looks at the clock.
 SEND_SLICE_S = 0.25
@@ -287,6 +288,7 @@ class Sender:
 
     def _run(self) -> None:
         """The sender thread: survives its own bugs (logged) rather than stop serving."""
+        name_os_thread("sender")
         self._poll_set(self._wake_r.fileno(), select.POLLIN)
         try:
             while True:

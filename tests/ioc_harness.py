@@ -142,8 +142,11 @@ class IocProcess:
         workdir: Path,
         ports: Ports | None = None,
         extra_env: dict[str, str] | None = None,
+        launcher: tuple[str, ...] = (),
     ) -> None:
         self.ports = ports or Ports.allocate()
+        #: A command the IOC runs under (e.g. ``setpriv`` taking a privilege away).
+        self.launcher = launcher
         self.args = args
         self.extra_env = extra_env or {}
         self.workdir = workdir
@@ -158,7 +161,7 @@ class IocProcess:
     def start(self, wait_ready: bool = True) -> IocProcess:
         self._log_file = open(self.log_path, "w")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ioc.main", *self.args],
+            [*self.launcher, sys.executable, "-m", "ioc.main", *self.args],
             env={
                 **os.environ,
                 **self.ports.server_env(),

@@ -385,6 +385,8 @@ CASES = {
     "drain zero": (inloop("drain_timeout_s = 0.0"), ["drain_timeout_s must be > 0"]),
     "free buffers 0": (inloop("min_free_buffers = 0"), ["min_free_buffers must be 1..199"]),
     "free buffers 200": (inloop("min_free_buffers = 200"), ["min_free_buffers must be 1..199"]),
+    "realtime 99": (inloop("realtime_priority = 99"), ["realtime_priority must be 0..98, got 99"]),
+    "switch interval": (inloop("run_switch_interval_s = 0.5"), ["run_switch_interval_s must be"]),
     # ports and globals across crates
     "data port equals ca port": (
         bad_crate(keys="ca_port = 9001"),

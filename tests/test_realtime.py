@@ -1,0 +1,94 @@
+"""inLoop under the real-time policy, where the host permits it (issue 15, part 4).
+
+With ``[crate.inloop] realtime_priority`` set, the reader thread, and only it,
+runs under SCHED_FIFO so busy neighbours cannot keep it from the FIFOs; an
+operator sees it in ``DAQC01_CV_RealTime``. Without the privilege the IOC says
+so once, shows "Refused" with a MINOR alarm, and reads on.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dataflow import CRATE, Pva, write_config
+from ioc_harness import IocProcess, Ports
+
+SCHED_FIFO = 1
+#: DAQC01_CV_RealTime states.
+ON, REFUSED = 1, 2
+PRIORITY = 20
+REALTIME = f"DAQC{CRATE}_CV_RealTime"
+STATE = f"DAQC{CRATE}_CV_State"
+POLLS = f"DAQC{CRATE}_CV_InLoop3"
+SETTINGS = {"realtime_priority": PRIORITY, "run_switch_interval_s": 0.001}
+#: Runs a command without the privilege to change scheduling policies, even as root.
+WITHOUT_SYS_NICE = ("setpriv", "--inh-caps=-sys_nice", "--bounding-set=-sys_nice")
+
+
+def host_permits_realtime() -> bool:
+    """Whether a process started like the IOC may use SCHED_FIFO here."""
+    probe = "import os; os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
+
+
+def thread_policies(pid: int) -> dict[str, list[tuple[int, int]]]:
+    """By thread name: (policy, real-time priority) of the threads of ``pid`` (proc(5))."""
+    policies: dict[str, list[tuple[int, int]]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        name, _, rest = (task / "stat").read_text().partition(" (")[2].rpartition(")")
+        fields = rest.split()
+        policies.setdefault(name, []).append((int(fields[41 - 3]), int(fields[40 - 3])))
+    return policies
+
+
+def crate(tmp_path: Path, launcher: tuple[str, ...] = ()) -> Iterator[IocProcess]:
+    config = write_config(tmp_path, inloop=SETTINGS)
+    ports = Ports.allocate()
+    argv = ["--config", str(config), "--data-port", str(ports.data),
+            "--state-dir", str(tmp_path / "state")]
+    ioc = IocProcess(argv, tmp_path, ports, launcher=launcher).start()
+    try:
+        yield ioc
+    finally:
+        ioc.kill()
+
+
+def run_reads_data(pva: Pva) -> None:
+    """A Start polls the boards and a Stop ends the run, whatever the policy."""
+    pva.put("Online_CS_SaveData", 0)
+    pva.put("Online_CS_StartStop", 1)
+    pva.wait(STATE, lambda v: v == 1, 15, "Running")
+    pva.wait(POLLS, lambda polls: polls > 10, 15, "inLoop polling the boards")
+    pva.put("Online_CS_StartStop", 0)
+    pva.wait(STATE, lambda v: v == 0, 30, "Stopped")
+
+
+def test_only_the_reader_thread_runs_in_real_time(tmp_path):
+    permitted = host_permits_realtime()
+    for ioc in crate(tmp_path):
+        with Pva(ioc) as pva:
+            pva.wait(REALTIME, lambda state: state == (ON if permitted else REFUSED), 10,
+                     "the real-time state published")
+            threads = thread_policies(ioc.proc.pid)
+            assert threads["inLoop"] == [(SCHED_FIFO, PRIORITY) if permitted else (0, 0)]
+            assert threads["outLoop"] == threads["sender"] == [(0, 0)]
+            run_reads_data(pva)
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux setpriv")
+@pytest.mark.skipif(os.geteuid() != 0, reason="setpriv can drop the privilege only as root")
+def test_without_the_privilege_the_ioc_says_so_and_reads_on(tmp_path):
+    for ioc in crate(tmp_path, launcher=WITHOUT_SYS_NICE):
+        with Pva(ioc) as pva:
+            pva.wait(REALTIME, lambda state: state == REFUSED, 10, "Refused published")
+            assert pva.get(REALTIME).severity == 1  # MINOR: the operator sees it on the screen
+            assert thread_policies(ioc.proc.pid)["inLoop"] == [(0, 0)]
+            run_reads_data(pva)
+        refusals = [line for line in ioc.log().splitlines() if "real-time priority" in line]
+        assert len(refusals) == 1 and "refused" in refusals[0]
