@@ -39,6 +39,9 @@ from ioc.register_db import RegisterDatabase
 from ioc.register_db import build as build_register_db
 from ioc.register_io import RegisterIO
 from ioc.runcontrol import CrateState, RunControl
+from ioc.sample_port import SamplePort
+from ioc.sample_pva import SamplePva, run_conditions
+from ioc.sampling import SampleFilter, SampleTap
 from ioc.sender import Sender
 from ioc.simcontrols import SimControls
 
@@ -182,6 +185,18 @@ class CrateIoc:
             losses=self.losses,
             retain_bytes=crate.sender.retain_mib * BUFFER_BYTES,
         )
+        self.sampling = SampleTap(crate.sample_queue_events)
+        self.outloop.tap = self.sampling.offer
+        self.sample_port = SamplePort(
+            self.sampling, crate.data_bind, crate.sample_port,
+            default_filter=SampleFilter.parse(crate.sample_filter),
+            max_reply_bytes=crate.sender.max_reply_bytes, idle_wait_s=crate.sender.idle_wait_s,
+            allowed=crate.allowed_receivers,
+        )
+        self.sample_pva = SamplePva(
+            self.sampling, crate.crate, crate.sample_pva_port,
+            publish=lambda key, value: self.records.publish(key, value),
+        )
         self.sender = Sender(
             self.pool,
             crate.sender,
@@ -318,6 +333,8 @@ class CrateIoc:
 
     def _state_changed(self, state: CrateState) -> None:
         self.records.publish("State", int(state))
+        if state is CrateState.RUNNING:
+            self.sample_pva.set_run_conditions(run_conditions(self.crate_id, self.records))
         if state is CrateState.STOPPED:
             self.records.publish("SetupPending", 0)
             self.publisher.publish_now()
@@ -354,6 +371,8 @@ class CrateIoc:
         self.sender.start()
         self.runcontrol.start()
         self.publisher.start()
+        self.records.publish("SmpPort", self.sample_port.start())
+        self.records.publish("SmpPvaPort", self.sample_pva.start(self.crate_config.data_bind))
         self._follow_globals()
 
     def _follow_globals(self) -> None:
@@ -406,6 +425,8 @@ class CrateIoc:
         self.runcontrol.quit()
         self.outloop.shutdown()
         self.publisher.shutdown()
+        self.sample_port.shutdown()
+        self.sample_pva.shutdown()
 
 
 class GlobalsIoc:

@@ -51,6 +51,7 @@ from ioc.hardware import MAIN_DATA_FIFO, TRIGGER_FIFOS, BoardKind
 from ioc.packets import HEADER_TYPE_CFD, HEADER_TYPE_LED, MAX_TRACE_SAMPLES, PACKAGE_DATA_MAX
 from ioc.pool import BUFFER_BYTES, POOL_SIZE
 from ioc.realtime import PRIORITY_RANGE
+from ioc.sampling import SampleFilter
 
 #: Card indices 0..6 and VME slots 1..7 of a crate.
 CARDS = 7
@@ -157,6 +158,14 @@ class CrateConfig:
     seed: int = 1
     #: Networks (CIDR) whose receivers the data port serves; empty: every address.
     allowed_receivers: tuple[str, ...] = ()
+    #: Sampled events over the classic protocol (0: any free port); see ioc.sample_port.
+    sample_port: int = 9002
+    #: TCP port of the sampling service's PV Access server (0: any free port).
+    sample_pva_port: int = 0
+    #: What a classic client on the sample port gets (ioc.sampling syntax; "" = every event).
+    sample_filter: str = ""
+    #: Events a sampling consumer may have queued before new samples are dropped.
+    sample_queue_events: int = 20_000
     sender: SenderConfig = SenderConfig()
     inloop: InLoopConfig = InLoopConfig()
     boards: tuple[BoardConfig, ...] = ()
@@ -339,6 +348,14 @@ def _networks(v: list[Any]) -> str | None:
     return None
 
 
+def _sample_filter(v: str) -> str | None:
+    try:
+        SampleFilter.parse(v)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def _max_segment(v: int) -> str | None:
     return None if v == 0 or 536 <= v <= 65535 else "must be 0 (OS default) or 536..65535"
 
@@ -359,6 +376,10 @@ _CRATE_KEYS = {
     "backend": _Key(str, _backend),
     "seed": _Key(int, _between(0, 2**64 - 1)),
     "allowed_receivers": _Key(list, _networks),
+    "sample_port": _Key(int, _port(allow_zero=True)),
+    "sample_pva_port": _Key(int, _port(allow_zero=True)),
+    "sample_filter": _Key(str, _sample_filter),
+    "sample_queue_events": _Key(int, _between(1, 10_000_000)),
 }
 _SENDER_KEYS = {
     "max_reply_bytes": _Key(int, _between(2048, 10_000_000)),
@@ -723,6 +744,7 @@ def with_overrides(
     ca_port: int | None = None,
     pva_port: int | None = None,
     state_dir: str | None = None,
+    sample_port: int | None = None,
 ) -> tuple[SystemConfig, CrateConfig]:
     """Apply command-line overrides to the selected crate; None leaves a value as it is.
 
@@ -733,7 +755,10 @@ def with_overrides(
     source = f"{system.source} with command-line overrides"
     crate_changes = {
         key: value
-        for key, value in (("data_port", data_port), ("ca_port", ca_port), ("pva_port", pva_port))
+        for key, value in (
+            ("data_port", data_port), ("ca_port", ca_port), ("pva_port", pva_port),
+            ("sample_port", sample_port),
+        )
         if value is not None
     }
     system_changes = {

@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--demo", action="store_true", help="the bundled demonstration crate")
     p.add_argument("--crate", metavar="NN", help="which crate of the configuration to serve")
     p.add_argument("--data-port", type=int, metavar="N", help="TCP port of the data service")
+    p.add_argument("--sample-port", type=int, metavar="N",
+                   help="TCP port of sampled events, classic protocol (0: any free port)")
     p.add_argument("--globals", choices=("local", "remote"), help="serve or follow the globals")
     p.add_argument("--globals-ca", metavar="HOST:PORT", help="where remote globals are served")
     p.add_argument("--globals-only", action="store_true", help="serve only the global records")
@@ -147,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 ca_port=args.ca_port,
                 pva_port=args.pva_port,
                 state_dir=args.state_dir,
+                sample_port=args.sample_port,
             )
         elif args.state_dir:
             system = dataclasses.replace(system, state_dir=args.state_dir)

@@ -101,6 +101,8 @@ class OutLoop:
         #: SaveData, read live for every batch.
         self.save = False
         self._on_flushed = on_flushed
+        #: Called with every buffer that passed its check (the sampling tap; never waits).
+        self.tap: Callable[[Buffer], None] | None = None
         self._lock = threading.Lock()
         self._counters = _RunCounters()
         self._running = False
@@ -205,7 +207,10 @@ class OutLoop:
                     c.bytes_by_card[buf.card] += buf.nbytes
             seen_channels: set[tuple[int, int]] = set()
             for buf in batch:
-                if not self._check(buf, c, seen_channels) or not save:
+                checked = self._check(buf, c, seen_channels)
+                if checked and self.tap is not None:
+                    self.tap(buf)
+                if not checked or not save:
                     to_free.append(buf)
                 elif self.retention.exhausted(buf) and not is_end_of_run(buf):
                     self._lose(buf, c, LossReason.MEMORY)

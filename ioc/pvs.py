@@ -287,6 +287,15 @@ PV_TABLE: tuple[PV, ...] = (
           "Clients refused or cut off (protocol)"),
     _stat("Retained", "DAQC{crate}_CV_Retained", "Undelivered data kept for receivers",
           egu="MiB", prec=3),
+    # Sampling service (ioc.sampling; the service itself is served by ioc.sample_pva).
+    PV("SmpConsumers", "DAQC{crate}_SMP_Consumers", "longin", Scope.CRATE,
+       "Sampling consumers attached", initial=0),
+    _stat("SmpDelivered", "DAQC{crate}_SMP_Delivered", "Sampled events delivered"),
+    _stat("SmpLost", "DAQC{crate}_SMP_Lost", "Samples lost: consumers behind"),
+    PV("SmpPort", "DAQC{crate}_SMP_Port", "longin", Scope.CRATE,
+       "Classic sample port (0: not served)", initial=0),
+    PV("SmpPvaPort", "DAQC{crate}_SMP_PvaPort", "longin", Scope.CRATE,
+       "PVA port of the sampling service", initial=0),
     *(
         PV(f"Lost{reason.value}", f"DAQC{{crate}}_OL_Lost{reason.value}", "waveform",
            Scope.CRATE, f"MiB lost per card: {reason.value}", length=7, dtype="float64",

@@ -160,8 +160,10 @@ class IocProcess:
 
     def start(self, wait_ready: bool = True) -> IocProcess:
         self._log_file = open(self.log_path, "w")  # noqa: SIM115 - lives as long as the process
+        # Tests never take the shared default sample port (9002): any free one unless named.
+        args = self.args if "--sample-port" in self.args else [*self.args, "--sample-port", "0"]
         self.proc = subprocess.Popen(
-            [*self.launcher, sys.executable, "-m", "ioc.main", *self.args],
+            [*self.launcher, sys.executable, "-m", "ioc.main", *args],
             env={
                 **os.environ,
                 **self.ports.server_env(),

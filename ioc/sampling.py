@@ -1,0 +1,462 @@
+"""Filtered event sampling for online analysis: the tap and its consumers (issue 17).
+
+outLoop hands every buffer it has checked to `SampleTap.offer`, on its own
+thread and only after the check, so the primary path decides nothing here and
+never waits: with no consumer attached the call returns at once; otherwise the
+header fields of the buffer's events are gathered in one vectorised pass, each
+consumer's filter selects its events as a boolean mask, and only the selected
+packets are copied into that consumer's bounded queue. A full queue drops the
+newest selection and counts it lost for that consumer alone; nothing ever
+blocks, and the buffer goes on to the sender untouched. Readers (PV Access
+RPC, the classic sample port) take from the queues on their own threads.
+
+A consumer states a `SampleFilter`. Its trigger-pattern words follow the DD
+system's control words, mapped onto what DGS packets carry:
+
+- compared for equality: ``event_type`` (word 3 bits 25:23, the trigger
+  type) and ``header_type`` (word 3 bits 19:16, 7 LED / 8 CFD);
+- bitwise: ``flags_all`` (every one of these bits of word 4 set) and
+  ``flags_none`` (none of them set); word 4 bits 15 pile-up, 14 pile-up only,
+  11 CFD valid, 9 peak valid, 8 external discriminator, 7 timestamp match,
+  6 veto.
+
+Energy is (post-rise sum − pre-rise sum) / M in digitizer units (ADC counts of
+pulse amplitude), M = `FILTER_LENGTH`.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import itertools
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ioc import packets
+from ioc.decoder import KIND_EVENT, decode, gather, native_view
+from ioc.pool import Buffer
+
+#: The energy filter length M of the digitizers' pre/post-rise sums.
+FILTER_LENGTH = 256
+TRIGGER_BOARD_TYPE = 4
+#: Events a consumer's queue holds before new selections are dropped (and counted).
+DEFAULT_QUEUE_EVENTS = 20_000
+
+#: One sampled event: decoded fields and where its packet lies in its chunk's words.
+SAMPLE_DTYPE = np.dtype(
+    [
+        ("board", np.uint16),
+        ("channel", np.uint8),
+        ("header_type", np.uint8),
+        ("event_type", np.uint8),
+        ("flags", np.uint16),
+        ("timestamp", np.uint64),
+        ("energy", np.int32),
+        ("offset", np.int64),
+        ("length", np.int32),
+    ]
+)
+
+
+class Mode(enum.Enum):
+    """What a consumer wants of the matching events."""
+
+    ALL = "all"  # every matching event
+    PRESCALE = "prescale"  # 1 in N
+    RECENT = "recent"  # the most recent one, on request
+    READY = "ready"  # the K most recent, kept ready
+
+
+@dataclass(frozen=True)
+class SampleFilter:
+    """What one consumer asks for; empty selections mean "any"."""
+
+    boards: frozenset[int] = frozenset()
+    channel_mask: int = 0x3FF
+    header_type: int | None = None
+    event_type: int | None = None
+    flags_all: int = 0
+    flags_none: int = 0
+    energy_min: int | None = None
+    energy_max: int | None = None
+    mode: Mode = Mode.ALL
+    #: N of PRESCALE, K of READY.
+    count: int = 1
+    traces: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> SampleFilter:
+        """Parse ``"board=101,102 ch=0-3 prescale=100 energy=100-4000 traces"``."""
+        fields: dict = {}
+        for token in text.split():
+            key, _, value = token.partition("=")
+            key = key.lower()
+            try:
+                _parse_token(fields, key, value)
+            except ValueError as err:
+                raise ValueError(f"bad sample filter term {token!r}: {err}") from None
+        return cls(**fields)
+
+    def text(self) -> str:
+        """The filter in the syntax `parse` reads."""
+        terms = []
+        if self.boards:
+            terms.append("board=" + ",".join(map(str, sorted(self.boards))))
+        if self.channel_mask != 0x3FF:
+            terms.append("ch=" + ",".join(str(c) for c in range(10) if self.channel_mask >> c & 1))
+        for name in ("header_type", "event_type"):
+            if getattr(self, name) is not None:
+                terms.append(f"{name}={getattr(self, name)}")
+        for name in ("flags_all", "flags_none"):
+            if getattr(self, name):
+                terms.append(f"{name}=0x{getattr(self, name):x}")
+        if self.energy_min is not None or self.energy_max is not None:
+            low = "" if self.energy_min is None else self.energy_min
+            high = "" if self.energy_max is None else self.energy_max
+            terms.append(f"energy={low}-{high}")
+        if self.mode is not Mode.ALL:
+            count = "" if self.mode is Mode.RECENT else f"={self.count}"
+            terms.append(self.mode.value + count)
+        if self.traces:
+            terms.append("traces")
+        return " ".join(terms) or "all"
+
+    def match(self, f: dict[str, np.ndarray]) -> np.ndarray:
+        """Boolean mask of the events (``f``: field arrays of one buffer) this filter takes."""
+        mask = (self.channel_mask >> f["channel"].astype(np.int64)) & 1 == 1
+        if self.boards:
+            mask &= np.isin(f["board"], list(self.boards))
+        if self.header_type is not None:
+            mask &= f["header_type"] == self.header_type
+        if self.event_type is not None:
+            mask &= f["event_type"] == self.event_type
+        if self.flags_all:
+            mask &= (f["flags"] & self.flags_all) == self.flags_all
+        if self.flags_none:
+            mask &= (f["flags"] & self.flags_none) == 0
+        if self.energy_min is not None:
+            mask &= f["energy"] >= self.energy_min
+        if self.energy_max is not None:
+            mask &= f["energy"] <= self.energy_max
+        return mask
+
+
+def _numbers(value: str) -> list[int]:
+    """``"0-3,7"`` → [0, 1, 2, 3, 7]."""
+    out: list[int] = []
+    for part in value.split(","):
+        low, dash, high = part.partition("-")
+        out.extend(range(int(low, 0), int(high, 0) + 1) if dash else [int(part, 0)])
+    return out
+
+
+def _parse_token(fields: dict, key: str, value: str) -> None:
+    if key in ("board", "boards"):
+        fields["boards"] = frozenset(_numbers(value))
+    elif key in ("ch", "channel", "channels"):
+        channels = _numbers(value)
+        if any(not 0 <= c <= 9 for c in channels):
+            raise ValueError("channels are 0..9")
+        fields["channel_mask"] = sum(1 << c for c in set(channels))
+    elif key in ("header_type", "event_type", "flags_all", "flags_none"):
+        fields[key] = int(value, 0)
+    elif key == "energy":
+        match = re.fullmatch(r"(-?\d*)-(-?\d*)", value)
+        if not match:
+            raise ValueError("energy=LOW-HIGH (either may be left out)")
+        low, high = match.groups()
+        fields["energy_min"] = int(low) if low else None
+        fields["energy_max"] = int(high) if high else None
+    elif key in ("prescale", "ready"):
+        count = int(value)
+        if count < 1:
+            raise ValueError("must be at least 1")
+        fields["mode"], fields["count"] = Mode(key), count
+    elif key in ("recent", "all", "every") and not value:
+        fields["mode"] = Mode.RECENT if key == "recent" else Mode.ALL
+    elif key == "traces" and not value:
+        fields["traces"] = True
+    else:
+        raise ValueError("unknown term")
+
+
+@dataclass
+class Chunk:
+    """Sampled events of one buffer (one board) and a copy of their packets, back to back."""
+
+    events: np.ndarray  # SAMPLE_DTYPE, offsets into ``words``
+    words: np.ndarray  # >u4
+    end_of_run: bool = False
+
+
+@dataclass
+class ConsumerStats:
+    id: int
+    name: str
+    filter: str
+    delivered: int
+    lost: int
+    queued: int
+
+
+@dataclass
+class Consumer:
+    """One attached consumer: its filter, its bounded queue and its counters."""
+
+    id: int
+    name: str
+    filter: SampleFilter
+    capacity: int = DEFAULT_QUEUE_EVENTS
+    #: Classic-protocol consumers also get every board's end-of-run header (their exit rule).
+    wants_end_of_run: bool = False
+    delivered: int = 0
+    lost: int = 0
+    queued: int = 0
+    last_read: float = field(default_factory=time.monotonic)
+    _seen: int = 0
+    _chunks: collections.deque[Chunk] = field(default_factory=collections.deque)
+    _ready: threading.Condition = field(default_factory=threading.Condition)
+
+    def stats(self) -> ConsumerStats:
+        return ConsumerStats(self.id, self.name, self.filter.text(), self.delivered, self.lost,
+                             self.queued)
+
+    # Producer side (outLoop's thread): never blocks on a reader.
+
+    def choose(self, matching: np.ndarray) -> tuple[np.ndarray, int]:
+        """The indices this consumer takes of one buffer's matches, and how many it drops."""
+        mode = self.filter.mode
+        if mode is Mode.RECENT:
+            return matching[-1:], 0
+        if mode is Mode.READY:
+            return matching[-self.filter.count :], 0
+        if mode is Mode.PRESCALE:
+            n = self.filter.count
+            first = (-self._seen) % n
+            self._seen += matching.size
+            matching = matching[first::n]
+        room = max(0, self.capacity - self.queued)
+        if matching.size > room:
+            return matching[:room], matching.size - room
+        return matching, 0
+
+    def put(self, chunk: Chunk, dropped: int) -> None:
+        with self._ready:
+            self.lost += dropped
+            if chunk.events.size or chunk.end_of_run:
+                if self.filter.mode in (Mode.RECENT, Mode.READY):
+                    self._keep_latest(chunk)
+                else:
+                    self._chunks.append(chunk)
+                    self.queued += chunk.events.size
+                self._ready.notify_all()
+
+    def _keep_latest(self, chunk: Chunk) -> None:
+        """On-request modes hold only the newest K events (K = 1 for RECENT)."""
+        keep = 1 if self.filter.mode is Mode.RECENT else self.filter.count
+        self._chunks.append(chunk)
+        self.queued += chunk.events.size
+        while self._chunks and self.queued - self._chunks[0].events.size >= keep:
+            self.queued -= self._chunks.popleft().events.size
+        if self.queued > keep:  # trim the oldest chunk's surplus events
+            head = self._chunks[0]
+            surplus = self.queued - keep
+            self._chunks[0] = Chunk(head.events[surplus:], head.words)
+            self.queued = keep
+
+    # Reader side.
+
+    def take(self, max_events: int, timeout: float) -> list[Chunk]:
+        """Up to ``max_events`` queued events as chunks; wait up to ``timeout`` for the first."""
+        with self._ready:
+            self.last_read = time.monotonic()
+            if not self._chunks and timeout > 0:
+                self._ready.wait_for(lambda: bool(self._chunks), timeout)
+            taken: list[Chunk] = []
+            budget = max_events
+            while self._chunks and budget > 0:
+                head = self._chunks[0]
+                if head.events.size > budget:
+                    taken.append(Chunk(head.events[:budget], head.words))
+                    self._chunks[0] = Chunk(head.events[budget:], head.words)
+                    self.queued -= budget
+                    self.delivered += budget
+                    break
+                self._chunks.popleft()
+                taken.append(head)
+                self.queued -= head.events.size
+                self.delivered += head.events.size
+                budget -= head.events.size
+            return taken
+
+    def take_chunk(self, timeout: float) -> Chunk | None:
+        """The whole head chunk (one board's events), waiting up to ``timeout`` for one."""
+        with self._ready:
+            self.last_read = time.monotonic()
+            if not self._chunks and timeout > 0:
+                self._ready.wait_for(lambda: bool(self._chunks), timeout)
+            if not self._chunks:
+                return None
+            chunk = self._chunks.popleft()
+            self.queued -= chunk.events.size
+            self.delivered += chunk.events.size
+            return chunk
+
+    def put_back(self, chunk: Chunk) -> None:
+        """Return the unsent rest of a chunk to the head (a reply holds only part of it)."""
+        with self._ready:
+            self._chunks.appendleft(chunk)
+            self.queued += chunk.events.size
+            self.delivered -= chunk.events.size
+
+
+class SampleTap:
+    """Any number of consumers, fed from the buffers outLoop has checked."""
+
+    def __init__(self, queue_events: int = DEFAULT_QUEUE_EVENTS) -> None:
+        self.queue_events = queue_events
+        self._lock = threading.Lock()
+        #: Replaced, never mutated: outLoop reads it without a lock.
+        self._consumers: tuple[Consumer, ...] = ()
+        self._ids = itertools.count(1)
+        #: Counters of consumers already detached, so the totals never go back.
+        self.retired_delivered = 0
+        self.retired_lost = 0
+        #: Seconds outLoop spent in `offer` (the cost of sampling on the primary path).
+        self.busy_s = 0.0
+
+    def attach(self, sample_filter: SampleFilter, name: str = "", *,
+               end_of_run: bool = False) -> Consumer:
+        consumer = Consumer(next(self._ids), name, sample_filter, self.queue_events,
+                            wants_end_of_run=end_of_run)
+        with self._lock:
+            self._consumers = (*self._consumers, consumer)
+        return consumer
+
+    def detach(self, consumer_id: int) -> bool:
+        with self._lock:
+            gone = [c for c in self._consumers if c.id == consumer_id]
+            self._consumers = tuple(c for c in self._consumers if c.id != consumer_id)
+            for consumer in gone:
+                self.retired_delivered += consumer.delivered
+                self.retired_lost += consumer.lost
+        return bool(gone)
+
+    def consumer(self, consumer_id: int) -> Consumer | None:
+        return next((c for c in self._consumers if c.id == consumer_id), None)
+
+    @property
+    def consumers(self) -> tuple[Consumer, ...]:
+        return self._consumers
+
+    def totals(self) -> tuple[int, int, int]:
+        """(consumers, delivered, lost) including detached consumers' counts."""
+        consumers = self._consumers
+        return (
+            len(consumers),
+            self.retired_delivered + sum(c.delivered for c in consumers),
+            self.retired_lost + sum(c.lost for c in consumers),
+        )
+
+    # outLoop's call.
+
+    def offer(self, buf: Buffer) -> None:
+        """A checked buffer: copy each consumer's selection of it (never waits)."""
+        consumers = self._consumers
+        if not consumers:
+            return
+        started = time.perf_counter()
+        try:
+            if buf.is_type_f:
+                self._offer_status(buf, consumers)
+            elif buf.board_type != TRIGGER_BOARD_TYPE:
+                self._offer_events(buf, consumers)
+        finally:
+            self.busy_s += time.perf_counter() - started
+
+    def _offer_status(self, buf: Buffer, consumers: tuple[Consumer, ...]) -> None:
+        words = buf.payload_words()
+        if words.size < packets.TYPE_F_WORDS:
+            return
+        if int(packets.channel_id(int(words[1]))) != packets.CH_END_OF_RUN:
+            return
+        events = np.zeros(1, dtype=SAMPLE_DTYPE)
+        events["board"] = packets.board_id(int(words[1]))
+        events["channel"] = packets.CH_END_OF_RUN
+        events["header_type"] = packets.HEADER_TYPE_F
+        events["length"] = packets.TYPE_F_HEADER_LENGTH
+        chunk = Chunk(events, words[: packets.TYPE_F_WORDS].copy(), end_of_run=True)
+        for consumer in consumers:
+            if consumer.wants_end_of_run:
+                consumer.put(chunk, 0)
+
+    def _offer_events(self, buf: Buffer, consumers: tuple[Consumer, ...]) -> None:
+        words = buf.payload_words()
+        offsets, lengths = event_spans(words, buf.packet_words)
+        if offsets.size == 0:
+            return
+        fields = header_fields(native_view(words), offsets)
+        for consumer in consumers:
+            matching = np.flatnonzero(consumer.filter.match(fields))
+            if matching.size == 0:
+                continue
+            chosen, dropped = consumer.choose(matching)
+            consumer.put(copy_events(words, offsets, lengths, fields, chosen), dropped)
+
+
+def event_spans(words: np.ndarray, packet_words: int) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, N) of the digitizer events of a checked buffer.
+
+    When the check found equal-size packets chained over the whole buffer the
+    starts are arithmetic; otherwise the decoder finds them.
+    """
+    if packet_words:
+        offsets = np.arange(0, words.size - packet_words + 1, packet_words, dtype=np.int64)
+        return offsets, np.full(offsets.size, packet_words - 1, dtype=np.int64)
+    events = decode(words).events
+    events = events[events["kind"] == KIND_EVENT]
+    return events["offset"].astype(np.int64), events["length"].astype(np.int64)
+
+
+def header_fields(native: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray]:
+    """The fields filters use, for every event at ``offsets``, in one pass per word."""
+    w1 = gather(native, offsets + 1)
+    w2 = gather(native, offsets + 2)
+    w3 = gather(native, offsets + 3)
+    w4 = gather(native, offsets + 4)
+    w8 = gather(native, offsets + 8).astype(np.int64)
+    w9 = gather(native, offsets + 9).astype(np.int64)
+    pre = w8 & 0xFFFFFF
+    post = (w8 >> 24) | (w9 & 0xFFFF) << 8
+    return {
+        "board": packets.board_id(w1),
+        "channel": packets.channel_id(w1),
+        "header_type": packets.header_type(w3),
+        "event_type": packets.event_type(w3),
+        "flags": w4 & 0xFFFF,
+        "timestamp": packets.timestamp(w2, w3),
+        "energy": (post - pre) // FILTER_LENGTH,
+    }
+
+
+def copy_events(words: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
+                fields: dict[str, np.ndarray], chosen: np.ndarray) -> Chunk:
+    """Copy only the chosen packets (whole, back to back) and their fields."""
+    sizes = lengths[chosen] + 1
+    starts = offsets[chosen]
+    new_offsets = np.zeros(chosen.size, dtype=np.int64)
+    if chosen.size > 1:
+        np.cumsum(sizes[:-1], out=new_offsets[1:])
+    total = int(sizes.sum()) if chosen.size else 0
+    index = np.arange(total, dtype=np.int64) + np.repeat(starts - new_offsets, sizes)
+    events = np.zeros(chosen.size, dtype=SAMPLE_DTYPE)
+    for name in ("board", "channel", "header_type", "event_type", "flags", "timestamp",
+                 "energy"):
+        events[name] = fields[name][chosen]
+    events["offset"] = new_offsets
+    events["length"] = lengths[chosen]
+    return Chunk(events, words[index])
