@@ -1,4 +1,4 @@
-"""`make bench`: run the benchmarks of spec 06 and the issues (P1-P13), print one table, write JSON and the plot.
+"""`make bench`: the benchmarks of spec 06 and the issues (P1-P13): one table, JSON, the plot.
 
 Each benchmark runs as its own process with a time limit (and the whole run
 with a budget, 15 minutes by default), writes its JSON, and is read back
@@ -122,6 +122,7 @@ BENCHMARKS = (
     Benchmark("P7", "bench_memory.py", 150, _own_figures),
     Benchmark("P8", "bench_startup.py", 90, _own_figures),
     Benchmark("P9", "bench_retention.py", 200, _own_figures),
+    Benchmark("P12", "bench_sampling.py", 150, _own_figures),
     Benchmark("P13", "bench_realtime.py", 240, _own_figures),
 )
 

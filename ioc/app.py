@@ -373,6 +373,9 @@ class CrateIoc:
         self.publisher.start()
         self.records.publish("SmpPort", self.sample_port.start())
         self.records.publish("SmpPvaPort", self.sample_pva.start(self.crate_config.data_bind))
+        self.sample_pva.set_run_conditions(
+            run_conditions(self.crate_id, self.records, source="ioc at start-up, before any run")
+        )
         self._follow_globals()
 
     def _follow_globals(self) -> None:

@@ -120,8 +120,8 @@ def _plain(value: Any, enums: tuple[str, ...]) -> Any:
     return value
 
 
-def run_conditions(crate: str, records: Records) -> dict[str, Any]:
-    """The crate's PVs at Start, as `receiver.snapshot` records them (all but the trace)."""
+def run_conditions(crate: str, records: Records, source: str = "ioc at Start") -> dict[str, Any]:
+    """The crate's PVs now, as `receiver.snapshot` records them (all but the trace)."""
     pvs = {
         inst.name: _plain(records.get(inst.pv.key, inst.index, inst.board), inst.pv.enums)
         for inst in records.instances
@@ -130,7 +130,7 @@ def run_conditions(crate: str, records: Records) -> dict[str, Any]:
     return {
         "crate": crate,
         "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
-        "source": "ioc at Start",
+        "source": source,
         "pvs": pvs,
     }
 

@@ -326,8 +326,6 @@ class SampleTap:
         #: Counters of consumers already detached, so the totals never go back.
         self.retired_delivered = 0
         self.retired_lost = 0
-        #: Seconds outLoop spent in `offer` (the cost of sampling on the primary path).
-        self.busy_s = 0.0
 
     def attach(self, sample_filter: SampleFilter, name: str = "", *,
                end_of_run: bool = False) -> Consumer:
@@ -369,14 +367,10 @@ class SampleTap:
         consumers = self._consumers
         if not consumers:
             return
-        started = time.perf_counter()
-        try:
-            if buf.is_type_f:
-                self._offer_status(buf, consumers)
-            elif buf.board_type != TRIGGER_BOARD_TYPE:
-                self._offer_events(buf, consumers)
-        finally:
-            self.busy_s += time.perf_counter() - started
+        if buf.is_type_f:
+            self._offer_status(buf, consumers)
+        elif buf.board_type != TRIGGER_BOARD_TYPE:
+            self._offer_events(buf, consumers)
 
     def _offer_status(self, buf: Buffer, consumers: tuple[Consumer, ...]) -> None:
         words = buf.payload_words()
