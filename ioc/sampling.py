@@ -43,6 +43,10 @@ from ioc.pool import Buffer
 #: The energy filter length M of the digitizers' pre/post-rise sums.
 FILTER_LENGTH = 256
 TRIGGER_BOARD_TYPE = 4
+#: How often an on-request consumer (most recent, K ready) refreshes what it keeps.
+KEEP_PERIOD_S = 0.010
+#: Header words 0..9 hold every field a filter or a sample reads.
+HEADER_FIELD_WORDS = 10
 #: Events a consumer's queue holds before new selections are dropped (and counted).
 DEFAULT_QUEUE_EVENTS = 20_000
 
@@ -125,23 +129,36 @@ class SampleFilter:
             terms.append("traces")
         return " ".join(terms) or "all"
 
-    def match(self, f: dict[str, np.ndarray]) -> np.ndarray:
-        """Boolean mask of the events (``f``: field arrays of one buffer) this filter takes."""
-        mask = (self.channel_mask >> f["channel"].astype(np.int64)) & 1 == 1
-        if self.boards:
-            mask &= np.isin(f["board"], list(self.boards))
+    def match(self, f: HeaderFields) -> np.ndarray | None:
+        """Boolean mask of one buffer's events this filter takes; None: all of them.
+
+        Only the fields the filter names are read (`HeaderFields` gathers them
+        on first use); a buffer of another board is rejected by its first event.
+        """
+        if self.boards and f.single_board is not None and f.single_board not in self.boards:
+            return np.zeros(f.count, dtype=bool)
+        mask: np.ndarray | None = None
+
+        def narrow(condition: np.ndarray) -> None:
+            nonlocal mask
+            mask = condition if mask is None else mask & condition
+
+        if self.channel_mask != 0x3FF:
+            narrow((self.channel_mask >> f["channel"].astype(np.int64)) & 1 == 1)
+        if self.boards and f.single_board is None:
+            narrow(np.isin(f["board"], list(self.boards)))
         if self.header_type is not None:
-            mask &= f["header_type"] == self.header_type
+            narrow(f["header_type"] == self.header_type)
         if self.event_type is not None:
-            mask &= f["event_type"] == self.event_type
+            narrow(f["event_type"] == self.event_type)
         if self.flags_all:
-            mask &= (f["flags"] & self.flags_all) == self.flags_all
+            narrow((f["flags"] & self.flags_all) == self.flags_all)
         if self.flags_none:
-            mask &= (f["flags"] & self.flags_none) == 0
+            narrow((f["flags"] & self.flags_none) == 0)
         if self.energy_min is not None:
-            mask &= f["energy"] >= self.energy_min
+            narrow(f["energy"] >= self.energy_min)
         if self.energy_max is not None:
-            mask &= f["energy"] <= self.energy_max
+            narrow(f["energy"] <= self.energy_max)
         return mask
 
 
@@ -193,6 +210,10 @@ class Chunk:
     end_of_run: bool = False
 
 
+#: What a consumer gets of a buffer when it takes none of its matches (it only counts drops).
+EMPTY_CHUNK = Chunk(np.zeros(0, dtype=SAMPLE_DTYPE), np.zeros(0, dtype=">u4"))
+
+
 @dataclass
 class ConsumerStats:
     id: int
@@ -218,6 +239,7 @@ class Consumer:
     queued: int = 0
     last_read: float = field(default_factory=time.monotonic)
     _seen: int = 0
+    _next_keep: float = 0.0
     _chunks: collections.deque[Chunk] = field(default_factory=collections.deque)
     _ready: threading.Condition = field(default_factory=threading.Condition)
 
@@ -228,12 +250,18 @@ class Consumer:
     # Producer side (outLoop's thread): never blocks on a reader.
 
     def choose(self, matching: np.ndarray) -> tuple[np.ndarray, int]:
-        """The indices this consumer takes of one buffer's matches, and how many it drops."""
+        """The indices this consumer takes of one buffer's matches, and how many it drops.
+
+        On-request modes refresh what they keep at most every `KEEP_PERIOD_S`:
+        "most recent" is then at most that old, and copying stays rare.
+        """
         mode = self.filter.mode
-        if mode is Mode.RECENT:
-            return matching[-1:], 0
-        if mode is Mode.READY:
-            return matching[-self.filter.count :], 0
+        if mode in (Mode.RECENT, Mode.READY):
+            now = time.monotonic()
+            if now < self._next_keep:
+                return matching[:0], 0
+            self._next_keep = now + KEEP_PERIOD_S
+            return matching[-(1 if mode is Mode.RECENT else self.filter.count) :], 0
         if mode is Mode.PRESCALE:
             n = self.filter.count
             first = (-self._seen) % n
@@ -393,13 +421,19 @@ class SampleTap:
         offsets, lengths = event_spans(words, buf.packet_words)
         if offsets.size == 0:
             return
-        fields = header_fields(native_view(words), offsets)
+        fields = HeaderFields(native_view(words), offsets)
         for consumer in consumers:
-            matching = np.flatnonzero(consumer.filter.match(fields))
+            mask = consumer.filter.match(fields)
+            matching = np.arange(offsets.size) if mask is None else np.flatnonzero(mask)
             if matching.size == 0:
                 continue
             chosen, dropped = consumer.choose(matching)
-            consumer.put(copy_events(words, offsets, lengths, fields, chosen), dropped)
+            if chosen.size == 0:
+                if dropped:
+                    consumer.put(EMPTY_CHUNK, dropped)
+                continue
+            chunk = copy_events(words, offsets, lengths, chosen, buf.packet_words)
+            consumer.put(chunk, dropped)
 
 
 def event_spans(words: np.ndarray, packet_words: int) -> tuple[np.ndarray, np.ndarray]:
@@ -416,41 +450,77 @@ def event_spans(words: np.ndarray, packet_words: int) -> tuple[np.ndarray, np.nd
     return events["offset"].astype(np.int64), events["length"].astype(np.int64)
 
 
-def header_fields(native: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray]:
-    """The fields filters use, for every event at ``offsets``, in one pass per word."""
-    w1 = gather(native, offsets + 1)
-    w2 = gather(native, offsets + 2)
-    w3 = gather(native, offsets + 3)
-    w4 = gather(native, offsets + 4)
-    w8 = gather(native, offsets + 8).astype(np.int64)
-    w9 = gather(native, offsets + 9).astype(np.int64)
-    pre = w8 & 0xFFFFFF
+class HeaderFields:
+    """Header fields of a buffer's events, each gathered (vectorised) when first asked for."""
+
+    def __init__(self, native: np.ndarray, offsets: np.ndarray, *, whole: bool = False) -> None:
+        """``whole``: gather the ten header words of every event at once (a few events)."""
+        self.native = native
+        self.offsets = offsets
+        self.count = offsets.size
+        self._words: dict[int, np.ndarray] = {}
+        self._fields: dict[str, np.ndarray] = {}
+        if whole:
+            block = gather(native, offsets[:, None] + np.arange(HEADER_FIELD_WORDS))
+            self._words = {index: block[:, index] for index in range(HEADER_FIELD_WORDS)}
+        first, last = self.word(1)[[0, -1]] if whole else gather(native, offsets[[0, -1]] + 1)
+        board = int(packets.board_id(first))
+        #: The board of every event when the first and last agree (a buffer is one board's).
+        self.single_board = board if board == int(packets.board_id(last)) else None
+
+    def word(self, index: int) -> np.ndarray:
+        if index not in self._words:
+            self._words[index] = gather(self.native, self.offsets + index)
+        return self._words[index]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._fields:
+            self._fields[name] = _FIELDS[name](self)
+        return self._fields[name]
+
+
+def _energy(f: HeaderFields) -> np.ndarray:
+    """(post-rise sum − pre-rise sum) / M, digitizer units (words 8 and 9)."""
+    w8 = f.word(8).astype(np.int64)
+    w9 = f.word(9).astype(np.int64)
     post = (w8 >> 24) | (w9 & 0xFFFF) << 8
-    return {
-        "board": packets.board_id(w1),
-        "channel": packets.channel_id(w1),
-        "header_type": packets.header_type(w3),
-        "event_type": packets.event_type(w3),
-        "flags": w4 & 0xFFFF,
-        "timestamp": packets.timestamp(w2, w3),
-        "energy": (post - pre) // FILTER_LENGTH,
-    }
+    pre = w8 & 0xFFFFFF
+    return (post - pre) // FILTER_LENGTH
+
+
+_FIELDS = {
+    "board": lambda f: packets.board_id(f.word(1)),
+    "channel": lambda f: packets.channel_id(f.word(1)),
+    "header_type": lambda f: packets.header_type(f.word(3)),
+    "event_type": lambda f: packets.event_type(f.word(3)),
+    "flags": lambda f: f.word(4) & 0xFFFF,
+    "timestamp": lambda f: packets.timestamp(f.word(2), f.word(3)),
+    "energy": _energy,
+}
 
 
 def copy_events(words: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
-                fields: dict[str, np.ndarray], chosen: np.ndarray) -> Chunk:
-    """Copy only the chosen packets (whole, back to back) and their fields."""
+                chosen: np.ndarray, packet_words: int = 0) -> Chunk:
+    """Copy only the chosen packets (whole, back to back) and decode their fields.
+
+    Equal-size packets (``packet_words``, known from the check) are copied as
+    rows of a 2-D view; others through an index of every word they hold.
+    """
     sizes = lengths[chosen] + 1
-    starts = offsets[chosen]
     new_offsets = np.zeros(chosen.size, dtype=np.int64)
     if chosen.size > 1:
         np.cumsum(sizes[:-1], out=new_offsets[1:])
-    total = int(sizes.sum()) if chosen.size else 0
-    index = np.arange(total, dtype=np.int64) + np.repeat(starts - new_offsets, sizes)
+    if packet_words:
+        rows = words[: offsets.size * packet_words].reshape(offsets.size, packet_words)
+        copied = rows[chosen].reshape(-1)
+    else:
+        total = int(sizes.sum())
+        copied = words[np.arange(total, dtype=np.int64)
+                       + np.repeat(offsets[chosen] - new_offsets, sizes)]
     events = np.zeros(chosen.size, dtype=SAMPLE_DTYPE)
-    for name in ("board", "channel", "header_type", "event_type", "flags", "timestamp",
-                 "energy"):
-        events[name] = fields[name][chosen]
+    fields = HeaderFields(native_view(copied), new_offsets, whole=True)
+    for name in _FIELDS:
+        events[name] = fields[name]
     events["offset"] = new_offsets
     events["length"] = lengths[chosen]
-    return Chunk(events, words[index])
+    return Chunk(events, copied)

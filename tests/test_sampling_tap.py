@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
 from ioc import packets
 from ioc.hardware import WORD
 from ioc.pool import Buffer
-from ioc.sampling import FILTER_LENGTH, Mode, SampleFilter, SampleTap
+from ioc.sampling import FILTER_LENGTH, KEEP_PERIOD_S, Mode, SampleFilter, SampleTap
 
 BOARD = 101
 
@@ -73,12 +75,15 @@ def test_prescale_takes_one_in_n_across_buffers():
     assert taken == len(range(0, 330, 7))
 
 
-def test_recent_and_ready_keep_only_the_newest():
+def test_recent_and_ready_keep_only_the_newest_refreshed_at_most_every_period():
     tap = SampleTap()
     recent = tap.attach(SampleFilter.parse("recent"))
     ready = tap.attach(SampleFilter.parse("ready=5"))
-    for start in (0, 40):
-        tap.offer(buffer_of(packed([0] * 40, list(range(start + 1, start + 41)))))
+    tap.offer(buffer_of(packed([0] * 40, list(range(1, 41)))))
+    time.sleep(KEEP_PERIOD_S * 1.5)  # the refresh period is the point here
+    second, third = (buffer_of(packed([0] * 40, list(range(a, a + 40)))) for a in (41, 81))
+    tap.offer(second)
+    tap.offer(third)  # within the period: kept out
     assert [c.events["energy"].tolist() for c in recent.take(100, 0)] == [[80]]
     got = np.concatenate([c.events["energy"] for c in ready.take(100, 0)]).tolist()
     assert got == [76, 77, 78, 79, 80]
