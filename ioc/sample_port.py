@@ -167,16 +167,15 @@ class SamplePort:
 
 def _split(chunk: Chunk, max_words: int) -> tuple[Chunk, Chunk | None]:
     """The leading events whose packets fit in ``max_words``, and the rest (or None)."""
-    ends = chunk.events["offset"] + chunk.events["length"] + 1
+    ends = chunk.offsets + chunk.lengths + 1
     fit = max(1, int(np.searchsorted(ends, max_words, side="right")))
-    if fit >= chunk.events.size:
+    if fit >= chunk.count:
         return chunk, None
-    return Chunk(chunk.events[:fit], chunk.words), Chunk(chunk.events[fit:], chunk.words)
+    return chunk.part(0, fit), chunk.part(fit)
 
 
 def _packets(chunk: Chunk) -> np.ndarray:
     """The chunk's packets, back to back (they are contiguous in its words)."""
-    events = chunk.events
-    start = int(events["offset"][0])
-    end = int(events["offset"][-1] + events["length"][-1] + 1)
+    start = int(chunk.offsets[0])
+    end = int(chunk.offsets[-1] + chunk.lengths[-1] + 1)
     return chunk.words[start:end]

@@ -75,7 +75,7 @@ log = logging.getLogger("dgs.samplepva")
 def batch_value(consumer_id: int, chunks: list[Chunk], counters: tuple[int, int, int],
                 traces: bool) -> Value:
     """The events of ``chunks`` as one batch structure."""
-    events = np.concatenate([c.events for c in chunks]) if chunks else None
+    events = np.concatenate([c.events() for c in chunks]) if chunks else None
     columns: dict[str, Any] = {}
     samples: list[np.ndarray] = []
     if events is not None:
@@ -85,10 +85,9 @@ def batch_value(consumer_id: int, chunks: list[Chunk], counters: tuple[int, int,
         if traces:
             row = 0
             for chunk in chunks:
-                for event in chunk.events:
+                for offset, length in zip(chunk.offsets, chunk.lengths, strict=True):
                     trace = packets.trace_samples(
-                        chunk.words[event["offset"] + packets.HEADER_WORDS :
-                                    event["offset"] + event["length"] + 1]
+                        chunk.words[offset + packets.HEADER_WORDS : offset + length + 1]
                     )
                     samples.append(trace)
                     lengths[row] = trace.size

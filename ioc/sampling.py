@@ -203,15 +203,38 @@ def _parse_token(fields: dict, key: str, value: str) -> None:
 
 @dataclass
 class Chunk:
-    """Sampled events of one buffer (one board) and a copy of their packets, back to back."""
+    """Sampled packets of one buffer (one board): copied back to back, and where each lies.
 
-    events: np.ndarray  # SAMPLE_DTYPE, offsets into ``words``
+    The fields are decoded by whoever reads the chunk (`events`), never by outLoop.
+    """
+
     words: np.ndarray  # >u4
+    offsets: np.ndarray  # int64, into ``words``
+    lengths: np.ndarray  # N of each packet
     end_of_run: bool = False
+
+    @property
+    def count(self) -> int:
+        return int(self.offsets.size)
+
+    def part(self, start: int, stop: int | None = None) -> Chunk:
+        return Chunk(self.words, self.offsets[start:stop], self.lengths[start:stop],
+                     self.end_of_run)
+
+    def events(self) -> np.ndarray:
+        """The packets' decoded fields (`SAMPLE_DTYPE`)."""
+        events = np.zeros(self.count, dtype=SAMPLE_DTYPE)
+        if self.count:
+            fields = HeaderFields(native_view(self.words), self.offsets, whole=True)
+            for name in _FIELDS:
+                events[name] = fields[name]
+        events["offset"] = self.offsets
+        events["length"] = self.lengths
+        return events
 
 
 #: What a consumer gets of a buffer when it takes none of its matches (it only counts drops).
-EMPTY_CHUNK = Chunk(np.zeros(0, dtype=SAMPLE_DTYPE), np.zeros(0, dtype=">u4"))
+EMPTY_CHUNK = Chunk(np.zeros(0, dtype=">u4"), np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 
 @dataclass
@@ -275,25 +298,25 @@ class Consumer:
     def put(self, chunk: Chunk, dropped: int) -> None:
         with self._ready:
             self.lost += dropped
-            if chunk.events.size or chunk.end_of_run:
+            if chunk.count or chunk.end_of_run:
                 if self.filter.mode in (Mode.RECENT, Mode.READY):
                     self._keep_latest(chunk)
                 else:
                     self._chunks.append(chunk)
-                    self.queued += chunk.events.size
+                    self.queued += chunk.count
                 self._ready.notify_all()
 
     def _keep_latest(self, chunk: Chunk) -> None:
         """On-request modes hold only the newest K events (K = 1 for RECENT)."""
         keep = 1 if self.filter.mode is Mode.RECENT else self.filter.count
         self._chunks.append(chunk)
-        self.queued += chunk.events.size
-        while self._chunks and self.queued - self._chunks[0].events.size >= keep:
-            self.queued -= self._chunks.popleft().events.size
+        self.queued += chunk.count
+        while self._chunks and self.queued - self._chunks[0].count >= keep:
+            self.queued -= self._chunks.popleft().count
         if self.queued > keep:  # trim the oldest chunk's surplus events
             head = self._chunks[0]
             surplus = self.queued - keep
-            self._chunks[0] = Chunk(head.events[surplus:], head.words)
+            self._chunks[0] = head.part(surplus)
             self.queued = keep
 
     # Reader side.
@@ -308,17 +331,17 @@ class Consumer:
             budget = max_events
             while self._chunks and budget > 0:
                 head = self._chunks[0]
-                if head.events.size > budget:
-                    taken.append(Chunk(head.events[:budget], head.words))
-                    self._chunks[0] = Chunk(head.events[budget:], head.words)
+                if head.count > budget:
+                    taken.append(head.part(0, budget))
+                    self._chunks[0] = head.part(budget)
                     self.queued -= budget
                     self.delivered += budget
                     break
                 self._chunks.popleft()
                 taken.append(head)
-                self.queued -= head.events.size
-                self.delivered += head.events.size
-                budget -= head.events.size
+                self.queued -= head.count
+                self.delivered += head.count
+                budget -= head.count
             return taken
 
     def take_chunk(self, timeout: float) -> Chunk | None:
@@ -330,16 +353,16 @@ class Consumer:
             if not self._chunks:
                 return None
             chunk = self._chunks.popleft()
-            self.queued -= chunk.events.size
-            self.delivered += chunk.events.size
+            self.queued -= chunk.count
+            self.delivered += chunk.count
             return chunk
 
     def put_back(self, chunk: Chunk) -> None:
         """Return the unsent rest of a chunk to the head (a reply holds only part of it)."""
         with self._ready:
             self._chunks.appendleft(chunk)
-            self.queued += chunk.events.size
-            self.delivered -= chunk.events.size
+            self.queued += chunk.count
+            self.delivered -= chunk.count
 
 
 class SampleTap:
@@ -406,12 +429,9 @@ class SampleTap:
             return
         if int(packets.channel_id(int(words[1]))) != packets.CH_END_OF_RUN:
             return
-        events = np.zeros(1, dtype=SAMPLE_DTYPE)
-        events["board"] = packets.board_id(int(words[1]))
-        events["channel"] = packets.CH_END_OF_RUN
-        events["header_type"] = packets.HEADER_TYPE_F
-        events["length"] = packets.TYPE_F_HEADER_LENGTH
-        chunk = Chunk(events, words[: packets.TYPE_F_WORDS].copy(), end_of_run=True)
+        length = packets.TYPE_F_HEADER_LENGTH
+        chunk = Chunk(words[: length + 1].copy(), np.zeros(1, np.int64),
+                      np.full(1, length, np.int64), end_of_run=True)
         for consumer in consumers:
             if consumer.wants_end_of_run:
                 consumer.put(chunk, 0)
@@ -501,7 +521,7 @@ _FIELDS = {
 
 def copy_events(words: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
                 chosen: np.ndarray, packet_words: int = 0) -> Chunk:
-    """Copy only the chosen packets (whole, back to back) and decode their fields.
+    """Copy only the chosen packets (whole, back to back); nothing is decoded here.
 
     Equal-size packets (``packet_words``, known from the check) are copied as
     rows of a 2-D view; others through an index of every word they hold.
@@ -517,10 +537,4 @@ def copy_events(words: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
         total = int(sizes.sum())
         copied = words[np.arange(total, dtype=np.int64)
                        + np.repeat(offsets[chosen] - new_offsets, sizes)]
-    events = np.zeros(chosen.size, dtype=SAMPLE_DTYPE)
-    fields = HeaderFields(native_view(copied), new_offsets, whole=True)
-    for name in _FIELDS:
-        events[name] = fields[name]
-    events["offset"] = new_offsets
-    events["length"] = lengths[chosen]
-    return Chunk(events, copied)
+    return Chunk(copied, new_offsets, lengths[chosen])

@@ -56,11 +56,11 @@ def test_a_filter_takes_exactly_its_events_with_their_fields(packet_words):
     (chunk,) = consumer.take(1000, 0)
     expected = [i for i in range(100)
                 if channels[i] in (1, 2) and 120 <= energies[i] <= 179 and flags[i] == 0x8000]
-    assert chunk.events["energy"].tolist() == [energies[i] for i in expected]
-    assert chunk.events["channel"].tolist() == [channels[i] for i in expected]
-    assert set(chunk.events["board"].tolist()) == {BOARD}
-    assert chunk.events["timestamp"].tolist() == [1000 + i for i in expected]
-    for row, event in enumerate(chunk.events):  # each packet copied whole
+    assert chunk.events()["energy"].tolist() == [energies[i] for i in expected]
+    assert chunk.events()["channel"].tolist() == [channels[i] for i in expected]
+    assert set(chunk.events()["board"].tolist()) == {BOARD}
+    assert chunk.events()["timestamp"].tolist() == [1000 + i for i in expected]
+    for row, event in enumerate(chunk.events()):  # each packet copied whole
         words = chunk.words[event["offset"] : event["offset"] + event["length"] + 1]
         assert int(words[0]) == packets.MARKER and int(words[2]) == 1000 + expected[row]
     assert other_board.take(1000, 0) == []
@@ -71,7 +71,7 @@ def test_prescale_takes_one_in_n_across_buffers():
     consumer = tap.attach(SampleFilter(mode=Mode.PRESCALE, count=7))
     for _ in range(10):
         tap.offer(buffer_of(packed([0] * 33, [500] * 33)))
-    taken = sum(chunk.events.size for chunk in consumer.take(10_000, 0))
+    taken = sum(chunk.count for chunk in consumer.take(10_000, 0))
     assert taken == len(range(0, 330, 7))
 
 
@@ -84,8 +84,8 @@ def test_recent_and_ready_keep_only_the_newest_refreshed_at_most_every_period():
     second, third = (buffer_of(packed([0] * 40, list(range(a, a + 40)))) for a in (41, 81))
     tap.offer(second)
     tap.offer(third)  # within the period: kept out
-    assert [c.events["energy"].tolist() for c in recent.take(100, 0)] == [[80]]
-    got = np.concatenate([c.events["energy"] for c in ready.take(100, 0)]).tolist()
+    assert [c.events()["energy"].tolist() for c in recent.take(100, 0)] == [[80]]
+    got = np.concatenate([c.events()["energy"] for c in ready.take(100, 0)]).tolist()
     assert got == [76, 77, 78, 79, 80]
 
 
