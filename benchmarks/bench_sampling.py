@@ -49,7 +49,8 @@ from common import BenchIoc, Figure, crate_config, fill_tmpfs, finish, median
 
 from ioc.checker import Checker
 from ioc.pool import Buffer
-from ioc.sampling import SampleFilter, SampleTap
+from ioc.sample_filter import SampleFilter
+from ioc.sampling import SampleTap
 from receiver.sampler import Sampler
 
 TARGET_RATIO = 0.95

@@ -39,9 +39,10 @@ from ioc.register_db import RegisterDatabase
 from ioc.register_db import build as build_register_db
 from ioc.register_io import RegisterIO
 from ioc.runcontrol import CrateState, RunControl
+from ioc.sample_filter import SampleFilter
 from ioc.sample_port import SamplePort
 from ioc.sample_pva import SamplePva, run_conditions
-from ioc.sampling import SampleFilter, SampleTap
+from ioc.sampling import SampleTap
 from ioc.sender import Sender
 from ioc.simcontrols import SimControls
 

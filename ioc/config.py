@@ -51,7 +51,7 @@ from ioc.hardware import MAIN_DATA_FIFO, TRIGGER_FIFOS, BoardKind
 from ioc.packets import HEADER_TYPE_CFD, HEADER_TYPE_LED, MAX_TRACE_SAMPLES, PACKAGE_DATA_MAX
 from ioc.pool import BUFFER_BYTES, POOL_SIZE
 from ioc.realtime import PRIORITY_RANGE
-from ioc.sampling import SampleFilter
+from ioc.sample_filter import SampleFilter
 
 #: Card indices 0..6 and VME slots 1..7 of a crate.
 CARDS = 7

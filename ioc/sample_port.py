@@ -26,7 +26,8 @@ import numpy as np
 
 from ioc import protocol
 from ioc.listener import allowed_networks
-from ioc.sampling import Chunk, Consumer, SampleFilter, SampleTap
+from ioc.sample_filter import SampleFilter
+from ioc.sampling import Chunk, Consumer, SampleTap
 
 #: Connections served at once; more are closed on accept (logged once each).
 MAX_CLIENTS = 16

@@ -41,7 +41,8 @@ from p4p.server.thread import SharedPV
 
 from ioc import packets
 from ioc.records import Records
-from ioc.sampling import Chunk, SampleFilter, SampleTap
+from ioc.sample_filter import SampleFilter
+from ioc.sampling import Chunk, SampleTap
 
 #: Longest an RPC ``next`` waits for a first event (it holds a server worker).
 MAX_WAIT_S = 2.0

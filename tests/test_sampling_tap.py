@@ -10,7 +10,8 @@ import pytest
 from ioc import packets
 from ioc.hardware import WORD
 from ioc.pool import Buffer
-from ioc.sampling import FILTER_LENGTH, KEEP_PERIOD_S, Mode, SampleFilter, SampleTap
+from ioc.sample_filter import FILTER_LENGTH, Mode, SampleFilter
+from ioc.sampling import KEEP_PERIOD_S, SampleTap
 
 BOARD = 101
 
