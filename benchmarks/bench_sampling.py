@@ -20,6 +20,7 @@ what the tap costs outLoop per 1 MiB buffer of 200-sample events with these
 four consumers, against outLoop's check of the same buffer (P2's buffer).
 
     .venv/bin/python benchmarks/bench_sampling.py [--json FILE] [--pairs N] [--seconds S]
+                                                  [--offered MB/s]
 """
 
 from __future__ import annotations
@@ -132,10 +133,10 @@ def tap_cost_us(repetitions: int = 15, calls: int = 20) -> tuple[float, float]:
     return best[offer] * 1e6, best[check] * 1e6
 
 
-def run_pairs(workdir: Path, out_dir: Path, pairs: int, seconds: float
+def run_pairs(workdir: Path, out_dir: Path, pairs: int, seconds: float, offered: float
               ) -> tuple[list[RunResult], list[RunResult], list[dict]]:
     config = crate_config(workdir / "p12.toml", fifo_words=FIFO_WORDS,
-                          event_rate_hz=rate_for(P3_OFFERED_MB_S, P3_SAMPLES),
+                          event_rate_hz=rate_for(offered, P3_SAMPLES),
                           trace_samples=P3_SAMPLES)
     alone: list[RunResult] = []
     sampled: list[RunResult] = []
@@ -145,11 +146,11 @@ def run_pairs(workdir: Path, out_dir: Path, pairs: int, seconds: float
         for pair in range(pairs):
             for with_consumers in ((False, True) if pair % 2 == 0 else (True, False)):
                 if not with_consumers:
-                    alone.append(one_run(ioc, P3_SAMPLES, P3_OFFERED_MB_S, seconds, out_dir))
+                    alone.append(one_run(ioc, P3_SAMPLES, offered, seconds, out_dir))
                     continue
                 consumers = Consumers(address)
                 try:
-                    sampled.append(one_run(ioc, P3_SAMPLES, P3_OFFERED_MB_S, seconds, out_dir))
+                    sampled.append(one_run(ioc, P3_SAMPLES, offered, seconds, out_dir))
                 finally:
                     consumed.append(consumers.close())
                 if "Traceback" in ioc.log():
@@ -162,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--pairs", type=int, default=3, help="run pairs (none / four consumers)")
     parser.add_argument("--seconds", type=float, default=3.0, help="generation time of a run")
+    parser.add_argument("--offered", type=float, default=P3_OFFERED_MB_S, metavar="MB/s",
+                        help="load the crate offers (default P3's, 330 MB/s)")
     args = parser.parse_args(argv)
     if not DGS_RECEIVER.exists():
         raise SystemExit(f"{DGS_RECEIVER} is missing: install the project (pip install -e .)")
@@ -170,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench-p12-"))
     out_dir = Path(tempfile.mkdtemp(prefix="bench-p12-", dir=TMPFS if TMPFS.is_dir() else None))
     try:
-        fill_tmpfs(out_dir, P3_OFFERED_MB_S * 1e6 * args.seconds)
-        alone, sampled, consumed = run_pairs(workdir, out_dir, max(1, args.pairs), args.seconds)
+        fill_tmpfs(out_dir, args.offered * 1e6 * args.seconds)
+        alone, sampled, consumed = run_pairs(workdir, out_dir, max(1, args.pairs), args.seconds,
+                                            args.offered)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -190,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         target_on="ratio",
         runs=[run.received_mb_s for run in sampled],
         conditions_met=complete,
-        note=(f"{len(sampled)} runs each way, alternating; per run the consumers got "
+        note=(f"offered {args.offered:g} MB/s; {len(sampled)} runs each way, alternating; "
+              "per run the consumers got "
               + ", ".join(f"{name} {got[name]:.0f}" for name in got)
               + f" events, the stalled one lost {lost['stalled']:.0f}; IOC cores "
               f"{median(r.ioc_cores for r in sampled):.2f} with, "
