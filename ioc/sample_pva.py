@@ -16,7 +16,7 @@ server, which runs in the same process on a TCP port of its own
   concatenated trace samples in ``traces`` when the filter asked for them, and
   the consumer's counters in ``consumer``. A consumer not read for
   `IDLE_DETACH_S` is detached.
-- ``DAQC<NN>_SMP_Consumers`` (NTTable): every attached consumer, its filter
+- ``DAQC<NN>_SMP_ConsumerTable`` (NTTable): every attached consumer, its filter
   and its delivered / lost / queued counts.
 - ``DAQC<NN>_SMP_RunConditions`` (NTScalar string): the begin-of-run snapshot
   of the crate's PVs as JSON, the same PVs the receiver's snapshot records.
@@ -189,7 +189,7 @@ class SamplePva:
         self.port = port
         self._publish = publish
         prefix = f"DAQC{crate}_SMP_"
-        self.names = {key: prefix + key for key in ("Sample", "Consumers", "RunConditions")}
+        self.names = {key: prefix + key for key in ("Sample", "ConsumerTable", "RunConditions")}
         self._rpc = SharedPV(initial=Value(REPLY_TYPE, {}), handler=_SampleRpc(tap))
         self._table = SharedPV(initial=CONSUMERS_TABLE.wrap([]))
         self._conditions = SharedPV(nt=NTScalar("s"), initial="{}")
@@ -201,7 +201,7 @@ class SamplePva:
         """Serve on ``bind``; returns the TCP port taken."""
         providers = {
             self.names["Sample"]: self._rpc,
-            self.names["Consumers"]: self._table,
+            self.names["ConsumerTable"]: self._table,
             self.names["RunConditions"]: self._conditions,
         }
         conf = {

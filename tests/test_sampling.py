@@ -86,7 +86,7 @@ def records_in(run_dir: Path, board: int, channel: int | None = None) -> int:
 def consumer_rows(address: str) -> dict[str, dict]:
     ctx = context_for(address)
     try:
-        table = ctx.get(f"DAQC{CRATE}_SMP_Consumers", timeout=5)
+        table = ctx.get(f"DAQC{CRATE}_SMP_ConsumerTable", timeout=5)
     finally:
         ctx.close()
     value = table.value
