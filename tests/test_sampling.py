@@ -120,6 +120,11 @@ def test_consumers_take_their_share_and_never_the_primary_streams(start_ioc, tmp
         with Sampler(address, CRATE, f"board={board} recent", name=f"passing {round_}") as s:
             batch = s.next(10, wait=2.0)
             assert len(batch) == 1 and int(batch.events["board"][0]) == board
+    with Sampler(address, CRATE, "board=103 ch=5 traces", name="traces") as s:
+        batch = s.next(3, wait=2.0)
+        samples = int(ioc.getf("VME01:MDIG3:SIM_TraceLength"))
+        assert len(batch) >= 1 and samples > 0
+        assert [batch.trace(row).size for row in range(len(batch))] == [samples] * len(batch)
     ioc.wait_numeric("DAQC01_SMP_Lost", lambda v: v > 0, timeout=30, what="the stalled one to lose")
     ioc.wait_numeric("DAQC01_OL_TotalBufsWritten", lambda v: v > 60, timeout=30)
     stop_run(ioc)
@@ -140,7 +145,7 @@ def test_consumers_take_their_share_and_never_the_primary_streams(start_ioc, tmp
     rows = consumer_rows(address)
     assert rows["stalled"]["delivered"] == 0 and rows["stalled"]["lost"] > 0
     assert rows["stalled"]["lost"] + rows["stalled"]["queued"] == sum(counts.values())
-    assert [name for name in rows if name.startswith("passing")] == []
+    assert [name for name in rows if name.startswith(("passing", "traces"))] == []
     assert int(ioc.get("DAQC01_SMP_Consumers")) == 3
 
     begin = json.loads(next(run_dir.glob("*.pvs_begin.json")).read_text())["crates"][0]["pvs"]
