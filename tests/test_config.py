@@ -329,7 +329,7 @@ CASES = {
     "pva port too big": (bad_crate(keys="pva_port = 70000"), ["pva_port must be 1..65535"]),
     "backend": (
         bad_crate(keys='backend = "vme"'),
-        ['crate 01: backend must be "sim", "sim-inprocess", "module:Class"', "'vme'"],
+        ['crate 01: backend must be "sim", "sim-inprocess", "replay", "module:Class"', "'vme'"],
     ),
     "backend module missing": (
         bad_crate(keys='backend = "no_such_driver:Crate"'),

@@ -1,0 +1,164 @@
+"""A recorded run replayed through the whole chain: real IOCs, real `dgs-receiver` processes.
+
+A simulated crate (four digitizers and a master trigger) is recorded for two
+seconds with per-board files and ``--save-raw``; then `dgs-ioc` with
+``backend = "replay"`` plays those files, and then the saved replies, to a
+second receiver. The second receiver's files must hold the recorded records,
+per board and in order (type-F headers are each IOC's own and are left out).
+At speed 1 the replay takes about as long as the recording; at "max" it is fast.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from dataflow import (
+    CRATE,
+    DEMO_SPECS,
+    TRIGGER_SPEC,
+    Pva,
+    crate_toml,
+    ioc_process,
+    start_run,
+    stop_run,
+)
+from ioc_harness import BIN, IocProcess
+
+from ioc import packets
+from receiver import geb
+
+RECORD_SECONDS = 2.0
+BOARDS = (*DEMO_SPECS, TRIGGER_SPEC)
+TRIGGER_ID = TRIGGER_SPEC.package_data
+RUN = 7
+
+
+def receive(ioc: IocProcess, out: Path, *extra: str) -> subprocess.Popen:
+    """`dgs-receiver` for run RUN with one file per board."""
+    return subprocess.Popen(
+        [str(BIN / "dgs-receiver"), "--out", str(out), "--run", str(RUN), "--layout", "board",
+         "--trigger-board", str(TRIGGER_ID), "--status", "plain", *extra,
+         f"127.0.0.1:{ioc.ports.data}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def finish(receiver: subprocess.Popen) -> None:
+    output, _ = receiver.communicate(timeout=60)
+    assert receiver.returncode == 0, output
+
+
+def records_by_board(run_dir: Path) -> dict[str, list[bytes]]:
+    """Every record but type-F headers, per board file family, in file order."""
+    found: dict[str, list[bytes]] = {}
+    for path in sorted(run_dir.glob(f"run{RUN:05d}.gtd_*")):
+        family = path.name.split("_", 2)[2]
+        data = path.read_bytes()
+        for record in geb.read_records(data):
+            start = int(record["offset"])
+            payload = data[start + geb.GEB_HEADER_BYTES : start + geb.GEB_HEADER_BYTES
+                           + int(record["length"])]
+            status = (
+                payload[:4] != b"\xaa" * 4
+                and packets.header_type(int.from_bytes(payload[8:12], "big")) == 0xF
+            )
+            if not status:
+                found.setdefault(family, []).append(data[start : start + 16 + len(payload)])
+    return found
+
+
+def fifo_bytes(records: dict[str, list[bytes]]) -> dict[str, int]:
+    """What the replayed packets weigh in the FIFOs, per family (the marker word is back)."""
+    return {
+        family: sum(64 if r[16:20] == b"\xaa" * 4 else len(r) - 12 for r in rows)
+        for family, rows in records.items()
+    }
+
+
+def replay_config(directory: Path, source: Path, speed: str) -> Path:
+    text = crate_toml(BOARDS).replace("seed = 1\n", 'seed = 1\nbackend = "replay"\n', 1)
+    path = directory / "replay.toml"
+    path.write_text(f'{text}[crate.replay]\nsource = "{source}"\nspeed = {speed}\n')
+    return path
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory) -> Iterator[Path]:
+    """A two-second run of the simulated crate, per-board files and saved replies."""
+    workdir = tmp_path_factory.mktemp("recording")
+    config = workdir / "sim.toml"
+    config.write_text(crate_toml(BOARDS))
+    with ioc_process(workdir, "--config", str(config)) as ioc:
+        ioc.put_ok("Online_CS_RunNumber", RUN)
+        receiver = receive(ioc, workdir, "--save-raw")
+        start_run(ioc)
+        time.sleep(RECORD_SECONDS)  # the length of the recording itself
+        stop_run(ioc)
+        finish(receiver)
+    yield workdir / f"run{RUN:05d}"
+
+
+def replay(tmp_path: Path, source: Path, speed: str, start_ioc) -> tuple[Path, float]:
+    """Replay ``source`` to a new receiver; the run's files and how long reading took."""
+    config = replay_config(tmp_path, source, speed)
+    ioc = start_ioc("--config", str(config))
+    ioc.put_ok("Online_CS_RunNumber", RUN)
+    out = tmp_path / "replayed"
+    receiver = receive(ioc, out)
+    expected = fifo_bytes(records_by_board(source if source.is_dir() else source.parent))
+    cards = {f"{spec.package_data:04d}" if not spec.is_trigger else f"trig_{TRIGGER_ID:04d}":
+             spec.card for spec in BOARDS}  # fmt: skip
+    with Pva(ioc) as pva:
+        began = time.monotonic()
+        start_run(ioc)
+
+        def all_read(card_bytes=expected) -> bool:
+            for family, nbytes in card_bytes.items():
+                read = pva.number(f"DAQC{CRATE}_OL_Data{cards[family]}") * (1 << 20)
+                if read < nbytes - 1024:
+                    return False
+            return True
+
+        deadline = time.monotonic() + 30
+        while not all_read() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        took = time.monotonic() - began
+    stop_run(ioc)
+    finish(receiver)
+    return out / f"run{RUN:05d}", took
+
+
+def recorded_span_s(run_dir: Path) -> float:
+    stamps = [
+        geb.read_records(path.read_bytes())["timestamp"]
+        for path in run_dir.glob(f"run{RUN:05d}.gtd_*")
+    ]
+    every = np.concatenate(stamps).astype(np.int64)
+    return (every.max() - every.min()) / 1e8
+
+
+def test_replaying_run_files_at_the_recorded_pace_gives_the_same_records(
+    recording, tmp_path, start_ioc
+):
+    replayed, took = replay(tmp_path, recording, "1.0", start_ioc)
+    expected = records_by_board(recording)
+    assert set(expected) == {"0101", "0102", "0103", "0104", f"trig_{TRIGGER_ID:04d}"}
+    assert all(len(rows) > 100 for rows in expected.values())
+    assert records_by_board(replayed) == expected
+    span = recorded_span_s(recording)
+    assert span > 1.5
+    assert took > 0.7 * span, f"a {span:.1f} s recording replayed in {took:.2f} s at speed 1"
+
+
+def test_replaying_saved_replies_as_fast_as_read_gives_the_same_records(
+    recording, tmp_path, start_ioc
+):
+    replayed, took = replay(tmp_path, recording / f"run{RUN:05d}.replies_0", '"max"', start_ioc)
+    assert records_by_board(replayed) == records_by_board(recording)
+    span = recorded_span_s(recording)
+    assert took < 0.5 * span, f"a {span:.1f} s recording took {took:.2f} s at speed max"
