@@ -75,7 +75,7 @@ class Packets:
         bounds = np.zeros(sum(len(p) for p in parts) + 1, np.int64)
         np.cumsum(np.concatenate(sizes), out=bounds[1:])
         return Packets(
-            np.concatenate([p.words for p in parts]),
+            np.concatenate([p.words for p in parts]).astype(WORD, copy=False),
             bounds,
             np.concatenate([p.keys for p in parts]),
         )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import BinaryIO
 import numpy as np
 
 from ioc import protocol
+from ioc.packets import MAX_PACKET_LENGTH
 from ioc.hardware import WORD
 from receiver import geb
 from replay.packets import (
@@ -52,6 +54,8 @@ BLOCK_BYTES = 1 << 20
 #: A saved reply larger than this is not one (the IOC's largest reply is 10 MB).
 MAX_REPLY_BYTES = 16 << 20
 RAW_HEADER = protocol.CLASSIC_HEADER
+#: The longest record payload a DGS packet makes (N = 510 words).
+MAX_RECORD_PAYLOAD = 4 * MAX_PACKET_LENGTH
 
 
 @dataclass(frozen=True)
@@ -217,6 +221,7 @@ class FamilyCursor:
             records, end = geb.scan_records(view[: self._filled])
         except ValueError as error:
             raise RecordingError(f"{self._where}: not a GEB file: {error}") from None
+        self._check_next_length(view, end)
         if end == 0:
             if self._filled == len(self._buffer):
                 raise RecordingError(f"{self._where}: no whole record at byte {self._offset}")
@@ -227,6 +232,17 @@ class FamilyCursor:
         self._filled -= end
         self._offset += end
         return found
+
+    def _check_next_length(self, view: memoryview, end: int) -> None:
+        """The record cut off by the block's end must at least claim a packet's length."""
+        if self._filled - end < geb.GEB_HEADER_BYTES:
+            return
+        (length,) = struct.unpack_from("<i", view, end + 4)
+        if not 0 < length <= MAX_RECORD_PAYLOAD:
+            raise RecordingError(
+                f"{self._where}: the record at byte {self._offset + end} is not a DGS packet "
+                f"(record length {length})"
+            )
 
     def _keep_geb(self, block) -> Packets:
         wanted = self.wanted

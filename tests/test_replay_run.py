@@ -162,3 +162,14 @@ def test_replaying_saved_replies_as_fast_as_read_gives_the_same_records(
     assert records_by_board(replayed) == records_by_board(recording)
     span = recorded_span_s(recording)
     assert took < 0.5 * span, f"a {span:.1f} s recording took {took:.2f} s at speed max"
+
+
+def test_a_recording_that_cannot_be_read_stops_start_up_with_one_line(tmp_path, start_ioc):
+    missing = tmp_path / "run00099"
+    config = replay_config(tmp_path, missing, "1.0")
+    ioc = start_ioc("--config", str(config), wait_ready=False)
+    assert ioc.proc.wait(60) == 2
+    assert ioc.log().strip().splitlines() == [
+        f"dgs-ioc: crate {CRATE}: backend 'replay' cannot be built: "
+        f"{missing}: no such file or directory"
+    ]
