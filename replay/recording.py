@@ -28,8 +28,8 @@ from typing import BinaryIO
 import numpy as np
 
 from ioc import protocol
-from ioc.packets import MAX_PACKET_LENGTH
 from ioc.hardware import WORD
+from ioc.packets import MAX_PACKET_LENGTH
 from receiver import geb
 from replay.packets import (
     PLACEHOLDER_TRIGGER_IDS,

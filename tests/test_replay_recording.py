@@ -54,10 +54,13 @@ def recorded(packets, board: int, is_trigger: bool = False) -> bytes:
 
 
 def crate_config(source: Path, **replay) -> CrateConfig:
-    boards = tuple(
-        BoardConfig(f"MDIG{n}", BoardKind.DIGITIZER_MASTER, n, n + 2, board_id, enabled=True)
-        for n, board_id in enumerate(DIGITIZERS)
-    ) + (BoardConfig("MTRG", BoardKind.TRIGGER_MASTER, 4, 2, TRIGGER_ID, enabled=True),)
+    boards = (
+        *(
+            BoardConfig(f"MDIG{n}", BoardKind.DIGITIZER_MASTER, n, n + 2, board_id, enabled=True)
+            for n, board_id in enumerate(DIGITIZERS)
+        ),
+        BoardConfig("MTRG", BoardKind.TRIGGER_MASTER, 4, 2, TRIGGER_ID, enabled=True),
+    )
     return CrateConfig(crate="01", backend="replay", boards=boards,
                        replay=ReplayConfig(source=(str(source),), **replay))
 
