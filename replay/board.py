@@ -16,6 +16,7 @@ every run replays it whole.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 
@@ -25,6 +26,8 @@ from ioc.hardware import TRIGGER_FIFOS, WORD, Board, BoardIdentity, FifoStatus, 
 from ioc.packets import PACKAGE_DATA_MAX, TIMESTAMP_MASK
 from replay.packets import Packets
 from sim import registers
+
+log = logging.getLogger("dgs.replay")
 
 #: Packets queued ahead per board (words): what the feeder keeps ready.
 QUEUE_WORDS = 1 << 20
@@ -86,7 +89,6 @@ class ReplayBoard(Board):
         self._lock = threading.Lock()
         self._speed = speed
         self._first_key = first_key
-        self._origin_ns = origin_ns
         self._wake = wake
         count = TRIGGER_FIFOS if identity.kind.is_trigger else 1
         self._fifos = [WordFifo(fifo_words) for _ in range(count)]
@@ -98,6 +100,10 @@ class ReplayBoard(Board):
         self._fresh = True  # nothing replayed since the last rewind
         self.replayed = 0  # packets that entered a FIFO
         self.dropped = 0  # packets that arrived when their FIFO had no room
+        self._at_on = (0, 0)  # both counts when master logic last went on
+        # The replay clock (latch_timestamp): a key and when it was current.
+        self._clock_key, self._clock_ns = first_key, origin_ns
+        self._latched = 0
         self._package_register = (
             registers.TRIGGER_PACKAGE_DATA
             if identity.kind.is_trigger
@@ -146,6 +152,7 @@ class ReplayBoard(Board):
                 fifo.push(block.words[: int(block.bounds[taken])])
                 self.replayed += taken
                 self._fresh = False
+                self._clock_key, self._clock_ns = int(block.keys[taken - 1]), time.monotonic_ns()
             lost = 0
             if taken < ready and self._speed:
                 lost = ready - taken
@@ -204,6 +211,7 @@ class ReplayBoard(Board):
             if not on:
                 self._admit()
                 self._on_since_ns = None
+                self._say_what_was_replayed()
                 return
             if not self._fresh:
                 self._generation += 1
@@ -212,12 +220,27 @@ class ReplayBoard(Board):
                 self._fresh = True
                 self._wake.set()
             self._on_since_ns = time.monotonic_ns()
+            self._at_on = (self.replayed, self.dropped)
+
+    def _say_what_was_replayed(self) -> None:
+        """One line per board and run: a replay too fast for the IOC shows here (lock held)."""
+        replayed, dropped = self.replayed - self._at_on[0], self.dropped - self._at_on[1]
+        if replayed or dropped:
+            log.info("replay: %s: %d packets replayed, %d lost to a full FIFO",
+                     self.identity.name, replayed, dropped)
 
     def reinit_pipeline(self) -> None:
         """Nothing to re-initialise: the packets are recorded."""
 
     def latch_timestamp(self) -> int:
-        return ((time.monotonic_ns() - self._origin_ns) // 10) & TIMESTAMP_MASK
+        """The replay's clock: the last packet's timestamp, running on in real time since it
+        entered (before any, from the recording's first at build), never going back; so the
+        IOC's own headers fall among and after the replayed packets."""
+        with self._lock:
+            now_ns = time.monotonic_ns()
+            running = self._clock_key + (now_ns - self._clock_ns) // 10
+            self._latched = max(self._latched, running)
+            return self._latched & TIMESTAMP_MASK
 
     def set_package_data(self, value: int) -> None:
         """The board id the IOC's own headers carry; replayed packets keep the recorded one."""

@@ -69,10 +69,14 @@ class ReplayCrate(Crate):
                 counted.add(index)
                 cursors.append(FamilyCursor(family, wanted, self.strangers if counts else None))
             streams.append(BoardStream(cursors))
+        unread: dict[str, int] = {}
         for index, family in enumerate(found):
             if index not in counted:
                 kind = "trigger board" if family.trigger else "board"
-                self.strangers.add(f"{kind} {family.board} ({len(family.paths)} files)", 0)
+                label = f"{kind} {family.board}"
+                unread[label] = unread.get(label, 0) + len(family.paths)
+        for label, files in unread.items():
+            self.strangers.add(f"{label} ({files} files)", 0)
         firsts = [stream.next() for stream in streams]
         keys = [int(first.keys[0]) for first in firsts if first is not None]
         if not keys:
