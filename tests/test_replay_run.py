@@ -2,9 +2,10 @@
 
 A simulated crate (four digitizers and a master trigger) is recorded for two
 seconds with per-board files and ``--save-raw``; then `dgs-ioc` with
-``backend = "replay"`` plays those files, and then the saved replies, to a
-second receiver. The second receiver's files must hold the recorded records,
-per board and in order (type-F headers are each IOC's own and are left out).
+``backend = "replay"`` plays those files, the saved replies, and files of the
+classic layout (one per board and channel, made by a replay), each to another
+receiver. That receiver's files must hold the recorded records, per board and
+in order (type-F headers are each IOC's own and are left out).
 At speed 1 the replay takes about as long as the recording; at "max" it is fast.
 """
 
@@ -27,7 +28,7 @@ from dataflow import (
     start_run,
     stop_run,
 )
-from ioc_harness import BIN, IocProcess
+from ioc_harness import BIN, IocProcess, wait_until
 
 from ioc import packets
 from receiver import geb
@@ -38,10 +39,10 @@ TRIGGER_ID = TRIGGER_SPEC.package_data
 RUN = 7
 
 
-def receive(ioc: IocProcess, out: Path, *extra: str) -> subprocess.Popen:
-    """`dgs-receiver` for run RUN with one file per board."""
+def receive(ioc: IocProcess, out: Path, *extra: str, layout: str = "board") -> subprocess.Popen:
+    """`dgs-receiver` for run RUN (one file per board unless ``layout`` says otherwise)."""
     return subprocess.Popen(
-        [str(BIN / "dgs-receiver"), "--out", str(out), "--run", str(RUN), "--layout", "board",
+        [str(BIN / "dgs-receiver"), "--out", str(out), "--run", str(RUN), "--layout", layout,
          "--trigger-board", str(TRIGGER_ID), "--status", "plain", *extra,
          f"127.0.0.1:{ioc.ports.data}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -103,30 +104,30 @@ def recording(tmp_path_factory) -> Iterator[Path]:
     yield workdir / f"run{RUN:05d}"
 
 
-def replay(tmp_path: Path, source: Path, speed: str, start_ioc) -> tuple[Path, float]:
-    """Replay ``source`` to a new receiver; the run's files and how long reading took."""
-    config = replay_config(tmp_path, source, speed)
+def replay(
+    start_ioc, recording: Path, source: Path, speed: str, out: Path, layout: str = "board"
+) -> tuple[Path, float]:
+    """Replay ``source`` (made from ``recording``) to a new receiver writing into ``out``;
+    the replayed run's directory and how long the IOC took to read every recorded packet."""
+    out.mkdir()
+    config = replay_config(out, source, speed)
     ioc = start_ioc("--config", str(config))
     ioc.put_ok("Online_CS_RunNumber", RUN)
-    out = tmp_path / "replayed"
-    receiver = receive(ioc, out)
-    expected = fifo_bytes(records_by_board(source if source.is_dir() else source.parent))
+    receiver = receive(ioc, out, layout=layout)
+    expected = fifo_bytes(records_by_board(recording))
     cards = {f"{spec.package_data:04d}" if not spec.is_trigger else f"trig_{TRIGGER_ID:04d}":
              spec.card for spec in BOARDS}  # fmt: skip
     with Pva(ioc) as pva:
+
+        def all_read() -> bool:
+            return all(
+                pva.number(f"DAQC{CRATE}_OL_Data{cards[family]}") * (1 << 20) >= nbytes - 1024
+                for family, nbytes in expected.items()
+            )
+
         began = time.monotonic()
         start_run(ioc)
-
-        def all_read(card_bytes=expected) -> bool:
-            for family, nbytes in card_bytes.items():
-                read = pva.number(f"DAQC{CRATE}_OL_Data{cards[family]}") * (1 << 20)
-                if read < nbytes - 1024:
-                    return False
-            return True
-
-        deadline = time.monotonic() + 30
-        while not all_read() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(all_read, 30, "every recorded packet read by the IOC")
         took = time.monotonic() - began
     stop_run(ioc)
     finish(receiver)
@@ -145,7 +146,7 @@ def recorded_span_s(run_dir: Path) -> float:
 def test_replaying_run_files_at_the_recorded_pace_gives_the_same_records(
     recording, tmp_path, start_ioc
 ):
-    replayed, took = replay(tmp_path, recording, "1.0", start_ioc)
+    replayed, took = replay(start_ioc, recording, recording, "1.0", tmp_path / "replayed")
     expected = records_by_board(recording)
     assert set(expected) == {"0101", "0102", "0103", "0104", f"trig_{TRIGGER_ID:04d}"}
     assert all(len(rows) > 100 for rows in expected.values())
@@ -158,10 +159,21 @@ def test_replaying_run_files_at_the_recorded_pace_gives_the_same_records(
 def test_replaying_saved_replies_as_fast_as_read_gives_the_same_records(
     recording, tmp_path, start_ioc
 ):
-    replayed, took = replay(tmp_path, recording / f"run{RUN:05d}.replies_0", '"max"', start_ioc)
+    replies = recording / f"run{RUN:05d}.replies_0"
+    replayed, took = replay(start_ioc, recording, replies, '"max"', tmp_path / "replayed")
     assert records_by_board(replayed) == records_by_board(recording)
     span = recorded_span_s(recording)
     assert took < 0.5 * span, f"a {span:.1f} s recording took {took:.2f} s at speed max"
+
+
+def test_per_channel_files_replay_to_the_same_records(recording, tmp_path, start_ioc):
+    """Replayed into the classic layout (a file per board and channel), then replayed again."""
+    classic, _ = replay(start_ioc, recording, recording, '"max"', tmp_path / "classic",
+                        layout="classic")
+    channels = {path.name[-1] for path in classic.glob(f"run{RUN:05d}.gtd_000_0101_*")}
+    assert channels >= set("0123456789D")
+    replayed, _ = replay(start_ioc, recording, classic, '"max"', tmp_path / "again")
+    assert records_by_board(replayed) == records_by_board(recording)
 
 
 def test_a_recording_that_cannot_be_read_stops_start_up_with_one_line(tmp_path, start_ioc):
