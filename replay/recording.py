@@ -368,8 +368,3 @@ class BoardStream:
         merged = Packets.concat(parts)
         return merged.take(np.argsort(merged.keys, kind="stable"))
 
-
-def raw_reply(payload: bytes) -> bytes:
-    """A reply as ``--save-raw`` keeps it (tests and tools write recordings with it)."""
-    return RAW_HEADER.pack(protocol.SERVER_SUMMARY, len(payload), 0, 1) + payload
-
