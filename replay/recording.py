@@ -167,6 +167,7 @@ class FamilyCursor:
         self._filled = 0
         self._offset = 0  # byte offset of the buffer's start in the current file
         self._floor = 0
+        self._said_unknown = False
 
     @property
     def _where(self) -> str:
@@ -299,6 +300,10 @@ class FamilyCursor:
         if self.strangers is None and not self._may_be_mine(words):
             return Packets.empty()
         decoded = geb.decode_reply(words)
+        if decoded.unknown and self.strangers is not None and not self._said_unknown:
+            self._said_unknown = True
+            log.warning("replay: %s: %d words of the reply at byte %d are not packets: skipped",
+                        self._where, decoded.unknown_words, self._offset - 16 - words.nbytes)
         events, wanted = decoded.events, self.wanted
         digitizer, trigger = reply_kinds(events)
         chosen = trigger if wanted.trigger else digitizer & (events["board"] == wanted.board)

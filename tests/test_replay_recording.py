@@ -7,6 +7,7 @@ are not recordings must stop with a message naming the file and the byte.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -114,6 +115,15 @@ def test_saved_replies_give_the_packets_as_the_ioc_read_them(tmp_path):
     for board in DIGITIZERS:
         assert stream_of([path], board) == recorded(packets, board)
     assert stream_of([path], TRIGGER_ID, True) == recorded(packets, TRIGGER_ID, True)
+
+
+def test_words_of_a_saved_reply_that_are_not_packets_are_skipped_and_said(tmp_path, caplog):
+    good = digitizer(101, 4, 70)
+    broken = dataclasses.replace(good, data=good.data + b"\x12\x34\x56\x78" * 3)
+    path = write_raw(tmp_path / "r.replies_0", [[broken], [digitizer(101, 5, 80)]])
+    strangers = Strangers(frozenset(DIGITIZERS), has_trigger=True)
+    assert stream_of([path], 101, strangers=strangers) == good.data + digitizer(101, 5, 80).data
+    assert f"{path}: 3 words of the reply at byte 0 are not packets: skipped" in caplog.text
 
 
 def test_a_directory_with_files_and_replies_is_replayed_from_its_files(tmp_path):
