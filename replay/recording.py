@@ -18,6 +18,7 @@ kept. Memory stays bounded by the block size whatever the size of the run.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import struct
 from collections.abc import Iterable
@@ -167,6 +168,7 @@ class FamilyCursor:
         self._filled = 0
         self._offset = 0  # byte offset of the buffer's start in the current file
         self._floor = 0
+        self._size = 0  # of the current file
         self._said_unknown = False
 
     @property
@@ -192,6 +194,7 @@ class FamilyCursor:
         except OSError as error:
             raise RecordingError(f"{self._where}: cannot read: {error.strerror}") from None
         self._filled = self._offset = 0
+        self._size = os.fstat(self._file.fileno()).st_size
         return True
 
     def next(self) -> Packets | None:
@@ -287,18 +290,21 @@ class FamilyCursor:
             raise RecordingError(
                 f"{self._where}: not a saved data reply at byte {at} (header {header.hex()})"
             )
-        payload = self._file.read(length)
-        if len(payload) < length:
+        left = self._size - at - RAW_HEADER.size
+        if left < length:
             raise RecordingError(
-                f"{self._where}: truncated: the reply at byte {at} has {len(payload)} of "
+                f"{self._where}: truncated: the reply at byte {at} has {left} of "
                 f"its {length} bytes"
             )
         self._offset += RAW_HEADER.size + length
+        head = self._file.read(8)
+        if self.strangers is None and not self._may_be_mine(np.frombuffer(head, WORD)):
+            self._file.seek(length - len(head), 1)
+            return Packets.empty()
+        payload = head + self._file.read(length - len(head))
         return self._keep_raw(np.frombuffer(payload, WORD))
 
     def _keep_raw(self, words: np.ndarray) -> Packets:
-        if self.strangers is None and not self._may_be_mine(words):
-            return Packets.empty()
         decoded = geb.decode_reply(words)
         if decoded.unknown and self.strangers is not None and not self._said_unknown:
             self._said_unknown = True
@@ -317,7 +323,7 @@ class FamilyCursor:
         return packets
 
     def _may_be_mine(self, words: np.ndarray) -> bool:
-        """A reply is one board's: its first packet says whose (no decoding needed)."""
+        """A reply is one board's: its first two words say whose (no need to read it all)."""
         first = int(words[0])
         if first == 0x0000AAAA:
             return self.wanted.trigger
