@@ -28,7 +28,11 @@ Choices where spec 01 is silent:
 - legal but probably unintended files load with warnings (``CrateConfig.warnings``,
   one line each): a crate id written as an integer, a crate without boards, a
   crate whose boards are all disabled;
-- a UTF-8 byte order mark at the start of a file is accepted.
+- a UTF-8 byte order mark at the start of a file is accepted;
+- ``[crate.replay]`` (the replay backend): ``source`` is a path or an array of
+  paths, relative ones relative to the file like ``state_dir``; ``speed = "max"``
+  is kept as 0; whether the files are a recording is checked when the backend
+  is built.
 """
 
 from __future__ import annotations

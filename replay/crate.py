@@ -155,6 +155,11 @@ class ReplayCrate(Crate):
                 return True
             feed.ended = True
             log.info("replay: %s: every recorded packet is queued", feed.board.identity.name)
+            if all(other.ended for other in self._feeds) and self.strangers.counts:
+                skipped = ", ".join(
+                    f"{label}: {n}" if n else label for label, n in self.strangers.counts.items()
+                )
+                log.info("replay: records skipped (boards not in the configuration): %s", skipped)
             return False
         feed.last_key = int(block.keys[-1])
         if feed.offset:

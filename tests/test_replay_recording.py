@@ -167,6 +167,18 @@ def test_bad_and_truncated_files_are_refused_naming_the_file_and_byte(tmp_path):
     assert error_of(empty).startswith(f"{empty}: no GEB run files")
 
 
+def test_files_of_boards_not_configured_are_never_opened_but_named(tmp_path, caplog):
+    packets = crate_packets((*DIGITIZERS, 105), None, seconds=0.01, rate_hz=1000)
+    write_board_layout(tmp_path, packets)
+    (tmp_path / "run00001.gtd_001_0105").write_bytes(b"garbage, an error if it were read")
+    crate = backends.build(crate_config(tmp_path))
+    try:
+        assert crate.strangers.counts == {"board 105 (2 files)": 0}
+        assert "replay: board 105 (2 files) is not in the configuration" in caplog.text
+    finally:
+        crate.close()
+
+
 def test_a_recording_without_the_configured_boards_cannot_be_built(tmp_path):
     write_geb(tmp_path / "r.gtd_000_0201", [digitizer(201, 0, 10)])
     with pytest.raises(backends.BackendError, match="no packets of the configured boards"):
