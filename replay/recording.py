@@ -28,9 +28,8 @@ from typing import BinaryIO
 
 import numpy as np
 
-from ioc import protocol
+from ioc import packets, protocol
 from ioc.hardware import WORD
-from ioc.packets import MAX_PACKET_LENGTH
 from receiver import geb
 from replay.packets import (
     PLACEHOLDER_TRIGGER_IDS,
@@ -56,7 +55,7 @@ BLOCK_BYTES = 1 << 20
 MAX_REPLY_BYTES = 16 << 20
 RAW_HEADER = protocol.CLASSIC_HEADER
 #: The longest record payload a DGS packet makes (N = 510 words).
-MAX_RECORD_PAYLOAD = 4 * MAX_PACKET_LENGTH
+MAX_RECORD_PAYLOAD = 4 * packets.MAX_PACKET_LENGTH
 
 
 @dataclass(frozen=True)
@@ -258,8 +257,8 @@ class FamilyCursor:
             chosen = ~block.trigger & ~block.status & (block.board == wanted.board)
         if self.strangers is not None:
             self._count_geb(block)
-        packets, self._floor = geb_packets(block, chosen, wanted.trigger, self._floor)
-        return packets
+        found, self._floor = geb_packets(block, chosen, wanted.trigger, self._floor)
+        return found
 
     def _count_geb(self, block) -> None:
         strangers = self.strangers
@@ -298,7 +297,7 @@ class FamilyCursor:
             )
         self._offset += RAW_HEADER.size + length
         head = self._file.read(8)
-        if self.strangers is None and not self._may_be_mine(np.frombuffer(head, WORD)):
+        if self._someone_elses(np.frombuffer(head, WORD)):
             self._file.seek(length - len(head), 1)
             return Packets.empty()
         payload = head + self._file.read(length - len(head))
@@ -319,15 +318,19 @@ class FamilyCursor:
                 self.strangers.add(f"board {board}", int(count))
             if not self.strangers.has_trigger and trigger.any():
                 self.strangers.add("a trigger board", int(trigger.sum()))
-        packets, self._floor = reply_packets(words, events, chosen, self._floor)
-        return packets
+        found, self._floor = reply_packets(words, events, chosen, self._floor)
+        return found
 
-    def _may_be_mine(self, words: np.ndarray) -> bool:
-        """A reply is one board's: its first two words say whose (no need to read it all)."""
-        first = int(words[0])
-        if first == 0x0000AAAA:
-            return self.wanted.trigger
-        return words.size < 2 or (int(words[1]) >> 4) & 0xFFF == self.wanted.board
+    def _someone_elses(self, head: np.ndarray) -> bool:
+        """Whether a reply is another configured board's: a reply is one board's, and its
+        first two words say whose, so it need not be read (nor decoded to count strangers)."""
+        trigger = int(head[0]) == packets.TRIGGER_MARKER
+        board = -1 if trigger or head.size < 2 else packets.board_id(int(head[1]))
+        if trigger == self.wanted.trigger and (trigger or board == self.wanted.board):
+            return False
+        if self.strangers is None:
+            return True
+        return self.strangers.has_trigger if trigger else board in self.strangers.digitizers
 
 
 class BoardStream:

@@ -111,7 +111,11 @@ def test_saved_replies_give_the_packets_as_the_ioc_read_them(tmp_path):
     replies = [[p for p in packets[i : i + 30] if p.board == board and not p.trigger]
                for i in range(0, len(packets), 30) for board in DIGITIZERS]
     replies += [[p for p in packets if p.trigger], [type_f(101, 0xE, 5)]]
+    replies += [[digitizer(105, 1, 90), digitizer(105, 2, 95)]]
     path = write_raw(tmp_path / "run00001.replies_0", [r for r in replies if r])
+    strangers = Strangers(frozenset(DIGITIZERS), has_trigger=True)
+    assert stream_of([path], 101, strangers=strangers) == recorded(packets, 101)
+    assert strangers.counts == {"board 105": 2}
     for board in DIGITIZERS:
         assert stream_of([path], board) == recorded(packets, board)
     assert stream_of([path], TRIGGER_ID, True) == recorded(packets, TRIGGER_ID, True)
