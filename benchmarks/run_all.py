@@ -1,4 +1,4 @@
-"""`make bench`: run the benchmarks of spec 06 and the issues (P1-P13), print one table, write JSON and the plot.
+"""`make bench`: run the benchmarks P1-P13, print one table, write JSON and the plot.
 
 Each benchmark runs as its own process with a time limit (and the whole run
 with a budget, 15 minutes by default), writes its JSON, and is read back
