@@ -79,3 +79,15 @@ def write_file(path: Path, records: list[bytes]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"".join(records))
     return path
+
+
+def many_records(timestamps: np.ndarray, board: int, samples: int) -> bytes:
+    """Digitizer records of one board at ``timestamps``: a template, its time fields set."""
+    template = np.frombuffer(event_record(Hit(board, 1, 0, 100, samples=(7,) * samples)), np.uint8)
+    table = np.tile(template, (timestamps.size, 1))
+    stamps = timestamps.astype(np.uint64)
+    table[:, 8:16] = stamps.astype("<u8")[:, None].view(np.uint8)
+    table[:, 20:24] = (stamps & np.uint64(0xFFFFFFFF)).astype(">u4")[:, None].view(np.uint8)
+    word3 = np.uint64(13 << 26 | 7 << 16) | stamps >> np.uint64(32)
+    table[:, 24:28] = word3.astype(">u4")[:, None].view(np.uint8)
+    return table.tobytes()
