@@ -34,13 +34,15 @@ from pathlib import Path
 
 import numpy as np
 
-from builder.gebscan import Block, RecordBlocks
+from builder.gebscan import Block, RecordBlocks, RecordReader
 from builder.hits import RECORD_STATUS, record_kinds, records_from_bounds
 
 #: Most runs merged in one pass (each holds a file descriptor and a block).
 MAX_FAN_IN = 128
 DEFAULT_MEMORY_BYTES = 192 * 1024 * 1024
 _MIN_BLOCK = 64 * 1024
+#: Blocks of the scan (larger gain nothing: the per-block work is already small).
+_SCAN_BLOCK = 8 * 1024 * 1024
 
 #: Called with each batch of output: record bytes, their bounds (starts and end), timestamps.
 BatchSink = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
@@ -82,14 +84,9 @@ def permute(data: np.ndarray, bounds: np.ndarray,
     np.cumsum(lengths, out=out_bounds[1:])
     out = np.empty(int(out_bounds[-1]), dtype=np.uint8)
     sources = bounds[:-1][order]
-    for length in np.unique(lengths):
-        size = int(length)
-        if size == 0:
-            continue
-        chosen = np.flatnonzero(lengths == length)
-        items_in = np.ndarray((data.size - size + 1,), dtype=f"V{size}", buffer=data, strides=(1,))
-        items_out = np.ndarray((out.size - size + 1,), dtype=f"V{size}", buffer=out, strides=(1,))
-        items_out[out_bounds[chosen]] = items_in[sources[chosen]]
+    for size in np.unique(lengths).tolist():
+        chosen = np.flatnonzero(lengths == size)
+        _items(out, size)[out_bounds[chosen]] = _items(data, size)[sources[chosen]]
     return out, out_bounds
 
 
@@ -174,20 +171,21 @@ def sorted_runs(path: Path, block_bytes: int, temp: Path) -> list[Run]:
 
 
 def is_time_ordered(path: Path, block_bytes: int, stats: MergeStats,
-                    progress: Progress | None) -> bool:
+                    progress: Progress | None, buffer: np.ndarray | None = None) -> bool:
     """Read ``path`` once: count its records into ``stats``; whether they are in time order."""
-    reader = RecordBlocks(path, block_bytes)
+    reader = RecordReader(path, block_bytes, buffer=buffer)
     ordered, last, records = True, 0, 0
     try:
         while not reader.done:
-            block = reader.next_block()
-            stamps = block.timestamps
+            reader.refill()
+            stamps = reader.timestamps
             records += stamps.size
             if ordered and stamps.size:
                 ordered = int(stamps[0]) >= last and bool((stamps[1:] >= stamps[:-1]).all())
                 last = int(stamps[-1])
+            reader.next = stamps.size
             if progress:
-                progress("scan", int(block.bounds[-1]))
+                progress("scan", int(reader.bounds[-1]))
     finally:
         reader.close()
     stats.records_in += records
@@ -196,92 +194,117 @@ def is_time_ordered(path: Path, block_bytes: int, stats: MergeStats,
     return ordered
 
 
-class _Cursor:
-    """The unread part of one run in a k-way merge."""
+class _Scratch:
+    """An output buffer reused from batch to batch (fresh memory costs page faults)."""
 
-    def __init__(self, run: Run, block_bytes: int) -> None:
-        self.reader = RecordBlocks(run.path, block_bytes, run.start, run.stop)
-        self.block = _join([])
-        self.next = 0  # first record of ``block`` not yet merged
+    def __init__(self) -> None:
+        self._bytes = np.empty(0, dtype=np.uint8)
 
-    @property
-    def remaining(self) -> int:
-        return len(self.block) - self.next
+    def get(self, size: int) -> np.ndarray:
+        if self._bytes.size < size:
+            self._bytes = np.empty(max(size, self._bytes.size * 3 // 2), dtype=np.uint8)
+        return self._bytes[:size]
 
-    @property
-    def last(self) -> int:
-        return int(self.block.timestamps[-1])
 
-    def refill(self) -> None:
-        """Read one more block after the unmerged records."""
-        rest = Block(self.block.data, self.block.bounds[self.next :],
-                     self.block.timestamps[self.next :])
-        self.block = _join([rest, self.reader.next_block()])
-        self.next = 0
-
-    def take(self, count: int) -> Block:
-        first, stop = self.next, self.next + count
-        self.next = stop
-        return Block(self.block.data, self.block.bounds[first : stop + 1],
-                     self.block.timestamps[first:stop])
+def _items(data: np.ndarray, size: int) -> np.ndarray:
+    """``data`` seen as one ``V<size>`` item starting at every byte (records moved whole)."""
+    return np.ndarray((data.size - size + 1,), dtype=f"V{size}", buffer=data, strides=(1,))
 
 
 def merge_runs(runs: list[Run], sink: BatchSink, memory_bytes: int,
                drop_status: bool, stats: MergeStats, progress: Progress | None) -> None:
-    """k-way merge of sorted runs into ``sink`` (ties: run order, then position)."""
-    block_bytes = max(_MIN_BLOCK, memory_bytes // (6 * max(1, len(runs))))
-    cursors = [_Cursor(run, block_bytes) for run in runs]
+    """k-way merge of sorted runs into ``sink`` (ties: run order, then position).
+
+    Every record earlier than the smallest last timestamp read among the runs
+    still being read goes out in the batch of this round; then the runs that
+    set that bound (or used up half their block) read on.
+    """
+    block_bytes = max(_MIN_BLOCK, memory_bytes // (5 * max(1, len(runs))))
+    readers = [RecordReader(run.path, block_bytes, run.start, run.stop) for run in runs]
+    scratch = _Scratch()
     try:
         while True:
-            for cursor in cursors:
-                while cursor.remaining == 0 and not cursor.reader.done:
-                    cursor.refill()
-            open_runs = [c for c in cursors if not c.reader.done]
-            bound = min((c.last for c in open_runs), default=None)
+            for reader in readers:
+                while reader.remaining == 0 and not reader.done:
+                    reader.refill()
+            still_reading = [r for r in readers if not r.done]
+            bound = min((int(r.timestamps[-1]) for r in still_reading), default=None)
             parts = []
-            for cursor in cursors:
-                if not cursor.remaining:
+            for reader in readers:
+                if not reader.remaining:
                     continue
-                stamps = cursor.block.timestamps[cursor.next :]
-                count = stamps.size if bound is None else int(
-                    np.searchsorted(stamps, bound, side="left"))
+                count = reader.remaining if bound is None else int(
+                    np.searchsorted(reader.timestamps[reader.next :], bound, side="left"))
                 if count:
-                    parts.append(cursor.take(count))
+                    parts.append((reader, reader.next, reader.next + count))
+                    reader.next += count
             if parts:
-                _emit(parts, sink, drop_status, stats, progress)
+                _emit(parts, sink, drop_status, stats, progress, scratch)
             elif bound is None:
                 return
-            for cursor in open_runs:
-                if cursor.last == bound or cursor.remaining * 2 < len(cursor.block):
-                    cursor.refill()
+            for reader in still_reading:
+                if (int(reader.timestamps[-1]) == bound
+                        or reader.remaining * 2 < reader.timestamps.size):
+                    reader.refill()
     finally:
-        for cursor in cursors:
-            cursor.reader.close()
+        for reader in readers:
+            reader.close()
 
 
-def _emit(parts: list[Block], sink: BatchSink, drop_status: bool, stats: MergeStats,
-          progress: Progress | None) -> None:
-    batch = _join(parts)
-    consumed = int(batch.bounds[-1])
-    order: np.ndarray | None = None
-    if len(parts) > 1 and not bool((batch.timestamps[1:] >= batch.timestamps[:-1]).all()):
-        order = np.argsort(batch.timestamps, kind="stable")
+def _emit(parts: list[tuple[RecordReader, int, int]], sink: BatchSink, drop_status: bool,
+          stats: MergeStats, progress: Progress | None, scratch: _Scratch) -> None:
+    """One batch out: the parts' records in timestamp order (stable), gathered once."""
+    stamps = np.concatenate([r.timestamps[a:b] for r, a, b in parts])
+    lengths = np.concatenate([np.diff(r.bounds[a : b + 1]) for r, a, b in parts])
+    consumed = int(lengths.sum())
+    keep = None
     if drop_status:
-        index = records_from_bounds(batch.bounds, batch.timestamps)
-        status = record_kinds(batch.data, index) == RECORD_STATUS
-        if status.any():
-            stats.status_dropped += int(status.sum())
-            keep = np.flatnonzero(~status)
-            order = keep if order is None else order[~status[order]]
-    if order is not None:
-        batch = _select(batch, order)
-    if len(batch):
-        first = int(batch.bounds[0])
-        sink(batch.data[first : batch.bounds[-1]], batch.bounds - first, batch.timestamps)
-    stats.records_out += len(batch)
-    stats.bytes_out += int(batch.bounds[-1] - batch.bounds[0])
+        keep = np.concatenate([
+            record_kinds(r.buffer, records_from_bounds(r.bounds[a : b + 1], r.timestamps[a:b]))
+            != RECORD_STATUS for r, a, b in parts])
+        stats.status_dropped += int(keep.size - keep.sum())
+    in_order = len(parts) == 1 or bool((stamps[1:] >= stamps[:-1]).all())
+    if in_order and (keep is None or keep.all()):
+        for reader, first, stop in parts:  # as they are: no copy
+            start, end = int(reader.bounds[first]), int(reader.bounds[stop])
+            sink(reader.buffer[start:end], reader.bounds[first : stop + 1] - start,
+                 reader.timestamps[first:stop])
+    else:
+        order = np.arange(stamps.size) if in_order else np.argsort(stamps, kind="stable")
+        if keep is not None:
+            order = order[keep[order]]
+        slot = np.full(stamps.size, -1, dtype=np.int64)
+        slot[order] = np.arange(order.size)
+        out_bounds = np.zeros(order.size + 1, dtype=np.int64)
+        np.cumsum(lengths[order], out=out_bounds[1:])
+        out = scratch.get(int(out_bounds[-1]))
+        base = 0
+        for reader, first, stop in parts:
+            count = stop - first
+            _scatter(reader, first, stop, lengths[base : base + count],
+                     out, out_bounds, slot[base : base + count])
+            base += count
+        sink(out, out_bounds, stamps[order])
+        stamps = stamps[order]
+    stats.records_out += stamps.size
+    stats.bytes_out += int(lengths.sum() if keep is None else lengths[keep].sum())
     if progress:
         progress("merge", consumed)
+
+
+def _scatter(reader: RecordReader, first: int, stop: int, lengths: np.ndarray,
+             out: np.ndarray, out_bounds: np.ndarray, slot: np.ndarray) -> None:
+    """Copy records ``first..stop`` of ``reader`` to their ``slot`` in ``out`` (-1: left out)."""
+    start, end = int(reader.bounds[first]), int(reader.bounds[stop])
+    sizes = np.unique(lengths)
+    if sizes.size == 1 and bool((slot >= 0).all()):  # one length: the part is a table of items
+        size = int(sizes[0])
+        _items(out, size)[out_bounds[slot]] = reader.buffer[start:end].view(f"V{size}")
+        return
+    starts = reader.bounds[first:stop]
+    for size in sizes.tolist():
+        chosen = np.flatnonzero((lengths == size) & (slot >= 0))
+        _items(out, size)[out_bounds[slot[chosen]]] = _items(reader.buffer, size)[starts[chosen]]
 
 
 def merge_files(files: list[Path], sink: BatchSink, *, memory_bytes: int = DEFAULT_MEMORY_BYTES,
@@ -289,15 +312,18 @@ def merge_files(files: list[Path], sink: BatchSink, *, memory_bytes: int = DEFAU
                 progress: Progress | None = None) -> MergeStats:
     """Merge every record of ``files`` into ``sink`` in time order (see the module doc)."""
     stats = MergeStats(files=len(files))
-    scan_block = max(_MIN_BLOCK, memory_bytes // 4)
+    scan_block = max(_MIN_BLOCK, min(memory_bytes // 4, _SCAN_BLOCK))
+    buffer = np.empty(2 * scan_block, dtype=np.uint8)  # one for every file: no page faults
     with tempfile.TemporaryDirectory(prefix="dgs-merge-", dir=temp_dir) as scratch:
         runs: list[Run] = []
         for number, path in enumerate(files):
-            if is_time_ordered(path, scan_block, stats, progress):
+            if is_time_ordered(path, scan_block, stats, progress, buffer):
                 runs.append(Run(path, 0, os.path.getsize(path)))
             else:
                 stats.unsorted_files += 1
-                runs += sorted_runs(path, scan_block // 2, Path(scratch) / f"runs-{number}")
+                sort_block = max(_MIN_BLOCK, memory_bytes // 8)
+                runs += sorted_runs(path, sort_block, Path(scratch) / f"runs-{number}")
+        del buffer
         stats.runs = len(runs)
         runs = _reduce_fan_in(runs, Path(scratch), memory_bytes)
         merge_runs(runs, sink, memory_bytes, drop_status, stats, progress)
