@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import struct
 import tracemalloc
 from pathlib import Path
 
@@ -18,6 +17,8 @@ from geb_files import (
     event_record,
     many_records,
     random_hits,
+    records_of_files,
+    reference_merge,
     status_record,
     trigger_record,
     write_file,
@@ -27,31 +28,6 @@ from builder import merge
 from builder.cli import data_files, main
 from builder.hits import RECORD_STATUS, hits_from_records, record_kinds
 from receiver.geb import read_records
-
-
-def records_of_files(paths: list[Path]) -> list[tuple[int, bytes]]:
-    """(timestamp, bytes) of every record, files in order, positions in order."""
-    found = []
-    for path in paths:
-        data = path.read_bytes()
-        for record in read_records(data):
-            start = int(record["offset"])
-            found.append((int(record["timestamp"]),
-                          data[start : start + 16 + int(record["length"])]))
-    return found
-
-
-def reference_merge(paths: list[Path], drop_status: bool = False) -> bytes:
-    """The documented order, independently: a stable sort by timestamp of all records."""
-    records = records_of_files(paths)
-    if drop_status:
-        records = [r for r in records if not is_status(r[1])]
-    return b"".join(data for _, data in sorted(records, key=lambda r: r[0]))
-
-
-def is_status(record: bytes) -> bool:
-    length = struct.unpack_from("<i", record, 4)[0]
-    return length == 12 and (struct.unpack_from(">I", record, 24)[0] >> 16) & 0xF == 0xF
 
 
 def crate_run(directory: Path, run: str, hits: list[Hit], boards: tuple[int, ...],
