@@ -170,16 +170,19 @@ def test_events_equal_a_brute_force_grouping_of_the_merged_hits(three_crates, tm
         snapshot(run_dir, "end", boards)
     output, events = tmp_path / "m.gtd", tmp_path / f"ev{suffix}"
     code, printed = run_merge(*three_crates, "-o", output, "--events", events, "--window", "500",
-                              "--memory", "1")
+                              "--memory", "1", "--traces")
     assert code == 0, printed
     merged = output.read_bytes()
-    hits, _ = hits_from_records(merged, read_records(merged))
+    hits, traces = hits_from_records(merged, read_records(merged), with_traces=True)
     expected = brute_force_events(hits["timestamp"].tolist(), 500)
     if suffix == ".root":
         with uproot.open(events) as root:
             arrays = root["events"].arrays(["mult", "board", "timestamp", "e", "crate"],
                                            library="np")
             metadata = json.loads(str(root["metadata"]))
+            samples = root["events"].arrays(["trace", "trace_samples"], library="np")
+        width = int(samples["trace_samples"][0])
+        got = np.concatenate(samples["trace"]).reshape(-1, width)
         mult, board = arrays["mult"].tolist(), np.concatenate(arrays["board"])
         crate = np.concatenate(arrays["crate"])
         stamps, energy = np.concatenate(arrays["timestamp"]), np.concatenate(arrays["e"])
@@ -188,9 +191,11 @@ def test_events_equal_a_brute_force_grouping_of_the_merged_hits(three_crates, tm
             mult = h5["events"]["mult"].tolist()
             rows = h5["hits"][:]
             metadata = json.loads(h5.attrs["metadata"])
+            got = h5["traces"][:]
         board, crate = rows["board"], rows["crate"]
         stamps, energy = rows["timestamp"], rows["energy"]
     assert mult == expected
+    assert (got[:, : traces.shape[1]] == traces).all() and (got[:, traces.shape[1] :] == -1).all()
     assert stamps.tolist() == hits["timestamp"].tolist()
     assert energy.tolist() == hits["energy"].tolist()
     assert (crate == board // 100).all(), "crates from the begin snapshots"
@@ -202,9 +207,10 @@ def test_events_equal_a_brute_force_grouping_of_the_merged_hits(three_crates, tm
 def test_a_truncated_file_fails_and_leaves_no_output(tmp_path):
     path = write_file(tmp_path / "t" / "t.gtd_000", [event_record(Hit(1, 0, 5, 9))])
     path.write_bytes(path.read_bytes()[:-3])
-    code, printed = run_merge(tmp_path / "t", "-o", tmp_path / "m.gtd")
+    code, printed = run_merge(tmp_path / "t", "-o", tmp_path / "m.gtd", "--events",
+                              tmp_path / "e.root")
     assert code == 1 and "partial record" in printed
-    assert not (tmp_path / "m.gtd").exists() and not list(tmp_path.glob(".m.gtd*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"], "no output, no leftovers"
 
 
 def test_an_existing_output_or_no_input_is_refused(tmp_path):
