@@ -222,3 +222,17 @@ def test_an_existing_output_or_no_input_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     code, printed = run_merge(tmp_path / "empty", "-o", tmp_path / "n.gtd")
     assert code == 2 and "no GEB data files" in printed
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_a_progress_line_is_drawn_on_a_terminal_only(tmp_path, terminal):
+    write_file(tmp_path / "t" / "t.gtd_000", [event_record(Hit(1, 0, 5, 9))])
+    err = Terminal() if terminal else io.StringIO()
+    assert main([str(tmp_path / "t"), "-o", str(tmp_path / "m.gtd")], out=io.StringIO(),
+                 err=err) == 0
+    assert ("\rdgs-merge: scan" in err.getvalue()) is terminal
