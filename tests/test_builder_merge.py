@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import struct
 import tracemalloc
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from geb_files import (
 
 from builder import merge
 from builder.cli import data_files, main
+from builder.gebscan import RecordReader, file_timestamps
 from builder.hits import RECORD_STATUS, hits_from_records, record_kinds
 from receiver.geb import read_records
 
@@ -236,3 +238,20 @@ def test_a_progress_line_is_drawn_on_a_terminal_only(tmp_path, terminal):
     assert main([str(tmp_path / "t"), "-o", str(tmp_path / "m.gtd")], out=io.StringIO(),
                  err=err) == 0
     assert ("\rdgs-merge: scan" in err.getvalue()) is terminal
+
+
+def test_records_longer_than_a_block_are_read_whole(tmp_path):
+    sizes = [10_000, 12, 40, 70_000, 12, 5_000]
+    records = [struct.pack("<iiQ", 14, size, stamp) + bytes([stamp]) * size
+               for stamp, size in enumerate(sizes)]
+    path = write_file(tmp_path / "big" / "b.gtd_000", records)
+    stamps = [int(s) for chunk, _ in file_timestamps(path, 4096) for s in chunk]
+    assert stamps == list(range(len(sizes)))
+    reader, seen = RecordReader(path, 4096), []
+    while not reader.done or reader.remaining:
+        reader.refill()
+        for index in range(reader.next, reader.timestamps.size):
+            start, end = int(reader.bounds[index]), int(reader.bounds[index + 1])
+            seen.append(reader.buffer[start:end].tobytes())
+        reader.next = reader.timestamps.size
+    assert seen == records
