@@ -15,6 +15,7 @@ import pytest
 import uproot
 from geb_files import (
     Hit,
+    brute_force_multiplicity,
     event_record,
     many_records,
     random_hits,
@@ -143,19 +144,6 @@ def test_memory_stays_bounded_for_an_input_many_times_the_memory_setting(tmp_pat
     assert peak < 6 * budget, f"peak {peak / 2**20:.1f} MiB for {size / 2**20:.0f} MiB of input"
 
 
-def brute_force_events(stamps: list[int], window: int) -> list[int]:
-    """Multiplicity of each event by the documented rule, one hit at a time."""
-    sizes: list[int] = []
-    opened = None
-    for stamp in stamps:
-        if opened is not None and stamp <= opened + window:
-            sizes[-1] += 1
-        else:
-            opened = stamp
-            sizes.append(1)
-    return sizes
-
-
 def snapshot(run_dir: Path, when: str, boards: dict[str, list[int]]) -> None:
     crates = [{"crate": crate, "pvs": {f"VME{crate}:MDIG{i}:user_package_data": board
                                        for i, board in enumerate(ids)}}
@@ -176,7 +164,7 @@ def test_events_equal_a_brute_force_grouping_of_the_merged_hits(three_crates, tm
     assert code == 0, printed
     merged = output.read_bytes()
     hits, traces = hits_from_records(merged, read_records(merged), with_traces=True)
-    expected = brute_force_events(hits["timestamp"].tolist(), 500)
+    expected = brute_force_multiplicity(hits["timestamp"].tolist(), 500)
     if suffix == ".root":
         with uproot.open(events) as root:
             arrays = root["events"].arrays(["mult", "board", "timestamp", "e", "crate"],
