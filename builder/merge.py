@@ -314,7 +314,7 @@ def merge_files(files: list[Path], sink: BatchSink, *, memory_bytes: int = DEFAU
                 runs.append(Run(path, 0, os.path.getsize(path)))
             else:
                 stats.unsorted_files += 1
-                sort_block = max(_MIN_BLOCK, memory_bytes // 8)
+                sort_block = max(_MIN_BLOCK, memory_bytes // 12)  # ~6 blocks live while sorting
                 runs += sorted_runs(path, sort_block, Path(scratch) / f"runs-{number}")
         stats.runs = len(runs)
         runs = _reduce_fan_in(runs, Path(scratch), memory_bytes)
