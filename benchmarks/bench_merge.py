@@ -12,6 +12,8 @@ Figures, all measured in the same run on the same files:
 - P10h: the same against a plain-Python merge (``heapq.merge`` of per-file
   record generators, struct-unpacked headers, written to a file); the ratio
   is the figure asked for (target: faster, >= 1 x);
+- P10s: both merges again on a smaller run of header-only records (68 bytes),
+  where the cost per record, not per byte, decides;
 - P10m: `dgs-merge`'s peak resident memory (``ru_maxrss`` from ``wait4``); target
   < 500 MB.
 
@@ -48,16 +50,17 @@ TARGET_RSS_MB = 500.0
 _HEADER = struct.Struct("<iiQ")
 
 
-def channel_file(path: Path, board: int, channel: int, stamps: np.ndarray) -> int:
-    """One classic per-channel file of 200-sample records at ``stamps``; returns its bytes."""
-    words = 13 + SAMPLES // 2
+def channel_file(path: Path, board: int, channel: int, stamps: np.ndarray,
+                 samples: int = SAMPLES) -> int:
+    """One classic per-channel file of records at ``stamps``; returns its bytes."""
+    words = 13 + samples // 2
     record = np.zeros(16 + 4 * words, dtype=np.uint8)
     record[:16] = np.frombuffer(_HEADER.pack(14, 4 * words, 0), dtype=np.uint8)
     pre, post = 1000 * 256, 2000 * 256  # a 1000-count pulse over a 1000-count baseline, M = 256
     head = [3 << 27 | words << 16 | board << 4 | channel, 0, 13 << 26 | 7 << 16, 0, 0, 1000, 0,
             (post & 0xFF) << 24 | pre, post >> 8]  # words 1..9
     record[16 : 16 + 4 * len(head)] = np.array(head, dtype=">u4").view(np.uint8)
-    record[16 + 52 :] = np.full(SAMPLES // 2, 1000 << 16 | 1000, dtype=">u4").view(np.uint8)
+    record[16 + 52 :] = np.full(samples // 2, 1000 << 16 | 1000, dtype=">u4").view(np.uint8)
     table = np.tile(record, (stamps.size, 1))
     table[:, 8:16] = stamps.astype("<u8")[:, None].view(np.uint8)
     table[:, 20:24] = (stamps & 0xFFFFFFFF).astype(">u4")[:, None].view(np.uint8)
@@ -67,11 +70,11 @@ def channel_file(path: Path, board: int, channel: int, stamps: np.ndarray) -> in
     return table.size
 
 
-def generate(run_dir: Path, gigabytes: float) -> tuple[list[Path], int]:
+def generate(run_dir: Path, gigabytes: float, samples: int = SAMPLES) -> tuple[list[Path], int]:
     """The 40 files of the run; ``(paths, records)``."""
     run_dir.mkdir(parents=True)
     rng = np.random.default_rng(10)
-    record_bytes = 16 + 4 * (13 + SAMPLES // 2)
+    record_bytes = 16 + 4 * (13 + samples // 2)
     per_file = int(gigabytes * 1e9 / record_bytes / (len(BOARDS) * CHANNELS)) + 1
     span = 10 * 100_000_000  # ten seconds of 10 ns ticks
     paths = []
@@ -79,7 +82,7 @@ def generate(run_dir: Path, gigabytes: float) -> tuple[list[Path], int]:
         for channel in range(CHANNELS):
             stamps = np.sort(rng.integers(0, span, per_file)).astype(np.uint64)
             path = run_dir / f"run00010.gtd_000_{board:04d}_{channel:X}"
-            channel_file(path, board, channel, stamps)
+            channel_file(path, board, channel, stamps, samples)
             paths.append(path)
     return paths, per_file * len(paths)
 
@@ -127,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--gigabytes", type=float, default=1.05, help="run size (default 1.05)")
+    parser.add_argument("--header-only-gigabytes", type=float, default=0.2,
+                        help="size of the header-only run (default 0.2)")
     args = parser.parse_args(argv)
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-merge-", dir="/dev/shm") as scratch:
@@ -145,6 +150,14 @@ def main(argv: list[str] | None = None) -> int:
         merged.unlink()
         heap_s = heapq_seconds(paths, root / "heap.gtd")
         complete &= (root / "heap.gtd").stat().st_size == size
+        (root / "heap.gtd").unlink()
+        for path in paths:
+            path.unlink()
+        small_paths, small_records = generate(root / "run00011", args.header_only_gigabytes, 0)
+        small_mb = sum(p.stat().st_size for p in small_paths) / 1e6
+        small_merge_s, _, small_printed = dgs_merge(root / "run00011", root / "small.gtd")
+        small_heap_s = heapq_seconds(small_paths, root / "small-heap.gtd")
+        complete &= "count check passed" in small_printed
     mb = size / 1e6
     figures = [
         Figure(id="P10", what="dgs-merge, 40 files, 200-sample records (vs cat > /dev/null)",
@@ -156,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
                unit="MB/s", baseline=mb / heap_s, baseline_what="heapq merge", target=1.0,
                target_on="ratio", conditions_met=complete,
                note=f"heapq merge {records / heap_s / 1e6:.2f} M records/s"),
+        Figure(id="P10s", what="the same with header-only records (68 B) vs heapq merge",
+               value=small_mb / small_merge_s, unit="MB/s", baseline=small_mb / small_heap_s,
+               baseline_what="heapq merge", target=1.0, target_on="ratio",
+               conditions_met=complete,
+               note=f"{small_records / small_merge_s / 1e6:.2f} M records/s against "
+                    f"{small_records / small_heap_s / 1e6:.2f} M; {small_mb:.0f} MB"),
         Figure(id="P10m", what="dgs-merge peak resident memory", value=rss / 2**20, unit="MB",
                baseline=None, baseline_what="", target=TARGET_RSS_MB, higher_is_better=False),
     ]

@@ -269,17 +269,28 @@ def _emit(parts: list[tuple[RecordReader, int, int]], sink: BatchSink, drop_stat
             order = order[keep[order]]
         slot = np.full(stamps.size, -1, dtype=np.int64)
         slot[order] = np.arange(order.size)
-        out_bounds = np.zeros(order.size + 1, dtype=np.int64)
-        np.cumsum(lengths[order], out=out_bounds[1:])
-        out = scratch.get(int(out_bounds[-1]))
-        base = 0
-        for reader, first, stop in parts:
-            count = stop - first
-            _scatter(reader, first, stop, lengths[base : base + count],
-                     out, out_bounds, slot[base : base + count])
-            base += count
-        sink(out, out_bounds, stamps[order])
+        size = int(lengths[0]) if lengths.size else 0
+        if keep is None and bool((lengths == size).all()):  # one length: slots are offsets
+            out_bounds = np.arange(order.size + 1, dtype=np.int64) * size
+            out = scratch.get(int(out_bounds[-1]))
+            items, base = _items(out, size), 0
+            for reader, first, stop in parts:
+                start, end = int(reader.bounds[first]), int(reader.bounds[stop])
+                items[slot[base : base + stop - first] * size] = (
+                    reader.buffer[start:end].view(f"V{size}"))
+                base += stop - first
+        else:
+            out_bounds = np.zeros(order.size + 1, dtype=np.int64)
+            np.cumsum(lengths[order], out=out_bounds[1:])
+            out = scratch.get(int(out_bounds[-1]))
+            base = 0
+            for reader, first, stop in parts:
+                count = stop - first
+                _scatter(reader, first, stop, lengths[base : base + count],
+                         out, out_bounds, slot[base : base + count])
+                base += count
         stamps = stamps[order]
+        sink(out, out_bounds, stamps)
     stats.records_out += stamps.size
     stats.bytes_out += int(lengths.sum() if keep is None else lengths[keep].sum())
     if progress:
@@ -289,13 +300,8 @@ def _emit(parts: list[tuple[RecordReader, int, int]], sink: BatchSink, drop_stat
 def _scatter(reader: RecordReader, first: int, stop: int, lengths: np.ndarray,
              out: np.ndarray, out_bounds: np.ndarray, slot: np.ndarray) -> None:
     """Copy records ``first..stop`` of ``reader`` to their ``slot`` in ``out`` (-1: left out)."""
-    start, end = int(reader.bounds[first]), int(reader.bounds[stop])
-    sizes = np.unique(lengths)
-    if sizes.size == 1 and bool((slot >= 0).all()):  # one length: the part is a table of items
-        size = int(sizes[0])
-        _items(out, size)[out_bounds[slot]] = reader.buffer[start:end].view(f"V{size}")
-        return
     starts = reader.bounds[first:stop]
+    sizes = np.unique(lengths)
     for size in sizes.tolist():
         chosen = np.flatnonzero((lengths == size) & (slot >= 0))
         _items(out, size)[out_bounds[slot[chosen]]] = _items(reader.buffer, size)[starts[chosen]]
