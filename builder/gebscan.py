@@ -114,17 +114,14 @@ class RecordReader:
     After `refill`, records ``next..`` of ``bounds``/``timestamps`` are the ones
     not used yet (``bounds``: record starts in ``buffer`` and the end of the
     last whole record). Callers use records by moving ``next`` on; views of
-    ``buffer`` stay valid until the next `refill`. A ``buffer`` may be handed
-    over from a reader that is finished with it.
+    ``buffer`` stay valid until the next `refill`.
     """
 
     def __init__(self, path: Path, block_bytes: int, start: int = 0,
-                 stop: int | None = None, buffer: np.ndarray | None = None) -> None:
+                 stop: int | None = None) -> None:
         self.path = path
         self.block_bytes = max(int(block_bytes), 4096)
-        if buffer is None or buffer.size < 2 * self.block_bytes:
-            buffer = np.empty(2 * self.block_bytes, dtype=np.uint8)
-        self.buffer = buffer
+        self.buffer = np.empty(2 * self.block_bytes, dtype=np.uint8)
         self.position = start
         self.stop = os.path.getsize(path) if stop is None else stop
         self.filled = 0
