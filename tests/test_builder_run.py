@@ -1,4 +1,5 @@
-"""A real run to a spectrum: demo crate IOC, `dgs-receiver`, `dgs-merge --events`, the example plot.
+"""A real run to a spectrum: demo crate IOC, `dgs-receiver`, `dgs-merge --events`, the example plot;
+and the files of a replay of the run's recorded replies (classic protocol) merge alike.
 
 The receiver runs as its own process, `dgs-merge` and the example too, as a
 physicist would type them; the merged file is checked against an independent
@@ -16,8 +17,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from geb_files import brute_force_multiplicity, reference_merge
+from geb_files import brute_force_multiplicity, records_of_files, reference_merge
 from ioc_harness import BIN, wait_until
+from test_receiver_files import ReceiverThread, ScriptedServer, saved_replies
 
 from builder.cli import data_files
 from builder.events import DEFAULT_WINDOW_TICKS
@@ -29,12 +31,12 @@ CALIBRATION = REPO / "examples" / "co60-calibration.csv"
 CO60_KEV = (1173.228, 1332.492)
 
 
-def record_run(ioc, out: Path, run: int, layout: str) -> Path:
+def record_run(ioc, out: Path, run: int, layout: str, *extra: str) -> Path:
     """One run of the demo crate written by dgs-receiver in ``layout``; its directory."""
     ioc.put_ok("Online_CS_RunNumber", run)
     command = [str(BIN / "dgs-receiver"), "--out", str(out), "--run", str(run), "--layout",
                layout, "--status", "plain", "--pv-pva", f"127.0.0.1:{ioc.ports.pva}",
-               "--crate", "01", f"127.0.0.1:{ioc.ports.data}"]
+               "--crate", "01", *extra, f"127.0.0.1:{ioc.ports.data}"]
     log = open(out / f"receiver-{run}.log", "w")  # noqa: SIM115 - closed below
     receiver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
@@ -100,3 +102,25 @@ def test_a_run_becomes_one_ordered_file_and_a_co60_spectrum(demo_ioc, tmp_path, 
                             "-o", str(picture)], capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0, shown.stderr
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_files_of_a_replay_of_recorded_classic_replies_merge_like_the_original(demo_ioc,
+                                                                                tmp_path):
+    run_dir = record_run(demo_ioc, tmp_path, 17, "classic", "--save-raw")
+    server = ScriptedServer(saved_replies(run_dir / "run00017.replies_0"))
+    try:
+        replay = ReceiverThread(["--protocol", "classic", "--out", str(tmp_path / "replay"),
+                                 "--run-name", "run00017", "--layout", "board", "--status",
+                                 "plain", f"127.0.0.1:{server.port}"])
+        assert replay.join(60) == 0, replay.out.getvalue()
+    finally:
+        server.close()
+    replay_dir = tmp_path / "replay" / "run00017"
+    for directory, output in ((run_dir, "original.gtd"), (replay_dir, "replay.gtd")):
+        done = dgs_merge(directory, "-o", tmp_path / output)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert (tmp_path / output).read_bytes() == reference_merge(data_files(directory))
+    original = records_of_files([tmp_path / "original.gtd"])
+    replayed = records_of_files([tmp_path / "replay.gtd"])
+    assert [ts for ts, _ in replayed] == [ts for ts, _ in original]
+    assert sorted(replayed) == sorted(original), "the same records, whichever receiver wrote them"
