@@ -257,9 +257,11 @@ class _RootChunk:
         self._pending, self._pending_hits = [], 0
 
     def close(self, metadata: dict) -> None:
+        if self._tree is None and not self._pending:  # no event: the branches all the same
+            kev = np.empty(0, np.float32) if self._calibrated else None
+            traces = np.empty((0, 0), np.int16) if self._with_traces else None
+            self._pending.append((Events.empty(), kev, traces))
         self._flush()
-        if self._tree is None:
-            self._file.mktree("events", {"mult": np.int32, "event_timestamp": np.uint64})
         self._file["metadata"] = json.dumps(metadata)
         self._file.close()
 

@@ -195,3 +195,18 @@ def test_hits_of_a_receiver_batch_through_its_bounds():
     hits, _ = hits_from_records(data, records_from_bounds(bounds, np.array([100, 120, 130])))
     assert hits["timestamp"].tolist() == [100, 130]
     assert hits["energy"].tolist() == [50, 60]
+
+
+@pytest.mark.parametrize("suffix", [".root", ".h5"])
+def test_a_run_without_events_still_gets_a_readable_file_with_every_column(tmp_path, suffix):
+    writer = open_event_writer(tmp_path / f"e{suffix}", {"run": 1}, with_traces=True)
+    writer.write(Events.empty())
+    assert writer.close() == [tmp_path / f"e{suffix}"]
+    if suffix == ".root":
+        with uproot.open(tmp_path / "e.root") as root:
+            assert root["events"].num_entries == 0
+            assert {"mult", "e", "board", "timestamp", "trace"} <= set(root["events"].keys())
+    else:
+        with h5py.File(tmp_path / "e.h5") as h5:
+            assert h5["hits"].shape == (0,) and h5["events"].shape == (0,)
+            assert h5.attrs["events"] == 0
