@@ -8,7 +8,8 @@ snapshots are not data), by name, or a GEB file given directly. Record order:
 see `builder.merge` (timestamp, then input order, then position). ``--status
 drop`` leaves out the type-F status records (end of data, empty, FIFO errors);
 by default every record is kept. At the end the counts are checked: records
-written (plus status records dropped) must equal records read, else exit 1.
+and bytes written (plus status records dropped) must equal those read, else
+exit 1.
 
 ``--events`` builds coincidence events (`builder.events`) from the merged
 digitizer hits and writes them with the run directories' begin/end PV
@@ -233,13 +234,16 @@ def _report(stats: MergeStats, args: argparse.Namespace, seconds: float, out: Te
     print(f"dgs-merge: {stats.records_in} records in {stats.files} files "
           f"({stats.unsorted_files} out of time order, {stats.runs} sorted runs), "
           f"{stats.bytes_in / 1e6:.1f} MB in {seconds:.1f} s ({rate:.0f} MB/s)", file=out)
-    accounted = stats.records_out + stats.status_dropped
-    if accounted != stats.records_in:
-        print(f"dgs-merge: COUNT MISMATCH: {stats.records_in} records read, "
-              f"{stats.records_out} written, {stats.status_dropped} dropped", file=err)
+    records = stats.records_out + stats.status_dropped
+    nbytes = stats.bytes_out + stats.bytes_dropped
+    if (records, nbytes) != (stats.records_in, stats.bytes_in):
+        print(f"dgs-merge: COUNT MISMATCH: {stats.records_in} records ({stats.bytes_in} bytes) "
+              f"read, {stats.records_out} ({stats.bytes_out}) written, "
+              f"{stats.status_dropped} ({stats.bytes_dropped}) dropped", file=err)
         return EXIT_FAILED
     where = f" to {args.output}" if args.output else ""
     dropped = f" and {stats.status_dropped} status records dropped" if stats.status_dropped else ""
     print(f"dgs-merge: {stats.records_out} records written{where}{dropped}: "
-          f"count check passed: {stats.records_in} read = written + dropped", file=out)
+          f"count check passed: {stats.records_in} records and {stats.bytes_in} bytes read "
+          f"= written + dropped", file=out)
     return EXIT_DONE

@@ -6,10 +6,11 @@ sort by timestamp of all input records read one file after another.
 
 Two passes, both a block at a time:
 
-1. Scan: every file is read once; its records are counted and checked for
-   time order. A file in order (per-board and per-channel files) is a sorted
-   run as it is. A file out of order (arrival order, or anything else) is cut
-   into sorted runs written to a temporary file: a block is sorted together
+1. Scan: every file's headers are read once (through memory maps); its
+   records are counted and checked for time order. A file in order
+   (per-board and per-channel files) is a sorted run as it is. A file out
+   of order (arrival order, or anything else) is cut into sorted runs
+   written to a temporary file: a block is sorted together
    with the records held back from the block before; the records earlier than
    the new block's earliest go out (they are nearly always final), the rest wait
    for the next block, at most one block of them. A run ends where a record
@@ -29,7 +30,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,8 @@ _MIN_BLOCK = 64 * 1024
 #: Blocks of the scan (larger gain nothing: the per-block work is already small).
 _SCAN_BLOCK = 8 * 1024 * 1024
 
-#: Called with each batch of output: record bytes, their bounds (starts and end), timestamps.
+#: Called with each batch of output: record bytes, their bounds (starts and end), timestamps;
+#: the arrays are valid until the call returns (they are reused).
 BatchSink = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
 #: Called with bytes of input done (scan, then merge), for a progress display.
 Progress = Callable[[str, int], None]
@@ -69,7 +71,7 @@ class MergeStats:
     records_out: int = 0
     bytes_out: int = 0
     status_dropped: int = 0
-    per_file: dict[str, int] = field(default_factory=dict)
+    bytes_dropped: int = 0
 
 
 def permute(data: np.ndarray, bounds: np.ndarray,
@@ -184,7 +186,6 @@ def is_time_ordered(path: Path, window_bytes: int, stats: MergeStats,
             progress("scan", nbytes)
     stats.records_in += records
     stats.bytes_in += os.path.getsize(path)
-    stats.per_file[str(path)] = records
     return ordered
 
 
@@ -257,6 +258,7 @@ def _emit(parts: list[tuple[RecordReader, int, int]], sink: BatchSink, drop_stat
             record_kinds(r.buffer, records_from_bounds(r.bounds[a : b + 1], r.timestamps[a:b]))
             != RECORD_STATUS for r, a, b in parts])
         stats.status_dropped += int(keep.size - keep.sum())
+        stats.bytes_dropped += int(lengths[~keep].sum())
     in_order = len(parts) == 1 or bool((stamps[1:] >= stamps[:-1]).all())
     if in_order and (keep is None or keep.all()):
         for reader, first, stop in parts:  # as they are: no copy
