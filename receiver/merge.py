@@ -1,0 +1,215 @@
+"""Online time-ordered merge of every board of every crate a receiver pulls (issue 16).
+
+Records wait in memory until they can be written in timestamp order. Each board
+has a watermark, the largest timestamp it has sent; a board that sent its
+end-of-run (0xD) header has none left to wait for. A held record is released
+once every board still running has sent data past its timestamp. Which boards
+exist is learnt from the data: nothing is released on watermarks before every
+connection has delivered records (a crate whose boards have sent nothing yet
+could still send older data), and a board seen for the first time later is
+waited for from then on.
+
+A silent board (disabled mid-run, a slow crate) would hold everything back, so
+a record never waits longer than ``wait_s`` (``--merge-wait``): when the oldest
+held record has waited that long, everything up to its timestamp is released.
+Records arriving afterwards with a timestamp older than the last written one
+are written anyway, after, and counted as late (they are not in timestamp
+order); late records are not given to the event builder, whose input must be
+in order. `close` flushes what is left.
+
+Work is per reply and vectorised: the held records are a table kept sorted by
+timestamp (a stable sort of the held table and the reply's records, ties in
+arrival order) over one word buffer that is compacted when it fills; the
+released prefix is gathered into one contiguous block and written at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from receiver.geb import Batch
+
+#: Default ``--merge-wait``: longer than the IOC's usual reply cycle and a crate's
+#: readout lag (the single-file layout saw records 105 ms out of order), short
+#: enough that little is held in memory.
+DEFAULT_WAIT_S = 2.0
+_DONE = np.iinfo(np.uint64).max
+_INITIAL_WORDS = 1 << 20
+
+
+@dataclass
+class Released:
+    """Records released in timestamp order (late ones flagged), contiguous GEB bytes."""
+
+    data: np.ndarray  # uint8
+    bounds: np.ndarray  # byte offset of each record, records + 1 entries
+    timestamp: np.ndarray
+    late: np.ndarray  # bool per record
+
+    def __len__(self) -> int:
+        return self.bounds.size - 1
+
+
+@dataclass
+class MergeCounters:
+    records: int = 0  # written
+    late: int = 0
+    released_by_wait: int = 0  # releases forced by --merge-wait
+    max_held: int = 0
+
+
+class Merger:
+    """Holds records from every puller and hands them on in timestamp order.
+
+    ``output`` receives each `Released` block (write the merged file, feed the
+    event builder); it runs under the merger's lock, so blocks arrive in order.
+    An error it raises propagates to whichever thread added or ticked.
+    """
+
+    def __init__(self, connections: int, wait_s: float,
+                 output: Callable[[Released], None]) -> None:
+        self.wait_s = wait_s
+        self.output = output
+        self.counters = MergeCounters()
+        self._lock = threading.Lock()
+        self._delivered = [False] * connections
+        self._watermarks: dict[int, int] = {}
+        self._words = np.empty(_INITIAL_WORDS, dtype=np.uint32)
+        self._used = 0
+        self._ts = np.empty(0, dtype=np.uint64)
+        self._start = np.empty(0, dtype=np.int64)
+        self._nwords = np.empty(0, dtype=np.int64)
+        self._arrival = np.empty(0, dtype=np.float64)
+        self._last_written = -1
+        #: Which crate each board came from (for the hits' ``crate`` column).
+        self.crate_of_board: dict[int, int] = {}
+
+    # ---------------------------------------------------------------- input
+
+    def add(self, connection: int, batch: Batch, ends: list[int], crate: int | None = None,
+            now: float | None = None) -> None:
+        """One reply's records (any order) from ``connection`` (of ``crate``, if known);
+        ``ends`` the boards whose end-of-run header it held. Writes whatever can be
+        released now."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if len(batch):
+                self._delivered[connection] = True
+                self._hold(batch, now)
+                self._advance(batch.board, batch.timestamp, crate)
+            for board in ends:
+                self._watermarks[board] = int(_DONE)
+            self._release(now)
+
+    def tick(self, now: float | None = None) -> None:
+        """Release what has waited ``wait_s`` (called regularly: a silent system adds nothing)."""
+        with self._lock:
+            self._release(time.monotonic() if now is None else now)
+
+    def close(self) -> None:
+        """End of run: write everything still held."""
+        with self._lock:
+            self._emit(self._ts.size)
+
+    @property
+    def held(self) -> int:
+        return self._ts.size
+
+    # ------------------------------------------------------------ internals
+
+    def _hold(self, batch: Batch, now: float) -> None:
+        words = batch.data.view(np.uint32)
+        self._reserve(words.size)
+        base = self._used
+        self._words[base : base + words.size] = words
+        self._used += words.size
+        bounds = batch.bounds // 4
+        start = base + bounds[:-1].astype(np.int64)
+        nwords = np.diff(bounds).astype(np.int64)
+        ts = np.concatenate((self._ts, batch.timestamp.astype(np.uint64)))
+        order = np.argsort(ts, kind="stable")
+        self._ts = ts[order]
+        self._start = np.concatenate((self._start, start))[order]
+        self._nwords = np.concatenate((self._nwords, nwords))[order]
+        self._arrival = np.concatenate((self._arrival, np.full(start.size, now)))[order]
+        self.counters.max_held = max(self.counters.max_held, self._ts.size)
+
+    def _advance(self, board: np.ndarray, timestamp: np.ndarray, crate: int | None) -> None:
+        boards, inverse = np.unique(board, return_inverse=True)
+        highest = np.zeros(boards.size, dtype=np.uint64)
+        np.maximum.at(highest, inverse, timestamp.astype(np.uint64))
+        for b, ts in zip(boards.tolist(), highest.tolist(), strict=True):
+            if self._watermarks.get(b, -1) < ts:
+                self._watermarks[b] = ts
+            if crate is not None:
+                self.crate_of_board[b] = crate
+
+    def _release(self, now: float) -> None:
+        if not self._ts.size:
+            return
+        cutoff = -1
+        if all(self._delivered) and self._watermarks:
+            cutoff = min(self._watermarks.values())
+        expired = self._arrival <= now - self.wait_s
+        forced = bool(expired.any())
+        if forced:
+            cutoff = max(cutoff, int(self._ts[np.flatnonzero(expired)[-1]]))
+        if cutoff < 0:
+            return
+        count = int(np.searchsorted(self._ts, np.uint64(min(cutoff, int(_DONE))), side="right"))
+        if forced and count:
+            self.counters.released_by_wait += 1
+        self._emit(count)
+
+    def _emit(self, count: int) -> None:
+        """Write the ``count`` oldest held records and drop them from the table."""
+        if count == 0:
+            return
+        ts, start, nwords = self._ts[:count], self._start[:count], self._nwords[:count]
+        data = _gather(self._words, start, nwords).view(np.uint8)
+        bounds = np.zeros(count + 1, dtype=np.int64)
+        np.cumsum(nwords * 4, out=bounds[1:])
+        late = ts.astype(np.int64) < self._last_written if self._last_written >= 0 else (
+            np.zeros(count, dtype=bool))
+        self._last_written = max(self._last_written, int(ts.max()))
+        self._ts, self._start = self._ts[count:], self._start[count:]
+        self._nwords, self._arrival = self._nwords[count:], self._arrival[count:]
+        if not self._ts.size:
+            self._used = 0
+        self.output(Released(data, bounds, ts, late))
+        self.counters.records += count
+        self.counters.late += int(np.count_nonzero(late))
+
+    def _reserve(self, words: int) -> None:
+        """Room for ``words`` more at the end of the buffer: compact the live records
+        (amortised: only when the buffer is full) and grow it if they fill half of it."""
+        if self._used + words <= self._words.size:
+            return
+        live = int(self._nwords.sum())
+        size = self._words.size
+        while live + words > size // 2:
+            size *= 2
+        compacted = np.empty(size, dtype=np.uint32)
+        compacted[:live] = _gather(self._words, self._start, self._nwords)
+        starts = np.zeros(self._start.size, dtype=np.int64)
+        np.cumsum(self._nwords[:-1], out=starts[1:])
+        self._words, self._start, self._used = compacted, starts, live
+
+
+def _gather(words: np.ndarray, start: np.ndarray, nwords: np.ndarray) -> np.ndarray:
+    """The records (``start``, ``nwords``) of ``words`` back to back, in the given order."""
+    if not start.size:
+        return np.empty(0, dtype=np.uint32)
+    first = int(nwords[0])
+    if bool((nwords == first).all()):
+        return words[start[:, None] + np.arange(first)].reshape(-1)
+    ends = np.cumsum(nwords)
+    index = np.arange(int(ends[-1]), dtype=np.int64)
+    index += np.repeat(start - (ends - nwords), nwords)
+    return words[index]
+
