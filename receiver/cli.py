@@ -383,7 +383,7 @@ def run_receiver(args: argparse.Namespace, stop: threading.Event, out: TextIO,
     if args.crate and (args.pv_ca or args.pv_pva) and code != EXIT_WRITE:
         end = _snapshots(run, args, "end", out)
     if building:
-        ended = online.metadata(run, end)
+        ended = online.metadata(run, end, "end")
         closing_error = online.guard(lambda: building.close(ended), write_failed)
         if closing_error is not None:
             code = _exit_code(pullers, closing_error, err)

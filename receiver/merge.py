@@ -4,10 +4,13 @@ Records wait in memory until they can be written in timestamp order. Each board
 has a watermark, the largest timestamp it has sent; a board that sent its
 end-of-run (0xD) header has none left to wait for. A held record is released
 once every board still running has sent data past its timestamp. Which boards
-exist is learnt from the data: nothing is released on watermarks before every
-connection has delivered records (a crate whose boards have sent nothing yet
-could still send older data), and a board seen for the first time later is
-waited for from then on.
+to wait for: the enabled boards of the crates' begin-of-run PV snapshots
+(``expected``; the receiver's ``--pv-pva``), and any other board from its first
+record on. Without that list, boards are known only once they send (an IOC
+serves a crate's boards in turn, so a crate's first reply shows one board): then
+nothing is released on watermarks before every connection has delivered records
+and ``wait_s`` has passed since the first record, so that every board sending
+has been seen.
 
 A silent board (disabled mid-run, a slow crate) would hold everything back, so
 a record never waits longer than ``wait_s`` (``--merge-wait``): when the oldest
@@ -71,14 +74,16 @@ class Merger:
     An error it raises propagates to whichever thread added or ticked.
     """
 
-    def __init__(self, connections: int, wait_s: float,
-                 output: Callable[[Released], None]) -> None:
+    def __init__(self, connections: int, wait_s: float, output: Callable[[Released], None],
+                 expected: set[int] | None = None) -> None:
         self.wait_s = wait_s
+        self.expected = expected
         self.output = output
         self.counters = MergeCounters()
         self._lock = threading.Lock()
         self._delivered = [False] * connections
-        self._watermarks: dict[int, int] = {}
+        self._watermarks: dict[int, int] = dict.fromkeys(expected or (), 0)
+        self._first_arrival: float | None = None
         self._words = np.empty(_INITIAL_WORDS, dtype=np.uint32)
         self._used = 0
         self._ts = np.empty(0, dtype=np.uint64)
@@ -100,6 +105,8 @@ class Merger:
         with self._lock:
             if len(batch):
                 self._delivered[connection] = True
+                if self._first_arrival is None:
+                    self._first_arrival = now
                 self._hold(batch, now)
                 self._advance(batch.board, batch.timestamp, crate)
             for board in ends:
@@ -153,7 +160,7 @@ class Merger:
         if not self._ts.size:
             return
         cutoff = -1
-        if all(self._delivered) and self._watermarks:
+        if self._boards_known(now):
             cutoff = min(self._watermarks.values())
         expired = self._arrival <= now - self.wait_s
         forced = bool(expired.any())
@@ -165,6 +172,13 @@ class Merger:
         if forced and count:
             self.counters.released_by_wait += 1
         self._emit(count)
+
+    def _boards_known(self, now: float) -> bool:
+        """Whether every board that will send is among the watermarks."""
+        if self.expected:
+            return True
+        return (all(self._delivered) and self._first_arrival is not None
+                and now - self._first_arrival >= self.wait_s)
 
     def _emit(self, count: int) -> None:
         """Write the ``count`` oldest held records and drop them from the table."""

@@ -32,6 +32,7 @@ from typing import TextIO
 
 import numpy as np
 
+from receiver import snapshot
 from receiver.files import Layout, RunDirectory, Stream, StreamKey
 from receiver.merge import DEFAULT_WAIT_S, Merger, Released
 
@@ -73,7 +74,7 @@ class OnlineOutput:
     """Where released records go: the merged stream, the event files, or both."""
 
     def __init__(self, run: RunDirectory, args: argparse.Namespace, connections: int,
-                 metadata: dict) -> None:
+                 metadata: dict, expected: set[int] | None = None) -> None:
         self.run = run
         self.stream: Stream | None = None
         if run.layout is Layout.MERGED:
@@ -83,7 +84,7 @@ class OnlineOutput:
             from receiver.online_events import EventSink  # needs the "events" extra
 
             self.events = EventSink(args, metadata)
-        self.merger = Merger(connections, args.merge_wait, self.write)
+        self.merger = Merger(connections, args.merge_wait, self.write, expected)
 
     def write(self, released: Released) -> None:
         """One block in timestamp order (late records flagged): merged file, then events."""
@@ -104,7 +105,7 @@ class OnlineOutput:
         if self.events is not None:
             self.events.flush()
 
-    def close(self, end_metadata: dict | None) -> None:
+    def close(self, end_metadata: dict) -> None:
         """Close the event files with the end-of-run snapshot, if any."""
         if self.events is not None:
             self.events.close(end_metadata)
@@ -129,15 +130,28 @@ def start(run: RunDirectory, args: argparse.Namespace, begin: list[dict],
     if not wanted(args):
         return None
     try:
-        return OnlineOutput(run, args, len(args.addresses), metadata(run, begin))
+        return OnlineOutput(run, args, len(args.addresses), metadata(run, begin, "begin"),
+                            _expected(begin, len(args.addresses)))
     except (ImportError, OSError, ValueError) as error:
         print(f"dgs-receiver: refused: online building: {error}", file=err, flush=True)
         return False
 
 
-def metadata(run: RunDirectory, crates: list[dict] | None) -> dict:
-    """What the event files say about the run: its name and a PV snapshot, if taken."""
-    return {"run": run.run_name, "crates": crates or []}
+def _expected(begin: list[dict], connections: int) -> set[int] | None:
+    """The enabled boards of every crate, if each crate's snapshot shows them."""
+    boards: set[int] = set()
+    for taken in begin:
+        enabled = snapshot.enabled_boards(taken)
+        if enabled is None:
+            return None
+        boards |= enabled
+    return boards if len(begin) == connections else None
+
+
+def metadata(run: RunDirectory, crates: list[dict] | None, when: str) -> dict:
+    """What the event files say about the run: its name and the ``when`` (begin/end) PV
+    snapshot of every crate (``pvs_begin``/``pvs_end``; empty without --pv-pva/--pv-ca)."""
+    return {"run": run.run_name, f"pvs_{when}": crates or []}
 
 
 def guard(action: Callable[[], object], write_failed: threading.Event) -> OSError | None:

@@ -1,0 +1,80 @@
+"""Coincidence events built online from the merged record stream (``--events``).
+
+The same grouping and file writer as ``dgs-merge --events`` (`builder.events`,
+`builder.eventfile`): records arrive here in timestamp order, their digitizer
+hits are decoded (`builder.hits`), grouped, and each completed event is written
+at once; the file is chunked and rotated by ``--chunk-events`` and
+``--chunk-seconds`` like the run files. Only the digitizer hits become event
+entries (type-F status headers and master-trigger records stay in the GEB
+files); late records (`receiver.merge`) are left out, since an event cannot
+reopen once written.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from builder.calibration import Calibration
+from builder.eventfile import open_event_writer
+from builder.events import DEFAULT_WINDOW_TICKS, EventBuilder
+from builder.hits import hits_from_records
+from receiver.geb import GEB_HEADER_BYTES, RECORD_DTYPE
+
+
+class EventSink:
+    """Hits in, events out to the event files."""
+
+    def __init__(self, args: argparse.Namespace, metadata: dict) -> None:
+        self.window = args.window or DEFAULT_WINDOW_TICKS
+        self.with_traces = args.traces
+        calibration = Calibration.from_csv(args.calibration) if args.calibration else None
+        self.builder = EventBuilder(self.window)
+        self.writer = open_event_writer(
+            str(args.events), {**metadata, "window_ticks": self.window},
+            chunk_events=args.chunk_events, chunk_seconds=args.chunk_seconds,
+            calibration=calibration, with_traces=self.with_traces,
+        )
+        self.hits = 0
+        self.events = 0
+
+    def feed(self, data: np.ndarray, bounds: np.ndarray,
+             crate_of_board: dict[int, int] | None = None) -> None:
+        """Records in timestamp order (``data`` bytes, ``bounds`` their offsets)."""
+        hits, traces = hits_from_records(
+            data, _index(data, bounds), crate_of_board=crate_of_board,
+            with_traces=self.with_traces,
+        )
+        if hits.size:
+            self.hits += hits.size
+            self._write(self.builder.feed(hits, traces))
+
+    def flush(self) -> None:
+        """The end of the data: the events still open are complete."""
+        self._write(self.builder.flush())
+
+    def close(self, end_metadata: dict) -> None:
+        self.writer.set_end_metadata(end_metadata)
+        self.writer.close()
+
+    def summary(self) -> dict:
+        return {"window_ticks": self.window, "hits": self.hits, "events": self.events,
+                "files": len(self.writer.files)}
+
+    def _write(self, events) -> None:
+        if len(events):
+            self.writer.write(events, events.traces)
+            self.events += len(events)
+
+
+def _index(data: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """The `RECORD_DTYPE` index of records back to back (headers read in one gather)."""
+    offsets = bounds[:-1]
+    records = np.zeros(offsets.size, dtype=RECORD_DTYPE)
+    records["offset"] = offsets
+    heads = data[offsets[:, None] + np.arange(GEB_HEADER_BYTES)].copy().view("<i4")
+    records["type"] = heads[:, 0]
+    records["length"] = heads[:, 1]
+    records["timestamp"] = heads[:, 2:4].copy().view("<u8")[:, 0]
+    return records
