@@ -1,4 +1,5 @@
-"""`make bench`: run the benchmarks P1-P9 of spec 06, print one table, write JSON and the plot.
+"""`make bench`: run the benchmarks P1-P9 of spec 06 and P11 of issue 16, print one table,
+write JSON and the plot.
 
 Each benchmark runs as its own process with a time limit (and the whole run
 with a budget, 9.5 minutes by default), writes its JSON, and is read back
@@ -122,6 +123,7 @@ BENCHMARKS = (
     Benchmark("P7", "bench_memory.py", 150, _own_figures),
     Benchmark("P8", "bench_startup.py", 90, _own_figures),
     Benchmark("P9", "bench_retention.py", 200, _own_figures),
+    Benchmark("P11", "bench_online_build.py", 150, _own_figures),
 )
 
 
