@@ -3,7 +3,8 @@
 Scripted data servers (real TCP, the classic protocol) make the timing exact:
 which connection sends which timestamps, and a board that stays silent longer
 than ``--merge-wait``. The three-crate run with real IOCs is in
-test_receiver_online.py.
+test_receiver_online.py. Also: events without data files (``--layout none``, ROOT,
+traces, calibration) and beside the per-board files (HDF5).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import struct
 import threading
 from pathlib import Path
 
+import h5py
 import numpy as np
+import uproot
 from ioc_harness import wait_until
 from test_receiver_files import MARKER, ReceiverThread, ScriptedServer, run_files, type_f
 
@@ -113,3 +116,62 @@ def test_a_silent_board_holds_records_back_only_for_the_merge_wait_and_late_data
     assert records["timestamp"].tolist() == [5, 10, 20, 30, 15, 35, 36, 40]
     assert summary(tmp_path, "late")["online"]["late"] == 1
     assert "1 late (--merge-wait 0.3 s" in receiver.out.getvalue()
+
+
+def traced_event(board: int, slot: int, ts: int, channel: int = 0) -> bytes:
+    """An LED event of ``board`` with an 8-sample trace (N = 17 words after the marker)."""
+    w1 = slot << 27 | 17 << 16 | board << 4 | channel
+    trace = struct.pack(">4I", *(0x0010_0020 + i for i in range(4)))
+    return struct.pack(">4I", MARKER, w1, ts, 17 << 26 | 7 << 16) + bytes(40) + trace
+
+
+def test_events_without_data_files_in_root_with_traces_and_calibration(tmp_path):
+    calibration = tmp_path / "cal.csv"
+    calibration.write_text("board,channel,gain,offset\n*,*,0.25,0\n")
+    crate_a = ScriptedServer([traced_event(101, 3, 10) + traced_event(101, 3, 500, 1),
+                              type_f(3, 101, 0xD, 600)])
+    crate_b = ScriptedServer([traced_event(201, 3, 50) + traced_event(201, 3, 1000),
+                              type_f(3, 201, 0xD, 1001)])
+    out = tmp_path / "ev.root"
+    try:
+        receiver = receive(tmp_path, "ev", [crate_a, crate_b], "--layout", "none", "--events",
+                           str(out), "--window", "100", "--traces", "--calibration",
+                           str(calibration))
+        assert receiver.join(30) == 0, receiver.out.getvalue()
+    finally:
+        crate_a.close()
+        crate_b.close()
+    assert run_files(tmp_path / "ev", "ev") == {}  # no GEB files
+    tree = uproot.open(out)["events"]
+    assert tree["mult"].array().tolist() == [2, 1, 1]  # 10+50 within 100 ticks; 500; 1000
+    assert tree["board"].array().tolist() == [[101, 201], [101], [201]]
+    assert tree["timestamp"].array().tolist() == [[10, 50], [500], [1000]]
+    assert tree["trace_samples"].array().tolist() == [8, 8, 8]
+    assert [len(trace) for trace in tree["trace"].array().tolist()] == [16, 8, 8]
+    assert len(tree["ekev"].array()) == 3
+    assert "3 events in 1 file(s)" in receiver.out.getvalue()
+
+
+def test_events_beside_the_per_board_files(tmp_path):
+    crate_a = ScriptedServer([event(101, 3, 10) + event(101, 3, 500), type_f(3, 101, 0xD, 600)])
+    crate_b = ScriptedServer([event(201, 3, 50), type_f(3, 201, 0xD, 601)])
+    out = tmp_path / "ev.h5"
+    try:
+        receiver = receive(tmp_path, "both", [crate_a, crate_b], "--layout", "classic",
+                           "--events", str(out))
+        assert receiver.join(30) == 0, receiver.out.getvalue()
+    finally:
+        crate_a.close()
+        crate_b.close()
+    assert sorted(run_files(tmp_path / "both", "both")) == ["0101_0", "0101_D", "0201_0", "0201_D"]
+    with h5py.File(out) as h5:
+        assert h5["events"]["mult"].tolist() == [2, 1]
+        assert h5["hits"]["timestamp"].tolist() == [10, 50, 500]
+
+
+def test_layout_none_without_events_is_refused_before_anything_is_created(tmp_path):
+    receiver = ReceiverThread(["--out", str(tmp_path), "--run-name", "x", "--layout", "none",
+                               "127.0.0.1:9"])
+    assert receiver.join(10) == 2
+    assert "give --events" in receiver.out.getvalue()
+    assert not (tmp_path / "x").exists()
