@@ -60,7 +60,8 @@ $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $(BENCH_STAMP)
 
-# Benchmarks P1-P9 of spec 06 and P11 (online building): one table, bench-results/results.json, benchmarks/throughput.png (< 10 min).
+# Benchmarks P1-P9 of spec 06, P10 (dgs-merge) and P11 (online building): one table,
+# bench-results/results.json, benchmarks/throughput.png (< 14 min).
 bench: $(BENCH_STAMP)
 	$(LOOPBACK_EPICS) $(PY) benchmarks/run_all.py
 

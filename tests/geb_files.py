@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from receiver.geb import read_records
+
 FILTER_LENGTH = 256
 BASELINE_SUM = 1000 * FILTER_LENGTH
 
@@ -79,3 +81,40 @@ def write_file(path: Path, records: list[bytes]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"".join(records))
     return path
+
+
+def many_records(timestamps: np.ndarray, board: int, samples: int) -> bytes:
+    """Digitizer records of one board at ``timestamps``: a template, its time fields set."""
+    template = np.frombuffer(event_record(Hit(board, 1, 0, 100, samples=(7,) * samples)), np.uint8)
+    table = np.tile(template, (timestamps.size, 1))
+    stamps = timestamps.astype(np.uint64)
+    table[:, 8:16] = stamps.astype("<u8")[:, None].view(np.uint8)
+    table[:, 20:24] = (stamps & np.uint64(0xFFFFFFFF)).astype(">u4")[:, None].view(np.uint8)
+    word3 = np.uint64(13 << 26 | 7 << 16) | stamps >> np.uint64(32)
+    table[:, 24:28] = word3.astype(">u4")[:, None].view(np.uint8)
+    return table.tobytes()
+
+
+def records_of_files(paths: list[Path]) -> list[tuple[int, bytes]]:
+    """(timestamp, bytes) of every record, files in order, positions in order."""
+    found = []
+    for path in paths:
+        data = path.read_bytes()
+        for record in read_records(data):
+            start = int(record["offset"])
+            found.append((int(record["timestamp"]),
+                          data[start : start + 16 + int(record["length"])]))
+    return found
+
+
+def reference_merge(paths: list[Path], drop_status: bool = False) -> bytes:
+    """The documented order, independently: a stable sort by timestamp of all records."""
+    records = records_of_files(paths)
+    if drop_status:
+        records = [r for r in records if not is_status(r[1])]
+    return b"".join(data for _, data in sorted(records, key=lambda r: r[0]))
+
+
+def is_status(record: bytes) -> bool:
+    length = struct.unpack_from("<i", record, 4)[0]
+    return length == 12 and (struct.unpack_from(">I", record, 24)[0] >> 16) & 0xF == 0xF
