@@ -32,6 +32,8 @@ from typing import TextIO
 
 import numpy as np
 
+from builder.events import DEFAULT_WINDOW_TICKS
+from builder.hits import DEFAULT_FILTER_LENGTH
 from receiver import snapshot
 from receiver.files import Layout, RunDirectory, Stream, StreamKey
 from receiver.merge import DEFAULT_WAIT_S, Merger, Released
@@ -47,11 +49,15 @@ def add_options(parser: argparse.ArgumentParser, positive) -> None:
                             f"a silent board, seconds (default {DEFAULT_WAIT_S:g})")
     group.add_argument("--events", type=Path, metavar="OUT.root|OUT.h5",
                        help="also build coincidence events online and write them here")
-    group.add_argument("--window", type=positive(int),
-                       help="event window in 10 ns clock ticks (default: dgs-merge's)")
-    group.add_argument("--calibration", type=Path,
-                       help="energy calibration file for keV columns (as dgs-merge)")
-    group.add_argument("--traces", action="store_true", help="keep each hit's trace")
+    group.add_argument("--window", type=int, default=DEFAULT_WINDOW_TICKS, metavar="TICKS",
+                       help="coincidence window after an event's first hit, 10 ns ticks "
+                            f"(default {DEFAULT_WINDOW_TICKS} = 1 µs, as dgs-merge)")
+    group.add_argument("--calibration", type=Path, metavar="FILE",
+                       help="CSV board,channel,gain,offset for the keV columns (as dgs-merge)")
+    group.add_argument("--filter-length", type=int, default=DEFAULT_FILTER_LENGTH, metavar="M",
+                       help=f"energy filter length M: e = (post - pre) / M "
+                            f"(default {DEFAULT_FILTER_LENGTH})")
+    group.add_argument("--traces", action="store_true", help="put the traces in the events")
 
 
 def check(args: argparse.Namespace) -> str | None:
@@ -60,8 +66,12 @@ def check(args: argparse.Namespace) -> str | None:
         return "--layout none writes no data files: give --events OUT.root|OUT.h5"
     if args.events is not None and args.events.suffix.lower() not in EVENT_SUFFIXES:
         return f"--events must end in one of {', '.join(EVENT_SUFFIXES)}"
-    if args.events is None and (args.window or args.calibration or args.traces):
-        return "--window, --calibration and --traces need --events"
+    if args.window < 0 or args.filter_length < 1:
+        return "--window must be >= 0 and --filter-length >= 1"
+    if args.events is not None and args.events.exists():
+        return f"{args.events} already exists"
+    if args.events is None and (args.calibration or args.traces):
+        return "--calibration and --traces need --events"
     return None
 
 
@@ -95,9 +105,10 @@ class OnlineOutput:
             on_time = ~released.late
             crates = self.merger.crate_of_board
             if on_time.all():
-                self.events.feed(released.data, released.bounds, crates)
+                self.events.feed(released.data, released.bounds, released.timestamp, crates)
             elif on_time.any():
-                self.events.feed(*_subset(released, np.flatnonzero(on_time)), crates)
+                keep = np.flatnonzero(on_time)
+                self.events.feed(*_subset(released, keep), released.timestamp[keep], crates)
 
     def finish(self) -> None:
         """End of run: write what the merger holds and the last events."""

@@ -18,9 +18,8 @@ import numpy as np
 
 from builder.calibration import Calibration
 from builder.eventfile import open_event_writer
-from builder.events import DEFAULT_WINDOW_TICKS, EventBuilder
-from builder.hits import hits_from_records
-from receiver.geb import GEB_HEADER_BYTES, RECORD_DTYPE
+from builder.events import EventBuilder
+from builder.hits import hits_from_records, records_from_bounds
 
 #: Hits gathered before they are grouped and written: the file writers cost per call
 #: (an HDF5 dataset grows per write), so blocks of a reply's size (~2,000 hits at the
@@ -32,12 +31,16 @@ class EventSink:
     """Hits in, events out to the event files."""
 
     def __init__(self, args: argparse.Namespace, metadata: dict) -> None:
-        self.window = args.window or DEFAULT_WINDOW_TICKS
+        self.window = args.window
+        self.filter_length = args.filter_length
         self.with_traces = args.traces
         calibration = Calibration.from_csv(args.calibration) if args.calibration else None
         self.builder = EventBuilder(self.window)
         self.writer = open_event_writer(
-            str(args.events), {**metadata, "window_ticks": self.window},
+            str(args.events),
+            {"created_by": "dgs-receiver", **metadata, "window_ticks": self.window,
+             "filter_length": self.filter_length,
+             "calibration": str(args.calibration) if args.calibration else None},
             chunk_events=args.chunk_events, chunk_seconds=args.chunk_seconds,
             calibration=calibration, with_traces=self.with_traces,
         )
@@ -46,12 +49,12 @@ class EventSink:
         self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []
         self._pending_hits = 0
 
-    def feed(self, data: np.ndarray, bounds: np.ndarray,
+    def feed(self, data: np.ndarray, bounds: np.ndarray, timestamps: np.ndarray,
              crate_of_board: dict[int, int] | None = None) -> None:
         """Records in timestamp order (``data`` bytes, ``bounds`` their offsets)."""
         hits, traces = hits_from_records(
-            data, _index(data, bounds), crate_of_board=crate_of_board,
-            with_traces=self.with_traces,
+            data, records_from_bounds(bounds, timestamps), crate_of_board=crate_of_board,
+            filter_length=self.filter_length, with_traces=self.with_traces,
         )
         if hits.size:
             self.hits += hits.size
@@ -94,14 +97,3 @@ class EventSink:
             self.writer.write(events, events.traces)
             self.events += len(events)
 
-
-def _index(data: np.ndarray, bounds: np.ndarray) -> np.ndarray:
-    """The `RECORD_DTYPE` index of records back to back (headers read in one gather)."""
-    offsets = bounds[:-1]
-    records = np.zeros(offsets.size, dtype=RECORD_DTYPE)
-    records["offset"] = offsets
-    heads = data[offsets[:, None] + np.arange(GEB_HEADER_BYTES)].copy().view("<i4")
-    records["type"] = heads[:, 0]
-    records["length"] = heads[:, 1]
-    records["timestamp"] = heads[:, 2:4].copy().view("<u8")[:, 0]
-    return records
