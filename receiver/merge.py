@@ -42,6 +42,9 @@ from receiver.geb import Batch
 #: enough that little is held in memory.
 DEFAULT_WAIT_S = 2.0
 _DONE = np.iinfo(np.uint64).max
+#: One held record: timestamp, where it is in the word buffer, when it arrived.
+HELD_DTYPE = np.dtype([("ts", np.uint64), ("start", np.int64), ("nwords", np.int64),
+                       ("arrival", np.float64)])
 _INITIAL_WORDS = 1 << 20
 
 
@@ -86,10 +89,7 @@ class Merger:
         self._first_arrival: float | None = None
         self._words = np.empty(_INITIAL_WORDS, dtype=np.uint32)
         self._used = 0
-        self._ts = np.empty(0, dtype=np.uint64)
-        self._start = np.empty(0, dtype=np.int64)
-        self._nwords = np.empty(0, dtype=np.int64)
-        self._arrival = np.empty(0, dtype=np.float64)
+        self._held = np.empty(0, dtype=HELD_DTYPE)  # sorted by timestamp
         self._last_written = -1
         #: Which crate each board came from (for the hits' ``crate`` column).
         self.crate_of_board: dict[int, int] = {}
@@ -121,11 +121,11 @@ class Merger:
     def close(self) -> None:
         """End of run: write everything still held."""
         with self._lock:
-            self._emit(self._ts.size)
+            self._emit(self._held.size)
 
     @property
     def held(self) -> int:
-        return self._ts.size
+        return self._held.size
 
     # ------------------------------------------------------------ internals
 
@@ -136,15 +136,17 @@ class Merger:
         self._words[base : base + words.size] = words
         self._used += words.size
         bounds = batch.bounds // 4
-        start = base + bounds[:-1].astype(np.int64)
-        nwords = np.diff(bounds).astype(np.int64)
-        ts = np.concatenate((self._ts, batch.timestamp.astype(np.uint64)))
-        order = np.argsort(ts, kind="stable")
-        self._ts = ts[order]
-        self._start = np.concatenate((self._start, start))[order]
-        self._nwords = np.concatenate((self._nwords, nwords))[order]
-        self._arrival = np.concatenate((self._arrival, np.full(start.size, now)))[order]
-        self.counters.max_held = max(self.counters.max_held, self._ts.size)
+        new = np.empty(bounds.size - 1, dtype=HELD_DTYPE)
+        new["ts"] = batch.timestamp
+        new["start"] = base + bounds[:-1]
+        new["nwords"] = np.diff(bounds)
+        new["arrival"] = now
+        held = np.concatenate((self._held, new))
+        stamps = held["ts"]
+        if not bool((stamps[1:] >= stamps[:-1]).all()):  # timsort: two sorted runs, ~linear
+            held = held[np.argsort(stamps, kind="stable")]
+        self._held = held
+        self.counters.max_held = max(self.counters.max_held, held.size)
 
     def _advance(self, board: np.ndarray, timestamp: np.ndarray, crate: int | None) -> None:
         boards, inverse = np.unique(board, return_inverse=True)
@@ -157,18 +159,20 @@ class Merger:
                 self.crate_of_board[b] = crate
 
     def _release(self, now: float) -> None:
-        if not self._ts.size:
+        if not self._held.size:
             return
+        held = self._held
         cutoff = -1
         if self._boards_known(now):
             cutoff = min(self._watermarks.values())
-        expired = self._arrival <= now - self.wait_s
+        expired = held["arrival"] <= now - self.wait_s
         forced = bool(expired.any())
         if forced:
-            cutoff = max(cutoff, int(self._ts[np.flatnonzero(expired)[-1]]))
+            cutoff = max(cutoff, int(held["ts"][np.flatnonzero(expired)[-1]]))
         if cutoff < 0:
             return
-        count = int(np.searchsorted(self._ts, np.uint64(min(cutoff, int(_DONE))), side="right"))
+        count = int(np.searchsorted(held["ts"], np.uint64(min(cutoff, int(_DONE))),
+                                    side="right"))
         if forced and count:
             self.counters.released_by_wait += 1
         self._emit(count)
@@ -184,16 +188,15 @@ class Merger:
         """Write the ``count`` oldest held records and drop them from the table."""
         if count == 0:
             return
-        ts, start, nwords = self._ts[:count], self._start[:count], self._nwords[:count]
-        data = _gather(self._words, start, nwords).view(np.uint8)
+        released, self._held = self._held[:count], self._held[count:]
+        ts, nwords = released["ts"], released["nwords"]
+        data = _gather(self._words, released["start"], nwords).view(np.uint8)
         bounds = np.zeros(count + 1, dtype=np.int64)
         np.cumsum(nwords * 4, out=bounds[1:])
         late = ts.astype(np.int64) < self._last_written if self._last_written >= 0 else (
             np.zeros(count, dtype=bool))
         self._last_written = max(self._last_written, int(ts.max()))
-        self._ts, self._start = self._ts[count:], self._start[count:]
-        self._nwords, self._arrival = self._nwords[count:], self._arrival[count:]
-        if not self._ts.size:
+        if not self._held.size:
             self._used = 0
         self.output(Released(data, bounds, ts, late))
         self.counters.records += count
@@ -204,26 +207,44 @@ class Merger:
         (amortised: only when the buffer is full) and grow it if they fill half of it."""
         if self._used + words <= self._words.size:
             return
-        live = int(self._nwords.sum())
+        held = self._held
+        live = int(held["nwords"].sum())
         size = self._words.size
         while live + words > size // 2:
             size *= 2
         compacted = np.empty(size, dtype=np.uint32)
-        compacted[:live] = _gather(self._words, self._start, self._nwords)
-        starts = np.zeros(self._start.size, dtype=np.int64)
-        np.cumsum(self._nwords[:-1], out=starts[1:])
-        self._words, self._start, self._used = compacted, starts, live
+        compacted[:live] = _gather(self._words, held["start"], held["nwords"])
+        starts = np.zeros(held.size, dtype=np.int64)
+        np.cumsum(held["nwords"][:-1], out=starts[1:])
+        held["start"] = starts
+        self._words, self._used = compacted, live
 
 
 def _gather(words: np.ndarray, start: np.ndarray, nwords: np.ndarray) -> np.ndarray:
-    """The records (``start``, ``nwords``) of ``words`` back to back, in the given order."""
+    """The records (``start``, ``nwords``) of ``words`` back to back, in the given order.
+
+    Per record length (a run has one or two: events and type-F headers), the
+    records are rows of an overlapping ``(positions, length)`` view of the
+    buffer, so one fancy index on rows copies them whole: no index per word.
+    """
     if not start.size:
         return np.empty(0, dtype=np.uint32)
+    ends = np.cumsum(nwords)
+    out = np.empty(int(ends[-1]), dtype=np.uint32)
     first = int(nwords[0])
     if bool((nwords == first).all()):
-        return words[start[:, None] + np.arange(first)].reshape(-1)
-    ends = np.cumsum(nwords)
-    index = np.arange(int(ends[-1]), dtype=np.int64)
-    index += np.repeat(start - (ends - nwords), nwords)
-    return words[index]
+        out.reshape(-1, first)[:] = _rows(words, first)[start]
+        return out
+    for length in np.unique(nwords).tolist():
+        chosen = np.flatnonzero(nwords == length)
+        _rows(out, length, writeable=True)[ends[chosen] - length] = _rows(words, length)[
+            start[chosen]]
+    return out
 
+
+def _rows(words: np.ndarray, length: int, writeable: bool = False) -> np.ndarray:
+    """Every ``length``-word window of ``words`` as a row (a view, no copy)."""
+    return np.lib.stride_tricks.as_strided(
+        words, shape=(words.size - length + 1, length), strides=(words.itemsize,) * 2,
+        writeable=writeable,
+    )
