@@ -8,7 +8,8 @@ every reply as received (``--save-raw``), from which spec 04's per-board
 records are rebuilt in plain Python (test_receiver_files): the merged file must
 hold exactly those records, each once, in timestamp order, interleaving the
 crates; the events file must equal the offline grouping of the merged file
-(the builder API) and carry both PV snapshots.
+(the builder API) and carry both PV snapshots. With the demo crate and a tiny
+``--merge-wait``, late records are written after and counted exactly.
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ from collections import Counter
 import h5py
 import numpy as np
 from ioc_harness import wait_until
-from test_receiver_files import reference_records, run_files, saved_replies
+from test_receiver_files import (
+    ReceiverThread,
+    reference_records,
+    run_files,
+    saved_replies,
+    start_run,
+    stop_run,
+)
 from test_system import CRATES, Group
 
 from builder.events import DEFAULT_WINDOW_TICKS, EventBuilder
@@ -122,3 +130,42 @@ def test_one_receiver_merges_three_crates_in_order_and_builds_the_same_events_as
     assert [s["crate"] for s in metadata["pvs_begin"]] == list(CRATES)
     assert [s["crate"] for s in metadata["pvs_end"]] == list(CRATES)
     assert metadata["run"] == "online"
+
+
+def test_a_tiny_merge_wait_on_a_real_crate_writes_late_records_after_and_counts_each(
+    demo_ioc, tmp_path,
+):
+    """The demo crate's four boards come in turn, one reply each: with 1 ms of patience
+    records are released before other boards' older ones arrive. Every record is still
+    written once (the merged stream rotated every 5,000 records), and the count of late
+    records is exactly the number written after a newer one."""
+    ioc = demo_ioc
+    ioc.put_ok("Online_CS_RunNumber", 7)
+    receiver = ReceiverThread([
+        "--out", str(tmp_path), "--run", "7", "--layout", "merged", "--merge-wait", "0.001",
+        "--chunk-events", "5000", "--save-raw", "--status", "plain",
+        "--pv-pva", f"127.0.0.1:{ioc.ports.pva}", "--crate", "01",
+        f"127.0.0.1:{ioc.ports.data}",
+    ])  # fmt: skip
+    start_run(ioc)
+    ioc.wait_numeric("DAQC01_OL_TotalBufsWritten", lambda v: v > 40, timeout=30)
+    stop_run(ioc)
+    assert receiver.join() == 0, receiver.out.getvalue()
+    run_dir = tmp_path / "run00007"
+    chunks = run_files(run_dir, "run00007")[""]
+    assert len(chunks) > 1
+    data = b"".join(path.read_bytes() for path in chunks)
+    records = geb.read_records(data)
+    assert all(geb.read_records(p.read_bytes()).size <= 5000 for p in chunks)
+    expected: Counter = Counter()
+    for family in reference_records(saved_replies(run_dir / "run00007.replies_0")).values():
+        expected.update(family)
+    assert Counter(record_bytes(data, records)) == expected
+
+    stamps = records["timestamp"].astype(np.int64)
+    newest_before = np.maximum.accumulate(np.concatenate(([-1], stamps[:-1])))
+    written_after_a_newer = int(np.count_nonzero(stamps < newest_before))
+    summary = json.loads((run_dir / "run00007.summary.json").read_text())["online"]
+    assert summary["late"] == written_after_a_newer > 0
+    assert summary["released_by_wait"] > 0
+    assert f"{summary['late']} late (--merge-wait 0.001 s" in receiver.out.getvalue()
