@@ -20,6 +20,7 @@ last end-of-run header written), conditions: no event lost (in the files =
 baseline is plain P3 (per-board files) measured in the same run.
 
     .venv/bin/python benchmarks/bench_online_build.py [--json FILE] [--seconds S] [--repeat N]
+        [--offered MB/S]
 """
 
 from __future__ import annotations
@@ -166,10 +167,11 @@ def _three_crate_run(iocs: list[BenchIoc], crates: list[dict], out_dir: Path,
     }
 
 
-def single_crate(workdir: Path, out_dir: Path, seconds: float, repeat: int) -> dict:
+def single_crate(workdir: Path, out_dir: Path, seconds: float, repeat: int,
+                 offered_mb_s: float) -> dict:
     """P11b: the P3 load, per-board files (baseline) and merged + events, alternately."""
     config = crate_config(workdir / "p3.toml", fifo_words=FIFO_WORDS,
-                          event_rate_hz=rate_for(P3_OFFERED_MB_S, P3_SAMPLES),
+                          event_rate_hz=rate_for(offered_mb_s, P3_SAMPLES),
                           trace_samples=P3_SAMPLES)
 
     plain, online = [], []
@@ -181,8 +183,8 @@ def single_crate(workdir: Path, out_dir: Path, seconds: float, repeat: int) -> d
                     "--crate", "01", "--pv-pva", f"127.0.0.1:{ioc.ports.pva}"]
 
         for _ in range(repeat):
-            plain.append(one_run(ioc, P3_SAMPLES, P3_OFFERED_MB_S, seconds, out_dir))
-            online.append(one_run(ioc, P3_SAMPLES, P3_OFFERED_MB_S, seconds, out_dir, merged))
+            plain.append(one_run(ioc, P3_SAMPLES, offered_mb_s, seconds, out_dir))
+            online.append(one_run(ioc, P3_SAMPLES, offered_mb_s, seconds, out_dir, merged))
     return {"plain": [vars(run) | {"lossless": run.lossless} for run in plain],
             "online": [vars(run) | {"lossless": run.lossless} for run in online]}
 
@@ -192,14 +194,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--seconds", type=float, default=3.0, help="generation time of a run")
     parser.add_argument("--repeat", type=int, default=3, help="P11b runs of each kind")
+    parser.add_argument("--offered", type=float, default=P3_OFFERED_MB_S, metavar="MB/S",
+                        help="P11b: the crate's offered load (default P3's; the target stays "
+                             "P3's, so a lower load only shows what the host sustains)")
     args = parser.parse_args(argv)
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="bench-p11-"))
     out_dir = Path(tempfile.mkdtemp(prefix="bench-p11-", dir=TMPFS if TMPFS.is_dir() else None))
     try:
-        fill_tmpfs(out_dir, P3_OFFERED_MB_S * 1e6 * args.seconds)
+        fill_tmpfs(out_dir, args.offered * 1e6 * args.seconds)
         system = three_crates(workdir, out_dir, args.seconds)
-        crate = single_crate(workdir, out_dir, args.seconds, args.repeat)
+        crate = single_crate(workdir, out_dir, args.seconds, args.repeat, args.offered)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -229,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             baseline_what="P3, per-board files", target=P3_TARGET_MB_S,
             runs=[run["received_mb_s"] for run in online_runs],
             conditions_met=lossless_b and late_b == 0,
-            note=(f"offered {P3_OFFERED_MB_S:g} MB/s for {args.seconds:g} s per run, "
+            note=(f"offered {args.offered:g} MB/s for {args.seconds:g} s per run, "
                   f"{len(online_runs)} runs each; {late_b} late; median {events_b:.0f} events "
                   f"per run; receiver cores: merged "
                   f"{median(run['receiver_cores'] for run in online_runs):.2f}, per-board "
