@@ -9,7 +9,10 @@ late (no record released by ``--merge-wait`` before its time) and the receiver
 is done soon after the crates have stopped: the figure is that lag, from the
 last crate reporting Stopped (its data drained) to the receiver's exit. Each
 crate runs as its own `dgs-ioc` with its global records local (the globals IOC
-only coordinates; the data path is the same).
+only coordinates; the data path is the same). A simulated crate's clock counts
+from its IOC's start (real crates share one clock), so the IOCs start together
+and the note gives how far apart their clocks are: more than ``--merge-wait``
+would make late records however fast the receiver.
 
 P11b: the single-crate P3 load (bench_end_to_end.py: 4 digitizers,
 200-sample events, a little above 300 MB/s, 16 MiB simulated FIFOs) with the
@@ -153,7 +156,9 @@ def _three_crate_run(iocs: list[BenchIoc], crates: list[dict], out_dir: Path,
             if row["channel"] in {f"{c:X}" for c in range(10)}:
                 received[row["board"]] = received.get(row["board"], 0) + row["events"]
     payload = sum(i["payload_bytes"] for i in summary["iocs"])
+    origins = [ioc.clock_origin_ns() for ioc in iocs]
     return {
+        "clock_spread_s": (max(origins) - min(origins)) / 1e9,
         "exit_code": code,
         "lag_s": exited - stopped,
         "run_s": stopped - started,
@@ -221,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             conditions_met=system["lossless"] and late_a == 0,
             note=(f"lag from the last crate stopped to the receiver's exit; offered "
                   f"{system['payload_mb_s']:.1f} MB/s, {system['records_per_s']:.0f} records/s "
-                  f"for {system['run_s']:.1f} s; {late_a} late; receiver "
+                  f"for {system['run_s']:.1f} s; {late_a} late (the crates' clocks start "
+                  f"{system['clock_spread_s']:.2f} s apart, --merge-wait 2 s); receiver "
                   f"{system['receiver_cores_running']:.2f} cores while running; "
                   f"{system['online']['events']['events']} events; "
                   + ("every generated event in the merged file" if system["lossless"]
