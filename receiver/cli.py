@@ -7,6 +7,11 @@ its GEB records at once (`receiver.geb`) and appends them to the run's files
 IOCs never write the same file (in the single-file layout they share it under
 a lock).
 
+With ``--layout merged`` or ``--events`` every puller also hands its records
+to one shared merger that writes them in timestamp order and builds
+coincidence events (`receiver.online`; what that means for acknowledgement is
+said there).
+
 It speaks the acknowledged, run-tagged protocol v2 by default (``--protocol
 classic`` for an original IOC): it takes only the run it was started for
 (``--run N``), and the IOC keeps whatever it has not acknowledged, so a

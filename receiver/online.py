@@ -43,7 +43,7 @@ EVENT_SUFFIXES = (".root", ".h5", ".hdf5")
 
 def add_options(parser: argparse.ArgumentParser, positive) -> None:
     """The online-building options (``positive``: the parser's positive-number type)."""
-    group = parser.add_argument_group("online building (issue 16)")
+    group = parser.add_argument_group("online building (merged layout, events)")
     group.add_argument("--merge-wait", type=positive(float), default=DEFAULT_WAIT_S,
                        help="merged/events: longest time a record is held back waiting for "
                             f"a silent board, seconds (default {DEFAULT_WAIT_S:g})")
