@@ -141,11 +141,7 @@ class Merger:
         new["start"] = base + bounds[:-1]
         new["nwords"] = np.diff(bounds)
         new["arrival"] = now
-        held = np.concatenate((self._held, new))
-        stamps = held["ts"]
-        if not bool((stamps[1:] >= stamps[:-1]).all()):  # timsort: two sorted runs, ~linear
-            held = held[np.argsort(stamps, kind="stable")]
-        self._held = held
+        self._held = held = _merge_sorted(self._held, new)
         self.counters.max_held = max(self.counters.max_held, held.size)
 
     def _advance(self, board: np.ndarray, timestamp: np.ndarray, crate: int | None) -> None:
@@ -218,6 +214,24 @@ class Merger:
         np.cumsum(held["nwords"][:-1], out=starts[1:])
         held["start"] = starts
         self._words, self._used = compacted, live
+
+
+def _merge_sorted(held: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """``held`` (sorted by timestamp) with ``new`` merged in, stably: a new record goes
+    after held ones of the same timestamp, and keeps its order among the new ones."""
+    stamps = new["ts"]
+    if not bool((stamps[1:] >= stamps[:-1]).all()):  # several boards in one reply
+        new = new[np.argsort(stamps, kind="stable")]
+        stamps = new["ts"]
+    if not held.size or int(stamps[0]) >= int(held["ts"][-1]):
+        return np.concatenate((held, new))
+    merged = np.empty(held.size + new.size, dtype=HELD_DTYPE)
+    into = np.searchsorted(held["ts"], stamps, side="right") + np.arange(new.size)
+    merged[into] = new
+    keep = np.ones(merged.size, dtype=bool)
+    keep[into] = False
+    merged[keep] = held
+    return merged
 
 
 def _gather(words: np.ndarray, start: np.ndarray, nwords: np.ndarray) -> np.ndarray:
