@@ -197,9 +197,11 @@ def _merge(args: argparse.Namespace, files: list[Path], out: TextIO, err: TextIO
                             drop_status=args.status == "drop",
                             temp_dir=args.tmp_dir or (args.output or args.events).parent,
                             progress=bar)
-    except CorruptFile as error:
+    except (CorruptFile, OSError) as error:
         print(f"dgs-merge: failed: {error}", file=err)
         _abandon(fd, part)
+        if writer is not None:
+            writer.abort()
         return EXIT_FAILED
     finally:
         if bar is not None:

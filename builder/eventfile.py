@@ -121,6 +121,13 @@ class EventWriter:
         self._close_chunk()
         return self.files
 
+    def abort(self) -> None:
+        """Stop after a failure: the open file is closed and removed (closed chunks stay)."""
+        if self._chunk is not None and self._chunk_path is not None:
+            self._chunk.close(self.metadata)
+            self._chunk_path.with_name(f".{self._chunk_path.name}.part").unlink(missing_ok=True)
+        self._chunk = self._chunk_path = None
+
     def __enter__(self) -> EventWriter:
         return self
 

@@ -7,12 +7,15 @@ checked at once, one step per length change) and stops before a partial record.
 whole life (fresh memory costs page faults on first touch, a large share of a
 merge's time otherwise): each `RecordReader.refill` moves the records not yet
 used to the front and reads the next block behind them. `RecordBlocks` hands
-out copies of whole blocks, for callers that keep them.
+out copies of whole blocks, for callers that keep them. `file_timestamps` only
+looks at headers, through memory maps of a window at a time (no copy at all).
 """
 
 from __future__ import annotations
 
+import mmap
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,32 +37,63 @@ def field_at(raw: np.ndarray, offsets: np.ndarray, at: int, dtype: str) -> np.nd
     return fields[offsets + at]
 
 
-def scan_records(raw: np.ndarray) -> tuple[np.ndarray, int]:
-    """Start offsets of the whole records at the beginning of ``raw``, and where they end."""
+def _every(raw: np.ndarray, position: int, count: int, step: int, at: int,
+           dtype: str) -> np.ndarray:
+    """A view of the field ``at`` of ``count`` records of ``step`` bytes from ``position``."""
+    return np.ndarray((count,), dtype=dtype, buffer=raw, offset=position + at, strides=(step,))
+
+
+def scan_records(raw: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
+    """The whole records at the beginning of ``raw``: their starts, where they end, and
+    their timestamps. Runs of equal-length records are read as strided views (no gather)."""
     size = raw.size
     found: list[np.ndarray] = []
+    stamps: list[np.ndarray] = []
     position, block = 0, 16
     while position + GEB_HEADER_BYTES <= size:
-        length = int(field_at(raw, np.array([position]), 4, "<i4")[0])
+        length = int(_every(raw, position, 1, 1, 4, "<i4")[0])
         if length < 0:
             raise CorruptFile(f"negative record length at byte {position}")
         step = GEB_HEADER_BYTES + length
         count = min(block, (size - position) // step)
         if count == 0:
             break
-        starts = position + step * np.arange(count, dtype=np.int64)
-        same = field_at(raw, starts, 4, "<i4") == length
+        same = _every(raw, position, count, step, 4, "<i4") == length
         run = count if bool(same.all()) else max(1, int(np.argmin(same)))
-        found.append(starts[:run])
+        found.append(position + step * np.arange(run, dtype=np.int64))
+        stamps.append(_every(raw, position, run, step, 8, "<u8").astype(np.uint64))
         position += run * step
         block = min(block * 4, 1 << 22) if run == count else 16
-    offsets = np.concatenate(found) if found else np.empty(0, dtype=np.int64)
-    return offsets, position
+    if not found:
+        return np.empty(0, dtype=np.int64), position, np.empty(0, dtype=np.uint64)
+    if len(found) == 1:
+        return found[0], position, stamps[0]
+    return np.concatenate(found), position, np.concatenate(stamps)
 
 
-def timestamps_at(raw: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """The GEB header timestamps of the records starting at ``offsets``."""
-    return field_at(raw, offsets, 8, "<u8")
+def file_timestamps(path: Path, window_bytes: int) -> Iterator[tuple[np.ndarray, int]]:
+    """``(timestamps, bytes)`` of the records of a file, a mapped window at a time."""
+    size = os.path.getsize(path)
+    position = 0
+    with open(path, "rb") as source:
+        window = window_bytes
+        while position < size:
+            aligned = position - position % mmap.ALLOCATIONGRANULARITY
+            length = min(window + position - aligned, size - aligned)
+            mapped = mmap.mmap(source.fileno(), length, offset=aligned, access=mmap.ACCESS_READ)
+            try:
+                raw = np.frombuffer(mapped, dtype=np.uint8)[position - aligned :]
+                _, end, stamps = scan_records(raw)  # copies: the map can close
+                del raw
+            finally:
+                mapped.close()
+            if end == 0:
+                if aligned + length >= size:
+                    raise CorruptFile(f"{path}: a partial record at byte {position}")
+                window *= 2  # a record longer than the window
+                continue
+            yield stamps, end
+            position += end
 
 
 @dataclass
@@ -125,7 +159,7 @@ class RecordReader:
             self._read(self.buffer[self.filled : self.filled + want])
             self.filled += want
             raw = self.buffer[: self.filled]
-            offsets, end = scan_records(raw)
+            offsets, end, stamps = scan_records(raw)
             if offsets.size or self.done:
                 break
             length = int(field_at(raw, np.zeros(1, np.int64), 4, "<i4")[0]) if raw.size >= 8 else 0
@@ -134,7 +168,7 @@ class RecordReader:
             at = self.stop - self.filled + end
             raise CorruptFile(f"{self.path}: a partial record at byte {at}")
         self.bounds = np.append(offsets, end)
-        self.timestamps = timestamps_at(raw, offsets)
+        self.timestamps = stamps
         self.next = 0
         if self.done:
             self.close()

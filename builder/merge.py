@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from builder.gebscan import Block, RecordBlocks, RecordReader
+from builder.gebscan import Block, RecordBlocks, RecordReader, file_timestamps
 from builder.hits import RECORD_STATUS, record_kinds, records_from_bounds
 
 #: Most runs merged in one pass (each holds a file descriptor and a block).
@@ -170,26 +170,20 @@ def sorted_runs(path: Path, block_bytes: int, temp: Path) -> list[Run]:
     return writer.close()
 
 
-def is_time_ordered(path: Path, block_bytes: int, stats: MergeStats,
-                    progress: Progress | None, buffer: np.ndarray | None = None) -> bool:
-    """Read ``path`` once: count its records into ``stats``; whether they are in time order."""
-    reader = RecordReader(path, block_bytes, buffer=buffer)
+def is_time_ordered(path: Path, window_bytes: int, stats: MergeStats,
+                    progress: Progress | None) -> bool:
+    """Read ``path``'s headers once: count its records into ``stats``; whether they are in
+    time order."""
     ordered, last, records = True, 0, 0
-    try:
-        while not reader.done:
-            reader.refill()
-            stamps = reader.timestamps
-            records += stamps.size
-            if ordered and stamps.size:
-                ordered = int(stamps[0]) >= last and bool((stamps[1:] >= stamps[:-1]).all())
-                last = int(stamps[-1])
-            reader.next = stamps.size
-            if progress:
-                progress("scan", int(reader.bounds[-1]))
-    finally:
-        reader.close()
+    for stamps, nbytes in file_timestamps(path, window_bytes):
+        records += stamps.size
+        if ordered and stamps.size:
+            ordered = int(stamps[0]) >= last and bool((stamps[1:] >= stamps[:-1]).all())
+            last = int(stamps[-1])
+        if progress:
+            progress("scan", nbytes)
     stats.records_in += records
-    stats.bytes_in += reader.stop
+    stats.bytes_in += os.path.getsize(path)
     stats.per_file[str(path)] = records
     return ordered
 
@@ -312,18 +306,16 @@ def merge_files(files: list[Path], sink: BatchSink, *, memory_bytes: int = DEFAU
                 progress: Progress | None = None) -> MergeStats:
     """Merge every record of ``files`` into ``sink`` in time order (see the module doc)."""
     stats = MergeStats(files=len(files))
-    scan_block = max(_MIN_BLOCK, min(memory_bytes // 4, _SCAN_BLOCK))
-    buffer = np.empty(2 * scan_block, dtype=np.uint8)  # one for every file: no page faults
+    scan_window = max(_MIN_BLOCK, min(memory_bytes // 4, _SCAN_BLOCK))
     with tempfile.TemporaryDirectory(prefix="dgs-merge-", dir=temp_dir) as scratch:
         runs: list[Run] = []
         for number, path in enumerate(files):
-            if is_time_ordered(path, scan_block, stats, progress, buffer):
+            if is_time_ordered(path, scan_window, stats, progress):
                 runs.append(Run(path, 0, os.path.getsize(path)))
             else:
                 stats.unsorted_files += 1
-                sort_block = max(_MIN_BLOCK, memory_bytes // 8)
+                sort_block = max(_MIN_BLOCK, memory_bytes // 12)  # ~6 blocks live while sorting
                 runs += sorted_runs(path, sort_block, Path(scratch) / f"runs-{number}")
-        del buffer
         stats.runs = len(runs)
         runs = _reduce_fan_in(runs, Path(scratch), memory_bytes)
         merge_runs(runs, sink, memory_bytes, drop_status, stats, progress)

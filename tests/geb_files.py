@@ -118,3 +118,16 @@ def reference_merge(paths: list[Path], drop_status: bool = False) -> bytes:
 def is_status(record: bytes) -> bool:
     length = struct.unpack_from("<i", record, 4)[0]
     return length == 12 and (struct.unpack_from(">I", record, 24)[0] >> 16) & 0xF == 0xF
+
+
+def brute_force_multiplicity(stamps: list[int], window: int) -> list[int]:
+    """Multiplicity of each event by the documented rule, one hit at a time."""
+    sizes: list[int] = []
+    opened = None
+    for stamp in stamps:
+        if opened is not None and stamp <= opened + window:
+            sizes[-1] += 1
+        else:
+            opened = stamp
+            sizes.append(1)
+    return sizes

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import struct
 import tracemalloc
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 import uproot
 from geb_files import (
     Hit,
+    brute_force_multiplicity,
     event_record,
     many_records,
     random_hits,
@@ -26,6 +28,7 @@ from geb_files import (
 
 from builder import merge
 from builder.cli import data_files, main
+from builder.gebscan import RecordReader, file_timestamps
 from builder.hits import RECORD_STATUS, hits_from_records, record_kinds
 from receiver.geb import read_records
 
@@ -141,19 +144,6 @@ def test_memory_stays_bounded_for_an_input_many_times_the_memory_setting(tmp_pat
     assert peak < 6 * budget, f"peak {peak / 2**20:.1f} MiB for {size / 2**20:.0f} MiB of input"
 
 
-def brute_force_events(stamps: list[int], window: int) -> list[int]:
-    """Multiplicity of each event by the documented rule, one hit at a time."""
-    sizes: list[int] = []
-    opened = None
-    for stamp in stamps:
-        if opened is not None and stamp <= opened + window:
-            sizes[-1] += 1
-        else:
-            opened = stamp
-            sizes.append(1)
-    return sizes
-
-
 def snapshot(run_dir: Path, when: str, boards: dict[str, list[int]]) -> None:
     crates = [{"crate": crate, "pvs": {f"VME{crate}:MDIG{i}:user_package_data": board
                                        for i, board in enumerate(ids)}}
@@ -170,16 +160,19 @@ def test_events_equal_a_brute_force_grouping_of_the_merged_hits(three_crates, tm
         snapshot(run_dir, "end", boards)
     output, events = tmp_path / "m.gtd", tmp_path / f"ev{suffix}"
     code, printed = run_merge(*three_crates, "-o", output, "--events", events, "--window", "500",
-                              "--memory", "1")
+                              "--memory", "1", "--traces")
     assert code == 0, printed
     merged = output.read_bytes()
-    hits, _ = hits_from_records(merged, read_records(merged))
-    expected = brute_force_events(hits["timestamp"].tolist(), 500)
+    hits, traces = hits_from_records(merged, read_records(merged), with_traces=True)
+    expected = brute_force_multiplicity(hits["timestamp"].tolist(), 500)
     if suffix == ".root":
         with uproot.open(events) as root:
             arrays = root["events"].arrays(["mult", "board", "timestamp", "e", "crate"],
                                            library="np")
             metadata = json.loads(str(root["metadata"]))
+            samples = root["events"].arrays(["trace", "trace_samples"], library="np")
+        width = int(samples["trace_samples"][0])
+        got = np.concatenate(samples["trace"]).reshape(-1, width)
         mult, board = arrays["mult"].tolist(), np.concatenate(arrays["board"])
         crate = np.concatenate(arrays["crate"])
         stamps, energy = np.concatenate(arrays["timestamp"]), np.concatenate(arrays["e"])
@@ -188,9 +181,11 @@ def test_events_equal_a_brute_force_grouping_of_the_merged_hits(three_crates, tm
             mult = h5["events"]["mult"].tolist()
             rows = h5["hits"][:]
             metadata = json.loads(h5.attrs["metadata"])
+            got = h5["traces"][:]
         board, crate = rows["board"], rows["crate"]
         stamps, energy = rows["timestamp"], rows["energy"]
     assert mult == expected
+    assert (got[:, : traces.shape[1]] == traces).all() and (got[:, traces.shape[1] :] == -1).all()
     assert stamps.tolist() == hits["timestamp"].tolist()
     assert energy.tolist() == hits["energy"].tolist()
     assert (crate == board // 100).all(), "crates from the begin snapshots"
@@ -202,9 +197,10 @@ def test_events_equal_a_brute_force_grouping_of_the_merged_hits(three_crates, tm
 def test_a_truncated_file_fails_and_leaves_no_output(tmp_path):
     path = write_file(tmp_path / "t" / "t.gtd_000", [event_record(Hit(1, 0, 5, 9))])
     path.write_bytes(path.read_bytes()[:-3])
-    code, printed = run_merge(tmp_path / "t", "-o", tmp_path / "m.gtd")
+    code, printed = run_merge(tmp_path / "t", "-o", tmp_path / "m.gtd", "--events",
+                              tmp_path / "e.root")
     assert code == 1 and "partial record" in printed
-    assert not (tmp_path / "m.gtd").exists() and not list(tmp_path.glob(".m.gtd*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"], "no output, no leftovers"
 
 
 def test_an_existing_output_or_no_input_is_refused(tmp_path):
@@ -216,3 +212,34 @@ def test_an_existing_output_or_no_input_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     code, printed = run_merge(tmp_path / "empty", "-o", tmp_path / "n.gtd")
     assert code == 2 and "no GEB data files" in printed
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_a_progress_line_is_drawn_on_a_terminal_only(tmp_path, terminal):
+    write_file(tmp_path / "t" / "t.gtd_000", [event_record(Hit(1, 0, 5, 9))])
+    err = Terminal() if terminal else io.StringIO()
+    assert main([str(tmp_path / "t"), "-o", str(tmp_path / "m.gtd")], out=io.StringIO(),
+                 err=err) == 0
+    assert ("\rdgs-merge: scan" in err.getvalue()) is terminal
+
+
+def test_records_longer_than_a_block_are_read_whole(tmp_path):
+    sizes = [10_000, 12, 40, 70_000, 12, 5_000]
+    records = [struct.pack("<iiQ", 14, size, stamp) + bytes([stamp]) * size
+               for stamp, size in enumerate(sizes)]
+    path = write_file(tmp_path / "big" / "b.gtd_000", records)
+    stamps = [int(s) for chunk, _ in file_timestamps(path, 4096) for s in chunk]
+    assert stamps == list(range(len(sizes)))
+    reader, seen = RecordReader(path, 4096), []
+    while not reader.done or reader.remaining:
+        reader.refill()
+        for index in range(reader.next, reader.timestamps.size):
+            start, end = int(reader.bounds[index]), int(reader.bounds[index + 1])
+            seen.append(reader.buffer[start:end].tobytes())
+        reader.next = reader.timestamps.size
+    assert seen == records

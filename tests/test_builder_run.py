@@ -16,10 +16,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from geb_files import reference_merge
+from geb_files import brute_force_multiplicity, reference_merge
 from ioc_harness import BIN, wait_until
 
 from builder.cli import data_files
+from builder.events import DEFAULT_WINDOW_TICKS
+from builder.hits import hits_from_records
+from receiver.geb import read_records
 
 REPO = Path(__file__).resolve().parent.parent
 CALIBRATION = REPO / "examples" / "co60-calibration.csv"
@@ -82,7 +85,10 @@ def test_a_run_becomes_one_ordered_file_and_a_co60_spectrum(demo_ioc, tmp_path, 
     assert hits.size == digitizer_events > 1000
     assert set(hits["board"].tolist()) == {101, 102, 103, 104}
     assert (hits["crate"] == 1).all(), "the crate comes from the begin snapshot"
-    assert multiplicity.sum() == hits.size
+    merged_hits, _ = hits_from_records(expected, read_records(expected))
+    stamps = merged_hits["timestamp"].tolist()
+    assert multiplicity.tolist() == brute_force_multiplicity(stamps, DEFAULT_WINDOW_TICKS)
+    assert hits["timestamp"].tolist() == stamps
     assert metadata["pvs_begin"]["crates"][0]["pvs"]["VME01:MDIG1:user_package_data"] == 101
     assert metadata["pvs_end"]["when"] == "end"
     counts, edges = np.histogram(hits["energy_kev"], bins=np.arange(1000, 1500, 2.0))
