@@ -18,7 +18,8 @@ held record has waited that long, everything up to its timestamp is released.
 Records arriving afterwards with a timestamp older than the last written one
 are written anyway, after, and counted as late (they are not in timestamp
 order); late records are not given to the event builder, whose input must be
-in order. `close` flushes what is left.
+in order. `close` flushes what is left. Memory is what is held: at most about
+``wait_s`` times the data rate.
 
 Work is per reply and vectorised: the held records are a table kept sorted by
 timestamp (a stable sort of the held table and the reply's records, ties in
