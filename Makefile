@@ -60,7 +60,8 @@ $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $(BENCH_STAMP)
 
-# Benchmarks P1-P13: one table, bench-results/results.json, benchmarks/throughput.png (< 15 min).
+# Benchmarks P1-P13 (spec 06 and the issues): one table, bench-results/results.json,
+# benchmarks/throughput.png (about 20 min).
 bench: $(BENCH_STAMP)
 	$(LOOPBACK_EPICS) $(PY) benchmarks/run_all.py
 

@@ -44,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,8 +90,8 @@ DGS_RECEIVER = Path(sys.executable).parent / "dgs-receiver"
 TMPFS = Path("/dev/shm")
 DATA_CHANNELS = {f"{channel:X}" for channel in range(CHANNELS)}
 WATCH_PERIOD_S = 0.02
-#: What `dgs-receiver` prints just before it starts connecting.
-READY_LINE = "dgs-receiver: PV snapshot"
+#: What `dgs-receiver` prints just before it starts connecting (without / with a PV snapshot).
+READY_LINES = ("dgs-receiver: PV snapshot", "dgs-receiver: begin snapshot")
 _run_numbers = itertools.count(1)
 
 
@@ -114,14 +115,16 @@ class ReceiverProcess:
     and the CPU time it had used just before.
     """
 
-    def __init__(self, port: int, out_dir: Path, run_name: str) -> None:
+    def __init__(self, port: int, out_dir: Path, run_name: str,
+                 options: Sequence[str] = ()) -> None:
         self.run_dir = out_dir / run_name
         self.log_path = out_dir / f"{run_name}.log"
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
                 [str(DGS_RECEIVER), f"127.0.0.1:{port}", "--out", str(out_dir),
                  "--run-name", run_name, "--status", "plain", "--status-interval", "3600",
-                 "--connect-timeout", "30", "--max-seconds", str(RECEIVER_TIMEOUT_S)],
+                 "--connect-timeout", "30", "--max-seconds", str(RECEIVER_TIMEOUT_S),
+                 *options],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
             )
         self.exited_ns = 0
@@ -136,9 +139,11 @@ class ReceiverProcess:
         first ~0.5 s of data pile up in the IOC's pool, and the flow control
         would then slow inLoop down.
         """
-        wait_until(lambda: READY_LINE in self.log_path.read_text(errors="replace")
-                   or self.proc.poll() is not None, RECEIVER_TIMEOUT_S, "dgs-receiver to start",
-                   period=0.01)
+        def ready() -> bool:
+            text = self.log_path.read_text(errors="replace")
+            return any(line in text for line in READY_LINES) or self.proc.poll() is not None
+
+        wait_until(ready, RECEIVER_TIMEOUT_S, "dgs-receiver to start", period=0.01)
         if self.proc.poll() is not None:
             raise RuntimeError(f"dgs-receiver exited at start: {self._log_tail()}")
 
@@ -181,6 +186,7 @@ class ReceiverProcess:
             "completed_ns": _monotonic_ns(ioc["completed_at"]),
             "exited_ns": self.exited_ns,
             "cpu_s": self.cpu_s,
+            "online": summary.get("online"),
         }
 
 
@@ -211,6 +217,8 @@ class RunResult:
     file_bytes: int
     ioc_cores: float
     receiver_cores: float
+    #: The receiver summary's online-building part (merged layout, events), if any.
+    online: dict | None = None
 
     @property
     def lossless(self) -> bool:
@@ -224,9 +232,14 @@ class RunResult:
 
 
 def one_run(ioc: BenchIoc, samples: int, offered_mb_s: float, seconds: float,
-            out_dir: Path) -> RunResult:
-    """Start a run, let the crate generate for ``seconds``, stop, and account every event."""
-    receiver = ReceiverProcess(ioc.ports.data, out_dir, f"bench{next(_run_numbers):03d}")
+            out_dir: Path, receiver_options: Callable[[Path], Sequence[str]] | None = None,
+            ) -> RunResult:
+    """Start a run, let the crate generate for ``seconds``, stop, and account every event.
+
+    ``receiver_options`` gives more `dgs-receiver` options for the run directory."""
+    name = f"bench{next(_run_numbers):03d}"
+    options = receiver_options(out_dir / name) if receiver_options else ()
+    receiver = ReceiverProcess(ioc.ports.data, out_dir, name, options)
     receiver.wait_ready()
     ioc_cpu_before, wall_before = proc_cpu_seconds(ioc.pid), time.monotonic()
     with releasing_tmpfs(out_dir, (receiver.run_dir, receiver.log_path), offered_mb_s):
@@ -259,6 +272,7 @@ def one_run(ioc: BenchIoc, samples: int, offered_mb_s: float, seconds: float,
         file_bytes=report["file_bytes"],
         ioc_cores=ioc_cores,
         receiver_cores=report["cpu_s"] / until_exit_s if until_exit_s > 0 else 0.0,
+        online=report["online"],
     )
 
 

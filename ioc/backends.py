@@ -5,6 +5,8 @@
 - ``"sim"`` / ``"sim-inprocess"``: the simulated crate (`sim/`), run inside the IOC
   process. Once the simulated crate runs as its own process (issue 15, part 1),
   ``"sim"`` will name that process and ``"sim-inprocess"`` this in-process one.
+- ``"replay"``: recorded run files played back as the boards' FIFO contents
+  (`replay/`, settings in ``[crate.replay]``).
 - ``"module:Class"``: a class or factory in an importable module (dotted path).
 - a name registered under the entry-point group ``dgs_crate_ioc.backends``.
 
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 
 ENTRY_POINT_GROUP = "dgs_crate_ioc.backends"
 SIM_NAMES = ("sim", "sim-inprocess")
+REPLAY_NAME = "replay"
 
 Factory = Callable[["CrateConfig"], Crate]
 
@@ -55,10 +58,18 @@ def _sim_crate(crate: CrateConfig) -> Crate:
     return SimCrate(specs, seed=crate.seed)
 
 
+def _replay_crate(crate: CrateConfig) -> Crate:
+    from replay import ReplayCrate
+
+    return ReplayCrate(crate)
+
+
 def _from_module(name: str) -> Factory:
     module_name, _, attribute = name.partition(":")
     if not module_name or not attribute:
-        raise BackendError('must be "sim", "sim-inprocess", "module:Class" or an entry point name')
+        raise BackendError(
+            'must be "sim", "sim-inprocess", "replay", "module:Class" or an entry point name'
+        )
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
@@ -77,8 +88,8 @@ def _from_entry_point(name: str) -> Factory:
     found = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP).select(name=name)
     if not found:
         raise BackendError(
-            'must be "sim", "sim-inprocess", "module:Class" or a name registered under the '
-            f"entry-point group {ENTRY_POINT_GROUP}"
+            'must be "sim", "sim-inprocess", "replay", "module:Class" or a name registered '
+            f"under the entry-point group {ENTRY_POINT_GROUP}"
         )
     try:
         return next(iter(found)).load()
@@ -90,6 +101,8 @@ def resolve(name: str) -> Factory:
     """The factory ``name`` designates (BackendError if there is none)."""
     if name in SIM_NAMES:
         return _sim_crate
+    if name == REPLAY_NAME:
+        return _replay_crate
     if ":" in name:
         return _from_module(name)
     return _from_entry_point(name)

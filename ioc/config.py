@@ -28,7 +28,11 @@ Choices where spec 01 is silent:
 - legal but probably unintended files load with warnings (``CrateConfig.warnings``,
   one line each): a crate id written as an integer, a crate without boards, a
   crate whose boards are all disabled;
-- a UTF-8 byte order mark at the start of a file is accepted.
+- a UTF-8 byte order mark at the start of a file is accepted;
+- ``[crate.replay]`` (the replay backend): ``source`` is a path or an array of
+  paths, relative ones relative to the file like ``state_dir``; ``speed = "max"``
+  is kept as 0; whether the files are a recording is checked when the backend
+  is built.
 """
 
 from __future__ import annotations
@@ -94,6 +98,20 @@ class SimBoardConfig:
     event_rate_hz: float = 500.0  # per channel (digitizer) or triggers per second
     trace_samples: int = 200
     header_type: int = HEADER_TYPE_LED  # 7 LED / 8 CFD; TOML says "LED" / "CFD"
+    fifo_words: int = 262144
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    """What the replay backend (``backend = "replay"``) plays back and how fast."""
+
+    #: Run directories, GEB run files or ``--save-raw`` reply files (``[crate.replay] source``).
+    source: tuple[str, ...] = ()
+    #: Recorded pace divided by this; 0 (TOML "max") = as fast as the IOC reads.
+    speed: float = 1.0
+    #: Start again from the beginning when the recording ends.
+    loop: bool = False
+    #: Capacity of each replayed board FIFO in words (a real board's is 1 MiB).
     fifo_words: int = 262144
 
 
@@ -168,6 +186,7 @@ class CrateConfig:
     sample_queue_events: int = 20_000
     sender: SenderConfig = SenderConfig()
     inloop: InLoopConfig = InLoopConfig()
+    replay: ReplayConfig = ReplayConfig()
     boards: tuple[BoardConfig, ...] = ()
     #: Lines to print at start-up about legal but probably unintended settings.
     warnings: tuple[str, ...] = field(default=(), compare=False)
@@ -408,6 +427,14 @@ _BOARD_KEYS = {
     "fifo_num": _Key(int, _between(0, TRIGGER_FIFOS - 1)),
 }
 _BOARD_REQUIRED = ("name", "kind", "card", "slot", "package_data")
+#: Fastest replay pace the configuration accepts (beyond it, "max" says what is meant).
+MAX_REPLAY_SPEED = 1_000_000.0
+REPLAY_SPEED_MAX = "max"
+_REPLAY_KEYS = {
+    "loop": _Key(bool),
+    "fifo_words": _Key(int, _all(_between(1024, MAX_SIM_FIFO_WORDS), _multiple_of(16))),
+}
+_REPLAY_SPECIAL_KEYS = ("source", "speed")
 _SIM_KEYS = {
     "event_rate_hz": _Key(float, _between(0, 1_000_000)),
     "trace_samples": _Key(int, _all(_between(0, MAX_TRACE_SAMPLES), _multiple_of(2))),
@@ -506,6 +533,41 @@ def _parse_sim(where: str, table: Mapping[str, Any]) -> SimBoardConfig:
     return SimBoardConfig(**values)
 
 
+def _parse_replay(where: str, table: Mapping[str, Any]) -> ReplayConfig:
+    """``[crate.replay]``: ``source`` is a path or an array of paths, ``speed`` a number
+    or "max"; the files themselves are checked when the backend is built."""
+    _reject_unknown(where, table, [*_REPLAY_SPECIAL_KEYS, *_REPLAY_KEYS], "[crate.replay]")
+    values: dict[str, Any] = _read_keys(
+        where, {k: v for k, v in table.items() if k in _REPLAY_KEYS}, _REPLAY_KEYS,
+        "[crate.replay]",
+    )
+    if "source" in table:
+        source = table["source"]
+        paths = [source] if isinstance(source, str) else source
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise ConfigError(
+                f"{where}: source must be a path or an array of paths, got {_describe(source)}"
+            )
+        if not paths or not all(p.strip() for p in paths):
+            raise ConfigError(f"{where}: source must name at least one file or directory")
+        values["source"] = tuple(paths)
+    if "speed" in table:
+        values["speed"] = _replay_speed(where, table["speed"])
+    return ReplayConfig(**values)
+
+
+def _replay_speed(where: str, value: Any) -> float:
+    """A pace factor 0 < speed <= MAX_REPLAY_SPEED, or 0 / "max" for as fast as read."""
+    if value == REPLAY_SPEED_MAX:
+        return 0.0
+    wanted = f'must be a number 0..{MAX_REPLAY_SPEED:g} or "max"'
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{where}: speed {wanted}, got {_describe(value)}")
+    if not math.isfinite(value) or not 0 <= value <= MAX_REPLAY_SPEED:
+        raise ConfigError(f"{where}: speed {wanted}, got {_show(value)}")
+    return float(value)
+
+
 def _parse_board(crate_where: str, index: int, table: Mapping[str, Any]) -> BoardConfig:
     where = f"{crate_where} board #{index}"
     if "name" in table:
@@ -530,7 +592,11 @@ def _parse_crate(source: str, index: int, table: Mapping[str, Any]) -> CrateConf
         raise ConfigError(f"{where}: {error}") from None
     where = f"{source}: crate {crate_id}"
     values = _read_keys(
-        where, table, _CRATE_KEYS, "[[crate]]", subtables=("crate", "sender", "inloop", "board")
+        where,
+        table,
+        _CRATE_KEYS,
+        "[[crate]]",
+        subtables=("crate", "sender", "inloop", "replay", "board"),
     )
     sender_where = f"{where} [crate.sender]"
     inloop_where = f"{where} [crate.inloop]"
@@ -540,6 +606,11 @@ def _parse_crate(source: str, index: int, table: Mapping[str, Any]) -> CrateConf
     inloop = _read_keys(
         inloop_where, _subtable(where, table, "inloop"), _INLOOP_KEYS, "[crate.inloop]"
     )
+    replay = _parse_replay(f"{where} [crate.replay]", _subtable(where, table, "replay"))
+    if values.get("backend") == backends.REPLAY_NAME and not replay.source:
+        raise ConfigError(
+            f'{where}: backend "replay" needs [crate.replay] source = "<run directory or files>"'
+        )
     boards = tuple(
         _parse_board(where, number, board)
         for number, board in enumerate(_table_list(where, table, "board", "crate.board"), 1)
@@ -551,6 +622,7 @@ def _parse_crate(source: str, index: int, table: Mapping[str, Any]) -> CrateConf
         **values,
         sender=SenderConfig(**sender),
         inloop=InLoopConfig(**inloop),
+        replay=replay,
         boards=boards,
         warnings=_crate_warnings(where, table["crate"], crate_id, boards),
     )
@@ -707,12 +779,30 @@ def load_config(path: str | os.PathLike[str]) -> SystemConfig:
         raise ConfigError(f"{source}: cannot read: {error.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{source}: not UTF-8 text") from None
-    system = parse_config(text, source)
+    system = _anchor_replay_sources(parse_config(text, source), source)
     state_dir = system.state_dir
     if state_dir is not None and not os.path.isabs(os.path.expanduser(state_dir)):
         anchored = os.path.join(os.path.dirname(os.path.abspath(source)), state_dir)
         system = dataclasses.replace(system, state_dir=anchored)
     return system
+
+
+def _anchor_replay_sources(system: SystemConfig, source: str) -> SystemConfig:
+    """Relative replay sources are relative to the configuration file, like ``state_dir``."""
+    base = os.path.dirname(os.path.abspath(source))
+    crates = tuple(
+        dataclasses.replace(
+            crate,
+            replay=dataclasses.replace(
+                crate.replay,
+                source=tuple(
+                    os.path.join(base, os.path.expanduser(path)) for path in crate.replay.source
+                ),
+            ),
+        )
+        for crate in system.crates
+    )
+    return dataclasses.replace(system, crates=crates)
 
 
 def demo_config() -> SystemConfig:
@@ -804,6 +894,10 @@ def dump_config(system: SystemConfig) -> str:
         lines += _toml_lines({k: getattr(crate, k) for k in _CRATE_KEYS})
         lines += ["", "[crate.sender]", *_toml_lines(dataclasses.asdict(crate.sender))]
         lines += ["", "[crate.inloop]", *_toml_lines(dataclasses.asdict(crate.inloop))]
+        if crate.replay != ReplayConfig():
+            replay_values = dataclasses.asdict(crate.replay)
+            replay_values["speed"] = crate.replay.speed or REPLAY_SPEED_MAX
+            lines += ["", "[crate.replay]", *_toml_lines(replay_values)]
         for board in crate.boards:
             board_values = {k: getattr(board, k) for k in _BOARD_KEYS}
             board_values["kind"] = board.kind.value

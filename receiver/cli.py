@@ -7,6 +7,11 @@ its GEB records at once (`receiver.geb`) and appends them to the run's files
 IOCs never write the same file (in the single-file layout they share it under
 a lock).
 
+With ``--layout merged`` or ``--events`` every puller also hands its records
+to one shared merger that writes them in timestamp order and builds
+coincidence events (`receiver.online`; what that means for acknowledgement is
+said there).
+
 It speaks the acknowledged, run-tagged protocol v2 by default (``--protocol
 classic`` for an original IOC): it takes only the run it was started for
 (``--run N``), and the IOC keeps whatever it has not acknowledged, so a
@@ -43,7 +48,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from receiver import geb, snapshot
+from receiver import geb, online, snapshot
 from receiver.files import (
     DEFAULT_CHUNK_BYTES,
     Layout,
@@ -99,13 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     name.add_argument("--run", type=int, help="run number: the run name is run%%05d")
     p.add_argument("--ext", default="gtd", help="file tag (default gtd)")
     p.add_argument("--layout", choices=[layout.value for layout in Layout], default="classic",
-                   help="files per board and channel (classic), per board, or one (single)")
+                   help="files per board and channel (classic), per board, one in arrival "
+                        "order (single), one in timestamp order (merged), none (--events only)")
     p.add_argument("--chunk-bytes", type=_positive(int), default=DEFAULT_CHUNK_BYTES,
                    help="start a new chunk before a file exceeds this size")
     p.add_argument("--chunk-seconds", type=_positive(float),
-                   help="also start a new chunk when a file is this old")
+                   help="also start a new chunk when a file is this old (event files too)")
     p.add_argument("--chunk-events", type=_positive(int),
-                   help="also start a new chunk when a file holds this many records")
+                   help="also start a new chunk when a file holds this many records "
+                        "(an event file: this many events)")
     p.add_argument("--protocol", choices=("v2", "classic"), default="v2",
                    help="acknowledged, run-tagged v2 (default) or classic (an original IOC)")
     p.add_argument("--pipeline", type=_positive(int), default=6, help="requests in flight")
@@ -132,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="progress display (tty) or plain lines (default: tty on a terminal)")
     p.add_argument("--status-interval", type=_positive(float),
                    help="seconds between status updates (default 1 tty, 5 plain)")
+    online.add_options(p, _positive)
     return p
 
 
@@ -148,7 +156,7 @@ def _check(args: argparse.Namespace) -> str | None:
         return "the same HOST:PORT is given twice"
     if args.run is not None and args.run < 0:
         return "--run must be >= 0"
-    return None
+    return online.check(args)
 
 
 # ------------------------------------------------------------------ status
@@ -283,6 +291,8 @@ def print_summary(document: dict, out: TextIO) -> None:
                 f"{row['first_timestamp']:16d} {row['last_timestamp']:16d}",
                 file=out,
             )
+    if document.get("online"):
+        print(online.summary_line(document["online"]), file=out)
     out.flush()
 
 
@@ -327,6 +337,7 @@ def run_receiver(args: argparse.Namespace, stop: threading.Event, out: TextIO,
     print(f"dgs-receiver: run {run_name} in {run.path} ({args.layout} layout)", file=out,
           flush=True)
     identities: list[tuple[set[int], set[int]]] = [(set(), set())] * len(args.addresses)
+    taken: list[dict] = []
     if args.crate and (args.pv_ca or args.pv_pva):
         taken = _snapshots(run, args, "begin", out)
         identities = [snapshot.trigger_identity(s) for s in taken]
@@ -334,10 +345,14 @@ def run_receiver(args: argparse.Namespace, stop: threading.Event, out: TextIO,
         print("dgs-receiver: PV snapshot skipped (no --pv-ca/--pv-pva)", file=out, flush=True)
     given = set(args.trigger_board)
     write_failed = threading.Event()
+    building = online.start(run, args, taken, err)
+    if building is False:
+        return EXIT_USAGE
     pullers = [
         Puller(
             i, address, args.crate[i] if args.crate else None, run, args,
             TriggerIdentity(identities[i][0], identities[i][1], given), stop, write_failed,
+            building.merger if building else None,
         )
         for i, address in enumerate(args.addresses)
     ]
@@ -353,6 +368,8 @@ def run_receiver(args: argparse.Namespace, stop: threading.Event, out: TextIO,
                 stop.set()
             if status.due():
                 status.update()
+            if building and not write_failed.is_set():
+                closing_error = online.guard(building.merger.tick, write_failed) or closing_error
             for puller in pullers:
                 puller.join(0.05)
     finally:
@@ -360,14 +377,24 @@ def run_receiver(args: argparse.Namespace, stop: threading.Event, out: TextIO,
         for puller in pullers:
             puller.join()
         status.update()
+        if building and not write_failed.is_set():
+            closing_error = online.guard(building.finish, write_failed) or closing_error
         try:
             run.close()
         except OSError as error:
             closing_error = error
     code = _exit_code(pullers, closing_error, err)
+    end = None
     if args.crate and (args.pv_ca or args.pv_pva) and code != EXIT_WRITE:
-        _snapshots(run, args, "end", out)
+        end = _snapshots(run, args, "end", out)
+    if building:
+        ended = online.metadata(run, end, "end")
+        closing_error = online.guard(lambda: building.close(ended), write_failed)
+        if closing_error is not None:
+            code = _exit_code(pullers, closing_error, err)
     document = summary_document(run, pullers, code, time.monotonic() - began)
+    if building:
+        document["online"] = building.summary()
     _save_summary(run, args.out, document, err)
     print_summary(document, out)
     return code

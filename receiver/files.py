@@ -7,7 +7,10 @@ Layouts (``<fn>`` = ``<run>/<run>.<ext>_<chunk>``, chunk three digits from 000):
   included, go to ``<fn>_trig_<board>_0``;
 - ``board``: ``<fn>_<board>`` per board, arrival order; trigger boards
   ``<fn>_trig_<board>``;
-- ``single``: ``<fn>``, everything in arrival order.
+- ``single``: ``<fn>``, everything in arrival order;
+- ``merged``: ``<fn>``, everything in timestamp order across boards and crates
+  (`receiver.merge`: records are held back until they can be written in order);
+- ``none``: no data files (with ``--events``: only the event files).
 
 Every stream rotates on its own: a new chunk starts when the next record would
 make the file exceed the size limit, and optionally when the file is older
@@ -51,6 +54,8 @@ class Layout(enum.Enum):
     CLASSIC = "classic"
     BOARD = "board"
     SINGLE = "single"
+    MERGED = "merged"
+    NONE = "none"
 
 
 class RunExistsError(Exception):
@@ -317,7 +322,7 @@ class RunDirectory:
 
     def key_for(self, board: int, channel: int, trigger: bool) -> StreamKey:
         """The stream of a record group under this layout."""
-        if self.layout is Layout.SINGLE:
+        if self.layout in (Layout.SINGLE, Layout.MERGED, Layout.NONE):
             return StreamKey(-1, -1, False)
         if self.layout is Layout.BOARD or trigger:
             return StreamKey(board, -1, trigger)
@@ -325,7 +330,7 @@ class RunDirectory:
 
     def path_for(self, key: StreamKey, chunk: int) -> Path:
         stem = self.stem(chunk)
-        if self.layout is Layout.SINGLE:
+        if self.layout in (Layout.SINGLE, Layout.MERGED):
             return self.path / stem
         if key.trigger:
             suffix = "_0" if self.layout is Layout.CLASSIC else ""
@@ -350,7 +355,7 @@ class RunDirectory:
 
     def close_board(self, board: int) -> None:
         """Close every open file of ``board`` (its 0xD arrived); later data start new chunks."""
-        if self.layout is Layout.SINGLE:
+        if self.layout in (Layout.SINGLE, Layout.MERGED, Layout.NONE):
             return
         for key, stream in list(self._streams.items()):
             if key.board == board:

@@ -449,36 +449,35 @@ RECORD_DTYPE = np.dtype(
 )
 
 
-def read_records(data: bytes | bytearray | memoryview) -> np.ndarray:
-    """Walk the records of a GEB file's bytes (`RECORD_DTYPE`, file order).
+def scan_records(data: bytes | bytearray | memoryview) -> tuple[np.ndarray, int]:
+    """The complete records at the start of ``data`` (`RECORD_DTYPE`) and the byte
+    offset where they stop: the start of a record cut off by the end of the data,
+    or the end of the data. A stream is read block by block with it.
 
     Files are mostly runs of equal-length records, so the walk guesses that the
     next records have the current length and checks a growing block of them at
     once, stepping record by record only where the length changes. Raises
-    ValueError when the chain of lengths does not end exactly at the end of
-    the data (a truncated or corrupt file).
+    ValueError for a negative record length (not a GEB file).
     """
     raw = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
     size = raw.size
     field = np.arange(4, 8)
     found: list[np.ndarray] = []
     position, block = 0, 16
-    while position < size:
-        if position + GEB_HEADER_BYTES > size:
-            raise ValueError(f"a partial record header at byte {position}")
+    while position + GEB_HEADER_BYTES <= size:
         length = int(raw[position + field].view("<i4")[0])
         if length < 0:
             raise ValueError(f"negative record length at byte {position}")
         step = GEB_HEADER_BYTES + length
-        count = max(1, min(block, (size - position) // step))
+        count = min(block, (size - position) // step)
+        if count == 0:
+            break
         starts = position + step * np.arange(count, dtype=np.int64)
         same = raw[starts[:, None] + field].copy().view("<i4")[:, 0] == length
         run = count if bool(same.all()) else max(1, int(np.argmin(same)))
         found.append(starts[:run])
         position += run * step
         block = block * 2 if run == count else 16
-    if position != size:
-        raise ValueError(f"records do not end at the end of the data ({position} != {size})")
     offsets = np.concatenate(found) if found else np.empty(0, dtype=np.int64)
     records = np.zeros(offsets.size, dtype=RECORD_DTYPE)
     records["offset"] = offsets
@@ -486,6 +485,24 @@ def read_records(data: bytes | bytearray | memoryview) -> np.ndarray:
         heads = raw[offsets[:, None] + np.arange(GEB_HEADER_BYTES)].view(GEB_HEADER_DTYPE)[:, 0]
         for name in ("type", "length", "timestamp"):
             records[name] = heads[name]
+    return records, position
+
+
+def read_records(data: bytes | bytearray | memoryview) -> np.ndarray:
+    """Walk the records of a GEB file's bytes (`RECORD_DTYPE`, file order).
+
+    Raises ValueError when the chain of lengths does not end exactly at the end
+    of the data (a truncated or corrupt file).
+    """
+    records, end = scan_records(data)
+    size = memoryview(data).nbytes
+    if end != size:
+        if size - end < GEB_HEADER_BYTES:
+            raise ValueError(f"a partial record header at byte {end}")
+        raise ValueError(
+            f"records do not end at the end of the data (the record at byte {end} "
+            f"needs more than the {size - end} bytes left)"
+        )
     return records
 
 

@@ -41,12 +41,17 @@ from receiver.client import (
     V2Connection,
 )
 from receiver.files import ChunkFile, Layout, Mark, RunDirectory, Stream
+from receiver.merge import Merger
 
 GROUPING = {
     Layout.CLASSIC: geb.GROUP_CHANNEL,
     Layout.BOARD: geb.GROUP_BOARD,
     Layout.SINGLE: geb.GROUP_NONE,
+    Layout.MERGED: geb.GROUP_NONE,
+    Layout.NONE: geb.GROUP_NONE,
 }
+#: Layouts whose records go only through the merger (`receiver.merge`), not to per-board files.
+MERGER_ONLY = (Layout.MERGED, Layout.NONE)
 #: A reply is expected at least every idle wait (20 ms); this long without one is a dead link.
 READ_TIMEOUT_S = 10.0
 UNKNOWN_TRIGGER_BOARD = 0
@@ -153,6 +158,7 @@ class Puller(threading.Thread):
         trigger: TriggerIdentity,
         stop: threading.Event,
         write_failed: threading.Event | None = None,
+        merger: Merger | None = None,
     ) -> None:
         super().__init__(name=f"puller-{index}", daemon=True)
         self.index = index
@@ -167,6 +173,8 @@ class Puller(threading.Thread):
         self.stop_event = stop
         #: Set by whichever puller could not write: every puller stops acknowledging.
         self.write_failed = write_failed or threading.Event()
+        #: Online merge and event building, shared by every puller (None: files only).
+        self.merger = merger
         self.counters = Counters()
         self.stream = Stream2()
         self.failed: str | None = None
@@ -545,11 +553,13 @@ class Puller(threading.Thread):
 
     def _write(self, batch: geb.Batch, ends: list[int]) -> dict[str, int]:
         """Append the records to their files, all or nothing; a board's files close after
-        its 0xD. Returns the size of every file written."""
+        its 0xD; then hand them to the merger, if any. Returns the size of every file
+        written (none when the merger holds them: see `receiver.merge` on acknowledging)."""
         run = self.run_dir
         written: list[tuple[Stream, Mark]] = []
+        groups = [] if run.layout in MERGER_ONLY else batch.groups
         try:
-            for group in batch.groups:
+            for group in groups:
                 stream = run.stream(run.key_for(group.board, group.channel, group.trigger))
                 mark = stream.write(batch.data, batch.bounds[group.first : group.stop + 1])
                 written.append((stream, mark))
@@ -567,7 +577,18 @@ class Puller(threading.Thread):
         self.summarise(batch.stats)
         for board in ends:
             run.close_board(board)
+        if self.merger is not None:
+            try:
+                self.merger.add(self.index, batch, ends, self._crate_number())
+            except OSError as error:
+                raise WriteFailed(error.filename or str(run.path), error) from error
         return sizes
+
+    def _crate_number(self) -> int | None:
+        """This connection's crate: as given with ``--crate``, else as the v2 IOC says."""
+        if self.crate is not None:
+            return int(self.crate)
+        return self.stream.crate if self.stream.crate >= 0 else None
 
     def summarise(self, stats: geb.ChannelStats) -> None:
         """Add a written batch's per-channel sums to the end-of-run summary."""

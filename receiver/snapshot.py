@@ -234,6 +234,28 @@ def trigger_identity(snapshot: dict) -> tuple[set[int], set[int]]:
     return ids, slots
 
 
+def enabled_boards(snapshot: dict) -> set[int] | None:
+    """Package data of the crate's enabled boards (``CS_Ena`` = Enable), or None when the
+    snapshot does not show them (a CA snapshot, an unreachable crate)."""
+    crate = snapshot.get("crate", "")
+    pvs = snapshot.get("pvs", {})
+    enables = [name for name in pvs if name.startswith(f"VME{crate}:") and
+               name.endswith(":CS_Ena")]
+    if not enables:
+        return None
+    boards = set()
+    for name in enables:
+        if pvs[name] not in ("Enable", 1, 1.0):
+            continue
+        stem = name.removesuffix("CS_Ena")
+        for suffix in ("user_package_data", "USER_PACKAGE_DATA"):
+            value = pvs.get(stem + suffix)
+            if isinstance(value, int | float):
+                boards.add(int(value))
+                break
+    return boards
+
+
 def take_all(
     crates: Iterable[tuple[str, str | None, str | None]], timeout: float = DEFAULT_TIMEOUT_S
 ) -> list[dict]:

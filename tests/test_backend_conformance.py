@@ -1,22 +1,25 @@
 """Backends against the contract of `ioc.hardware`, and a plug-in loaded by a running IOC.
 
-The in-process simulator and a third-party-style backend (`fixed_words_backend`,
-loaded as "module:Class") pass the same conformance suite; the plug-in then
-serves a real `dgs-ioc` through a Start/Stop.
+The in-process simulator, the replay backend (on a recording written by hand)
+and a third-party-style backend (`fixed_words_backend`, loaded as
+"module:Class") pass the same conformance suite; the plug-in then serves a
+real `dgs-ioc` through a Start/Stop.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from backend_conformance import BackendConformance
 from dataflow import CRATE, DEMO_SPECS, TRIGGER_SPEC, crate_toml, start_run, stop_run
+from replay_files import crate_packets, write_board_layout
 
 from ioc import backends
-from ioc.config import BoardConfig, CrateConfig, SimBoardConfig, demo_config
+from ioc.config import BoardConfig, CrateConfig, ReplayConfig, SimBoardConfig, demo_config
 from ioc.hardware import BoardKind, Crate
 
 TESTS = Path(__file__).resolve().parent
@@ -41,6 +44,19 @@ class TestSimInProcess(BackendConformance):
     @pytest.fixture
     def crate(self) -> Crate:
         return backends.build(demo_with_trigger("sim-inprocess"))
+
+
+class TestReplay(BackendConformance):
+    @pytest.fixture
+    def crate(self, tmp_path: Path) -> Iterator[Crate]:
+        config = demo_with_trigger("replay")
+        boards = [b.package_data for b in config.boards if not b.kind.is_trigger]
+        packets = crate_packets(boards, 110, seconds=1.0, rate_hz=2000)
+        write_board_layout(tmp_path / "run00001", packets)
+        replay = ReplayConfig(source=(str(tmp_path / "run00001"),), loop=True)
+        crate = backends.build(dataclasses.replace(config, replay=replay))
+        yield crate
+        crate.close()
 
 
 class TestModuleClassPlugin(BackendConformance):

@@ -141,7 +141,7 @@ def test_three_crates_example():
     assert loaded.crate("03").boards[0].sim.header_type == 8
 
 
-@pytest.mark.parametrize("name", ["demo.toml", "three-crates.toml"])
+@pytest.mark.parametrize("name", ["demo.toml", "three-crates.toml", "replay.toml"])
 def test_examples_round_trip_through_dump(name):
     loaded = load_config(EXAMPLES / name)
     assert parse_config(dump_config(loaded), "dumped") == loaded
@@ -197,6 +197,18 @@ def test_accepted_edge_values():
     assert loaded.board_by_card(0) is None
 
 
+def test_replay_settings_load_with_relative_sources_beside_the_file(tmp_path):
+    path = tmp_path / "replay.toml"
+    path.write_text(replay('source = ["runs/run00042", "/data/r.replies_0"]\nspeed = "max"'
+                           "\nloop = true"))
+    loaded = load_config(path)
+    settings = loaded.crate("01").replay
+    assert settings.source == (str(tmp_path / "runs/run00042"), "/data/r.replies_0")
+    assert (settings.speed, settings.loop, settings.fifo_words) == (0.0, True, 262144)
+    assert parse_config(dump_config(loaded), "dumped") == loaded
+    assert parse_config(replay('source = "r"\nspeed = 2.5'), SOURCE).crates[0].replay.speed == 2.5
+
+
 def bad_board(**keys: str) -> str:
     return system(crate(board(**keys)))
 
@@ -207,6 +219,10 @@ def bad_sim(sim: str) -> str:
 
 def bad_crate(keys: str = "", tables: str = "", crate_id: str = '"01"') -> str:
     return system(crate(keys=keys, tables=tables, crate_id=crate_id))
+
+
+def replay(keys: str, backend: str = 'backend = "replay"') -> str:
+    return bad_crate(keys=backend, tables=f"[crate.replay]\n{keys}\n")
 
 
 def sender(keys: str) -> str:
@@ -329,8 +345,28 @@ CASES = {
     "pva port too big": (bad_crate(keys="pva_port = 70000"), ["pva_port must be 1..65535"]),
     "backend": (
         bad_crate(keys='backend = "vme"'),
-        ['crate 01: backend must be "sim", "sim-inprocess", "module:Class"', "'vme'"],
+        ['crate 01: backend must be "sim", "sim-inprocess", "replay", "module:Class"', "'vme'"],
     ),
+    "replay without source": (
+        bad_crate(keys='backend = "replay"'),
+        ['crate 01: backend "replay" needs [crate.replay] source = "<run directory or files>"'],
+    ),
+    "replay speed word": (
+        replay('source = "runs/run00042"\nspeed = "fast"'),
+        ["crate 01 [crate.replay]: speed must be a number 0..1e+06 or \"max\", got string 'fast'"],
+    ),
+    "replay speed negative": (
+        replay('source = "r"\nspeed = -2'), ['speed must be a number 0..1e+06 or "max", got -2']
+    ),
+    "replay source type": (
+        replay("source = 42"), ["[crate.replay]: source must be a path or an array of paths"]
+    ),
+    "replay source empty": (replay("source = []"), ["source must name at least one file"]),
+    "replay unknown key": (
+        replay('sorce = "r"'), ["[crate.replay]: unknown key 'sorce' (did you mean 'source'?)"]
+    ),
+    "replay loop": (replay('source = "r"\nloop = "yes"'), ["loop must be a boolean"]),
+    "replay fifo": (replay('source = "r"\nfifo_words = 100'), ["fifo_words must be 1024.."]),
     "backend module missing": (
         bad_crate(keys='backend = "no_such_driver:Crate"'),
         ["crate 01: backend cannot be loaded: module no_such_driver not found"],
