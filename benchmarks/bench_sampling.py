@@ -7,8 +7,8 @@ Access before Start, the order alternating from pair to pair so drift on the
 shared machine falls on both sides alike. The four consumers, each read by a
 thread of this process as an online analysis would:
 
-- every event of one channel (board 101, channel 0), read continuously;
-- a prescaled 1 in 100 over every board and channel, read continuously;
+- every event of one channel (board 101, channel 0), read in batches every 0.2 s;
+- a prescaled 1 in 100 over every board and channel, read the same way;
 - the most recent event on request, asked for twice a second;
 - one that is never read (stalled): it fills its queue and then loses.
 
@@ -56,6 +56,8 @@ from receiver.sampler import Sampler
 
 TARGET_RATIO = 0.95
 ON_REQUEST_PERIOD_S = 0.5
+#: How often the continuous consumers take their batch (their queues hold 20 000 events).
+BATCH_PERIOD_S = 0.2
 
 
 #: The four consumers of P12 and their filters (ioc.sampling syntax).
@@ -77,21 +79,22 @@ class Consumers:
         self.lost = dict.fromkeys(FILTERS, 0)
         self._stop = threading.Event()
         self._threads = [
-            threading.Thread(target=self._read, args=(name, period), daemon=True)
-            for name, period in (("every", 0.0), ("prescaled", 0.0),
-                                 ("on request", ON_REQUEST_PERIOD_S))
+            threading.Thread(target=self._read, args=(name, period, count), daemon=True)
+            for name, period, count in (("every", BATCH_PERIOD_S, 50_000),
+                                        ("prescaled", BATCH_PERIOD_S, 50_000),
+                                        ("on request", ON_REQUEST_PERIOD_S, 1))
         ]
         for thread in self._threads:
             thread.start()
 
-    def _read(self, name: str, period: float) -> None:
+    def _read(self, name: str, period: float, count: int) -> None:
+        """Take what is there every ``period``, as an analysis working in batches does."""
         sampler = self.samplers[name]
         while not self._stop.is_set():
-            batch = sampler.next(50_000 if not period else 1, wait=0.5 if not period else 0.0)
+            batch = sampler.next(count, wait=0.0)
             self.got[name] += len(batch)
             self.lost[name] = batch.lost
-            if period:
-                self._stop.wait(period)
+            self._stop.wait(period)
 
     def close(self) -> dict:
         self._stop.set()
