@@ -71,7 +71,11 @@ class Sampler:
         self.filter = str(reply["filter"])
 
     def next(self, max_events: int = 1000, wait: float = 1.0) -> Batch:
-        """Up to ``max_events`` events, waiting up to ``wait`` s (at most 2) for the first."""
+        """Up to ``max_events`` events, waiting up to ``wait`` s (at most 2) for the first.
+
+        Every call costs the IOC a little: a continuous reader takes a batch
+        every 0.1-0.5 s rather than calling again as soon as one returns.
+        """
         value = self.ctx.rpc(
             self.pv,
             _NEXT.wrap(self.pv, kws={"op": "next", "id": self.id, "max": max_events,
