@@ -87,13 +87,13 @@ class Records:
         self.instances = list(instances)
         self._rules = rules or {}
         self._handlers = handlers or {}
-        self._records: dict[tuple[str, int | str | None], Any] = {}
+        self._records: dict[tuple[str, Any], Any] = {}
         self._by_name: dict[str, Instance] = {}
         self.put_check = PutCheck(self.check, self.raw_check)
-        self._writable: set[tuple[str, int | str | None]] = set()
-        self._published: dict[tuple[str, int | str | None], Any] = {}
+        self._writable: set[tuple[str, Any]] = set()
+        self._published: dict[tuple[str, Any], Any] = {}
         #: Arrays whose severity the IOC sets (waveforms have no alarm fields).
-        self._array_alarms: dict[tuple[str, int | str | None], Alarm] = {}
+        self._array_alarms: dict[tuple[str, Any], Alarm] = {}
         self._lock = threading.Lock()
         for inst in self.instances:
             value = initial(inst) if initial else None
@@ -108,7 +108,10 @@ class Records:
                 self._array_alarms[k] = inst.pv.alarm
 
     @staticmethod
-    def _key(key: str, index: int | None, board: str | None) -> tuple[str, int | str | None]:
+    def _key(key: str, index: int | None, board: str | None) -> tuple[str, Any]:
+        """Per-channel records have both a board and a channel index."""
+        if board is not None and index is not None:
+            return (key, (board, index))
         return (key, board if board is not None else index)
 
     def names(self) -> list[str]:
@@ -144,6 +147,18 @@ class Records:
             record.set(value, severity=severity, alarm=status)
         else:
             record.set(value)
+
+    def return_to(self, key: str, value: Any, board: str | None = None) -> None:
+        """Set a command record back to its idle ``value`` after a client's put.
+
+        Unlike `publish` this always writes: `publish` remembers only what the IOC
+        wrote, not the client's put in between.
+        """
+        k = self._key(key, None, board)
+        with self._lock:
+            self._published[k] = value
+        with self.put_check.internal():
+            self._records[k].set(value, process=False)
 
     def _build(self, inst: Instance, value: Any):
         pv = inst.pv
