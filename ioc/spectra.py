@@ -37,6 +37,8 @@ _OUTSIDE = RAW_BINS
 #: A card's histogram holds the rows of events without pile-up, then those with it:
 #: the pile-up flag becomes part of the index, which costs less than counting apart.
 _PILED = CHANNELS * _ROW
+#: Start of each channel id's row (ids 10..15 never reach `Spectra.add`'s index).
+_CHANNEL_ROWS = np.arange(16, dtype=np.uintp) * _ROW
 #: Bins of a published spectrum (the Spectrum<n> waveform length).
 SPECTRUM_BINS = 4096
 DEFAULT_KEV_PER_BIN = 1.0
@@ -147,8 +149,9 @@ class Spectra:
             piled = pile_up_flags_at(words, offsets)
         index = amplitude.view(np.uintp)  # negative amplitudes wrap to huge: outside
         np.minimum(index, _OUTSIDE, out=index)
-        index += np.multiply(channels, _ROW, dtype=np.uintp)
-        index += np.multiply(piled, _PILED, dtype=np.uintp)
+        index += np.take(_CHANNEL_ROWS, channels)
+        if piled.any():  # rare: the extra pass is paid only by buffers that have one
+            index += np.multiply(piled, _PILED, dtype=np.uintp)
         with self._lock:
             np.add.at(self._histograms[card], index.view(np.intp), _ONE)
             self._serials[card] += 1
