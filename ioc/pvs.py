@@ -215,7 +215,7 @@ PV_TABLE: tuple[PV, ...] = (
        "Spectrum bin width", egu="keV", prec=3, initial=DEFAULT_KEV_PER_BIN,
        low=0.001, high=100.0, kinds=DIGITIZERS),
     PV("SpectrumReset", "VME{crate}:{board}:SpectrumReset", "bo", Scope.BOARD,
-       "Zero this board's spectra and counts", enums=("Done", "Reset"), initial=0,
+       "Zero the spectra and counts of the board", enums=("Done", "Reset"), initial=0,
        kinds=DIGITIZERS),
     # inLoop.
     _stat("CrateNum", "DAQC{crate}_CV_CRATENUM", "Crate number"),
