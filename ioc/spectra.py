@@ -31,14 +31,16 @@ CHANNELS = packets.DIGITIZER_CHANNELS
 FILTER_LENGTH = 256
 #: Full-resolution bins per channel: amplitudes 0..16383 digitizer units (a 14-bit ADC).
 RAW_BINS = 1 << 14
-#: Each channel's row: the raw bins, then one bin for amplitudes outside them.
-_ROW = RAW_BINS + 1
-_OUTSIDE = RAW_BINS
+#: Each channel's row holds every amplitude modulo 2**16: 0..RAW_BINS-1 are shown, the
+#: rest (higher ones, and negative ones, which wrap to the top) only counted. Wrapping
+#: in 16-bit arithmetic costs no pass, where clamping to a bin would cost one; the
+#: pages of the rows no event reaches are never touched, so they take no memory.
+_ROW = 1 << 16
 #: A card's histogram holds the rows of events without pile-up, then those with it:
 #: the pile-up flag becomes part of the index, which costs less than counting apart.
 _PILED = CHANNELS * _ROW
 #: Start of each channel id's row (ids 10..15 never reach `Spectra.add`'s index).
-_CHANNEL_ROWS = np.arange(16, dtype=np.uintp) * _ROW
+_CHANNEL_ROWS = np.arange(16, dtype=np.intp) * _ROW
 #: Bins of a published spectrum (the Spectrum<n> waveform length).
 SPECTRUM_BINS = 4096
 DEFAULT_KEV_PER_BIN = 1.0
@@ -57,7 +59,7 @@ _PILE_UP_BIT = 0x80  # bit 15 of the word is the top bit of this byte
 class ChannelCounts:
     """One card's figures at one moment (copies: the caller may keep them)."""
 
-    #: (CHANNELS, RAW_BINS + 1) events per amplitude, last column outside 0..RAW_BINS-1.
+    #: (CHANNELS, RAW_BINS) events per amplitude 0..RAW_BINS-1.
     histogram: np.ndarray
     #: Events per channel since the last reset (all of them, inside the bins or not).
     events: np.ndarray
@@ -68,45 +70,46 @@ class ChannelCounts:
     resets: int
 
 
-def _column(raw: np.ndarray, count: int, stride_bytes: int, byte: int, dtype: str) -> np.ndarray:
-    """Field ``dtype`` at ``byte`` of each of ``count`` packets ``stride_bytes`` apart."""
-    return np.ndarray((count,), dtype=dtype, buffer=raw, offset=byte, strides=(stride_bytes,))
+def _header_fields(words: np.ndarray, count: int, packet_words: int) -> np.ndarray:
+    """The energy and flag fields of ``count`` equal-size packets filling ``words``,
+    as one structured view of the buffer (no copy)."""
+    layout = np.dtype(
+        {
+            "names": ["flags_high", "post_low", "pre_middle", "pre_low", "post_high"],
+            "formats": ["u1", "u1", ">u2", "u1", ">u2"],
+            "offsets": [_FLAGS_HIGH_BYTE, _POST_LOW_BYTE, _PRE_MIDDLE, _PRE_LOW_BYTE, _POST_HIGH],
+            "itemsize": packet_words * 4,
+        }
+    )
+    return words.view(np.uint8)[: count * layout.itemsize].view(layout)
 
 
-def amplitudes_uniform(words: np.ndarray, count: int, packet_words: int) -> np.ndarray:
-    """Amplitudes (digitizer units) of ``count`` equal-size packets filling ``words``.
+def amplitudes_uniform(fields: np.ndarray) -> np.ndarray:
+    """Amplitudes (digitizer units, modulo 2**16) of the packets of `_header_fields`.
 
     floor((post − pre) / 256) from the 16-bit high parts and the borrow of the low
-    bytes, read straight from the big-endian buffer: no gather, no byte swap.
+    bytes, read straight from the big-endian buffer: no gather.
     """
-    raw = words.view(np.uint8)
-    stride = packet_words * 4
-    amplitude = np.subtract(
-        _column(raw, count, stride, _POST_HIGH, ">u2"),
-        _column(raw, count, stride, _PRE_MIDDLE, ">u2"),
-        dtype=np.intp,
-    )
-    borrow = np.less(
-        _column(raw, count, stride, _POST_LOW_BYTE, "u1"),
-        _column(raw, count, stride, _PRE_LOW_BYTE, "u1"),
-    )
-    amplitude -= borrow
+    amplitude = np.subtract(fields["post_high"], fields["pre_middle"], dtype=np.uint16)
+    borrow = np.less(fields["post_low"], fields["pre_low"])
+    np.subtract(amplitude, borrow, out=amplitude, casting="unsafe")
     return amplitude
 
 
 def amplitudes_at(words: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Amplitudes (digitizer units) of the packets starting at ``offsets``."""
+    """Amplitudes (digitizer units, modulo 2**16) of the packets starting at ``offsets``."""
     native = native_view(words)
     w8 = gather(native, offsets + 8).astype(np.intp)
     w9 = gather(native, offsets + 9).astype(np.intp)
     post = (w9 & 0xFFFF) << 8 | w8 >> 24
-    return (post - (w8 & 0xFFFFFF)) // FILTER_LENGTH
+    return ((post - (w8 & 0xFFFFFF)) // FILTER_LENGTH).astype(np.uint16)
 
 
-def pile_up_flags_at(words: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Whether each packet at ``offsets`` carries the pile-up flag (word 4 bit 15)."""
-    native = native_view(words)
-    return (gather(native, offsets + 4) & 0x8000) != 0
+def pile_up_flags_at(words: np.ndarray, offsets: np.ndarray) -> np.ndarray | None:
+    """Whether each packet at ``offsets`` carries the pile-up flag (word 4 bit 15);
+    None if none does."""
+    piled = (gather(native_view(words), offsets + 4) & 0x8000) != 0
+    return piled if piled.any() else None
 
 
 class Spectra:
@@ -116,9 +119,7 @@ class Spectra:
     """
 
     def __init__(self, cards: int) -> None:
-        # Untouched pages of np.zeros stay unallocated: cards without data cost no memory.
-        # 32-bit counts: a quarter of the cache misses of 64-bit ones in np.add.at.
-        self._histograms = np.zeros((cards, 2 * _PILED), dtype=np.uint32)
+        self._histograms = [self._empty() for _ in range(cards)]
         self._serials = [0] * cards
         self._resets = [0] * cards
         self._lock = threading.Lock()
@@ -137,9 +138,10 @@ class Spectra:
         if count == 0:
             return
         if packet_words >= packets.HEADER_WORDS and count * packet_words == words.size:
-            amplitude = amplitudes_uniform(words, count, packet_words)
-            flags = _column(words.view(np.uint8), count, packet_words * 4, _FLAGS_HIGH_BYTE, "u1")
-            piled = np.greater_equal(flags, _PILE_UP_BIT)
+            fields = _header_fields(words, count, packet_words)
+            amplitude = amplitudes_uniform(fields)
+            flags = fields["flags_high"]
+            piled = flags >= _PILE_UP_BIT if flags.max() >= _PILE_UP_BIT else None
         else:
             events = (channels < CHANNELS) & (lengths >= packets.DIGITIZER_HEADER_LENGTH)
             offsets, channels = offsets[events], channels[events]
@@ -147,21 +149,27 @@ class Spectra:
                 return
             amplitude = amplitudes_at(words, offsets)
             piled = pile_up_flags_at(words, offsets)
-        index = amplitude.view(np.uintp)  # negative amplitudes wrap to huge: outside
-        np.minimum(index, _OUTSIDE, out=index)
-        index += np.take(_CHANNEL_ROWS, channels)
-        if piled.any():  # rare: the extra pass is paid only by buffers that have one
-            index += np.multiply(piled, _PILED, dtype=np.uintp)
+        index = np.take(_CHANNEL_ROWS, channels)
+        index += amplitude
+        if piled is not None:  # rare: the extra passes are paid only by buffers with one
+            index += np.multiply(piled, _PILED, dtype=np.intp)
         with self._lock:
-            np.add.at(self._histograms[card], index.view(np.intp), _ONE)
+            np.add.at(self._histograms[card], index, _ONE)
             self._serials[card] += 1
+
+    @staticmethod
+    def _empty() -> np.ndarray:
+        """A card's zeroed histogram. Fresh pages rather than zeros written into the old
+        ones: untouched pages take no memory, and most of the rows stay untouched.
+        32-bit counts: half the cache misses of 64-bit ones in np.add.at."""
+        return np.zeros(2 * _PILED, dtype=np.uint32)
 
     def reset(self, card: int | None = None) -> None:
         """Zero one card (a SpectrumReset put) or every card (run start)."""
         cards = range(len(self._serials)) if card is None else (card,)
         with self._lock:
             for each in cards:
-                self._histograms[each] = 0
+                self._histograms[each] = self._empty()
                 self._serials[each] += 1
                 self._resets[each] += 1
 
@@ -170,11 +178,11 @@ class Spectra:
 
     def counts(self, card: int) -> ChannelCounts:
         with self._lock:
-            both = self._histograms[card].reshape(2, CHANNELS, _ROW).astype(np.int64)
+            rows = self._histograms[card].reshape(2, CHANNELS, _ROW)
+            shown = rows[:, :, :RAW_BINS].astype(np.int64)
+            totals = rows.sum(axis=2, dtype=np.int64)
             serial, resets = self._serials[card], self._resets[card]
-        piled = both[1].sum(axis=1)
-        histogram = both[0] + both[1]
-        return ChannelCounts(histogram, histogram.sum(axis=1), piled, serial, resets)
+        return ChannelCounts(shown[0] + shown[1], totals.sum(axis=0), totals[1], serial, resets)
 
 
 def rebin(
@@ -191,5 +199,5 @@ def rebin(
     target = np.floor(energy / kev_per_bin)
     inside = (target >= 0) & (target < bins)
     return np.bincount(
-        target[inside].astype(np.intp), weights=histogram[:RAW_BINS][inside], minlength=bins
+        target[inside].astype(np.intp), weights=histogram[inside], minlength=bins
     ).astype(np.int32)

@@ -118,7 +118,7 @@ def test_a_reset_zeroes_one_card_and_is_seen_by_readers():
 
 
 def test_rebinning_applies_gain_offset_and_bin_width():
-    histogram = np.zeros(RAW_BINS + 1, dtype=np.int64)
+    histogram = np.zeros(RAW_BINS, dtype=np.int64)
     histogram[4693] = 7  # the 1173.2 keV line at the simulator's 4 units per keV
     assert np.flatnonzero(rebin(histogram, 0.25, 0.0, 1.0)).tolist() == [1173]
     assert np.flatnonzero(rebin(histogram, 0.25, 10.0, 1.0)).tolist() == [1183]
