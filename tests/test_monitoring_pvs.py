@@ -16,6 +16,9 @@ import pytest
 from dataflow import CRATE, Pva, start_run, stop_run
 from ioc_harness import IocProcess, Ports, wait_until
 
+from ioc import screens
+from ioc.monitor_screens import RATES_SCREEN, SPECTRUM_SCREEN
+
 LINES_KEV = (1173.2, 1332.5)
 CHANNELS = 10
 EVENT_RATE_HZ = 500.0
@@ -162,3 +165,13 @@ def test_start_zeroes_the_spectra_of_the_previous_run(co60):
         )
     finally:
         stop_run(ioc)
+
+
+def test_every_pv_of_the_monitoring_screens_answers(co60):
+    ioc, _ = co60
+    names: set[str] = set()
+    for screen in (SPECTRUM_SCREEN, RATES_SCREEN):
+        names |= screens.scan_screen(screens.OPI_DIR / screen,
+                                     {"CRATE": CRATE, "BOARD": "MDIG2"}).pvs
+    assert len(names) == 52
+    assert len(ioc.caget(*(f"{name}.RTYP" for name in sorted(names)))) == len(names)
