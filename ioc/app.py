@@ -215,12 +215,15 @@ class CrateIoc:
                 **_autosave_rules(lambda: self._autosave),
             },
             handlers=self._handlers(),
+            lengths={"Spectrum": crate.spectrum_bins},
         )
         digitizer_cards = {b.name: b.card for b in crate.boards if b.kind in DIGITIZERS}
         self.publisher = Publisher(
             self.records, self.pool, self.inloop, self.outloop, self.sender,
             self.sim.boards if self.sim else {}, self.losses,
-            MonitorPublisher(self.records, self.outloop.spectra, digitizer_cards),
+            MonitorPublisher(
+                self.records, self.outloop.spectra, digitizer_cards, crate.spectrum_bins
+            ),
         )
         self._followers: list[epics.PV] = []
         self._autosave: AutosaveFile | None = None

@@ -57,6 +57,7 @@ from ioc.packets import (
 )
 from ioc.pool import BUFFER_BYTES, POOL_SIZE
 from ioc.realtime import PRIORITY_RANGE
+from ioc.spectra import MAX_SPECTRUM_BINS, SPECTRUM_BINS
 
 #: Card indices 0..6 and VME slots 1..7 of a crate.
 CARDS = 7
@@ -165,6 +166,8 @@ class CrateConfig:
     data_bind: str = "0.0.0.0"
     backend: str = "sim"
     seed: int = 1
+    #: Bins of every Spectrum<n> waveform of the crate's digitizers (`ioc.spectra`).
+    spectrum_bins: int = SPECTRUM_BINS
     #: Networks (CIDR) whose receivers the data port serves; empty: every address.
     allowed_receivers: tuple[str, ...] = ()
     sender: SenderConfig = SenderConfig()
@@ -382,6 +385,7 @@ _CRATE_KEYS = {
     "data_bind": _Key(str, _host),
     "backend": _Key(str, _backend),
     "seed": _Key(int, _between(0, 2**64 - 1)),
+    "spectrum_bins": _Key(int, _between(64, MAX_SPECTRUM_BINS)),
     "allowed_receivers": _Key(list, _networks),
 }
 _SENDER_KEYS = {

@@ -55,9 +55,12 @@ class _BoardState:
 class MonitorPublisher:
     """Called by the statistics thread every tick; publishes at most once a second."""
 
-    def __init__(self, records: Records, spectra: Spectra, cards: dict[str, int]) -> None:
+    def __init__(
+        self, records: Records, spectra: Spectra, cards: dict[str, int], bins: int
+    ) -> None:
         self.records = records
         self.spectra = spectra
+        self.bins = bins
         self._boards = {name: _BoardState(card) for name, card in cards.items()}
         self._last: float | None = None
 
@@ -107,5 +110,6 @@ class MonitorPublisher:
                 return
             counts = self.spectra.counts(state.card)  # a new calibration: same counts
         for n, calibration in enumerate(wanted):
-            r.publish("Spectrum", rebin(counts.histogram[n], *calibration), index=n, board=name)
+            spectrum = rebin(counts.histogram[n], *calibration, bins=self.bins)
+            r.publish("Spectrum", spectrum, index=n, board=name)
         state.calibration = wanted

@@ -83,8 +83,11 @@ class Records:
         initial: Callable[[Instance], Any] | None = None,
         rules: dict[str, Rule] | None = None,
         handlers: dict[str, Handler] | None = None,
+        lengths: dict[str, int] | None = None,
     ) -> None:
         self.instances = list(instances)
+        #: Waveform lengths the configuration sets instead of the table's, by key.
+        self._lengths = lengths or {}
         self._rules = rules or {}
         self._handlers = handlers or {}
         self._records: dict[tuple[str, Any], Any] = {}
@@ -200,8 +203,9 @@ class Records:
             case "stringin":
                 return builder.stringIn(name, initial_value=value, **fields)
             case "waveform":
+                length = self._lengths.get(pv.key, pv.length)
                 return builder.WaveformIn(
-                    name, initial_value=np.zeros(pv.length, dtype=pv.dtype), **fields
+                    name, initial_value=np.zeros(length, dtype=pv.dtype), **fields
                 )
         raise ValueError(f"{name}: unknown record type {pv.record}")
 

@@ -41,8 +41,10 @@ _ROW = 1 << 16
 _PILED = CHANNELS * _ROW
 #: Start of each channel id's row (ids 10..15 never reach `Spectra.add`'s index).
 _CHANNEL_ROWS = np.arange(16, dtype=np.intp) * _ROW
-#: Bins of a published spectrum (the Spectrum<n> waveform length).
+#: Bins of a published spectrum (the Spectrum<n> waveform length) unless the crate's
+#: ``spectrum_bins`` says otherwise; at most 64 KiB of LONG values per waveform.
 SPECTRUM_BINS = 4096
+MAX_SPECTRUM_BINS = 16384
 DEFAULT_KEV_PER_BIN = 1.0
 
 # Byte positions, within a packet, of the fields the energy needs (big-endian words).

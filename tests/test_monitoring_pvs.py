@@ -175,3 +175,38 @@ def test_every_pv_of_the_monitoring_screens_answers(co60):
                                      {"CRATE": CRATE, "BOARD": "MDIG2"}).pvs
     assert len(names) == 52
     assert len(ioc.caget(*(f"{name}.RTYP" for name in sorted(names)))) == len(names)
+
+
+CONFIGURED = f"""
+[system]
+globals = "local"
+[[crate]]
+crate = "{CRATE}"
+data_bind = "127.0.0.1"
+spectrum_bins = 1024
+[[crate.board]]
+name = "GE1"
+kind = "digitizer_master"
+card = 0
+slot = 3
+package_data = 201
+enabled = true
+cal_gain = [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]
+cal_offset = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+"""
+
+
+def test_bins_and_calibration_come_from_the_configuration(start_ioc, tmp_path):
+    config = tmp_path / "crate.toml"
+    config.write_text(CONFIGURED)
+    ioc = start_ioc("--config", str(config))
+    assert ioc.caget(pv("GE1", "Spectrum0.NELM"), pv("GE1", "CalGain0")) == ["1024", "0.5"]
+    ioc.put_ok(pv("GE1", "SpectrumKeVPerBin"), 3)
+    start_run(ioc, save="No Save")
+    try:
+        wait_until(lambda: spectrum(ioc, "GE1", 5).sum() > 1500, 20, "GE1 Spectrum5 filling")
+    finally:
+        stop_run(ioc)
+    counts = spectrum(ioc, "GE1", 5)
+    assert counts.size == 1024
+    assert peak_energies(counts, 3.0) == pytest.approx([2 * line for line in LINES_KEV], abs=4.0)

@@ -166,3 +166,11 @@ def test_a_bad_calibration_in_the_configuration_is_named(line, message):
     with pytest.raises(ConfigError, match="board MDIG1") as error:
         parse_config(BOARD + line + "\n", "t.toml")
     assert message in str(error.value)
+
+
+def test_spectrum_bins_are_a_crate_key_with_limits():
+    crate = BOARD.replace('crate = "01"', 'crate = "01"\nspectrum_bins = 8192')
+    assert parse_config(crate, "t.toml").crates[0].spectrum_bins == 8192
+    assert parse_config(BOARD, "t.toml").crates[0].spectrum_bins == 4096
+    with pytest.raises(ConfigError, match=r"spectrum_bins must be 64\.\.16384, got 100000"):
+        parse_config(BOARD.replace('crate = "01"', 'crate = "01"\nspectrum_bins = 100000'), "t")
