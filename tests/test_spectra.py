@@ -51,11 +51,12 @@ def raw_bin(spectra: Spectra, card: int, channel: int) -> dict[int, int]:
     return {int(b): int(histogram[b]) for b in np.flatnonzero(histogram)}
 
 
-# (pre, post) -> floor((post - pre) / 256), borrows across the low bytes included.
+# (pre, post) -> the amplitude in digitizer units: post // 256 - pre // 256.
 SUMS = [
-    ((1000 * 256 + 7, 1000 * 256 + 7 + 4693 * 256), 4693),
-    ((0x00_12_34_FF, 0x00_12_34_FF + 300 * 256 - 1), 299),  # post's low byte below pre's
-    ((5, 5 + 255), 0),
+    ((1000 * 256 + 7, 1000 * 256 + 7 + 4693 * 256), 4693),  # equal low bytes: exact
+    ((0x00_12_34_FF, 0x00_12_34_FF + 300 * 256 - 1), 300),  # 299.996: within one unit
+    ((0x00_12_34_01, 0x00_12_34_01 + 300 * 256 - 2), 299),  # 299.992: within one unit
+    ((5, 5 + 255), 1),  # 0.996
     ((0xFFFFFF - 100 * 256, 0xFFFFFF), 100),  # 24-bit sums at their top
 ]
 
@@ -78,7 +79,7 @@ def test_mixed_packets_give_the_same_amplitudes_and_skip_status_headers():
     check_and_add(spectra, [*packets, type_f()])
     for channel, (_, amplitude) in enumerate(SUMS):
         assert raw_bin(spectra, 0, channel) == {amplitude: 1}
-    assert spectra.counts(0).events.tolist() == [1, 1, 1, 1] + [0] * 6
+    assert spectra.counts(0).events.tolist() == [1] * len(SUMS) + [0] * (10 - len(SUMS))
 
 
 def test_pile_up_flags_are_counted_per_channel_and_the_events_still_show():
