@@ -20,6 +20,7 @@ numpy passes and one ``np.add.at``.
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 
@@ -73,10 +74,10 @@ class ChannelCounts:
     resets: int
 
 
-def _header_fields(words: np.ndarray, count: int, packet_words: int) -> np.ndarray:
-    """The energy and flag fields of ``count`` equal-size packets filling ``words``,
-    as one structured view of the buffer (no copy)."""
-    layout = np.dtype(
+@functools.cache
+def _layout(packet_words: int) -> np.dtype:
+    """One packet of ``packet_words`` words as a record of the fields the spectra read."""
+    return np.dtype(
         {
             "names": ["flags_high", "pre_middle", "post_high"],
             "formats": ["u1", ">u2", ">u2"],
@@ -84,7 +85,12 @@ def _header_fields(words: np.ndarray, count: int, packet_words: int) -> np.ndarr
             "itemsize": packet_words * 4,
         }
     )
-    return words.view(np.uint8)[: count * layout.itemsize].view(layout)
+
+
+def _header_fields(words: np.ndarray, count: int, packet_words: int) -> np.ndarray:
+    """The energy and flag fields of ``count`` equal-size packets filling ``words``,
+    as one structured view of the buffer (no copy)."""
+    return words.view(np.uint8)[: count * packet_words * 4].view(_layout(packet_words))
 
 
 def amplitudes_uniform(fields: np.ndarray) -> np.ndarray:
