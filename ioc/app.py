@@ -30,10 +30,11 @@ from ioc.autosave import AutosaveFile
 from ioc.config import CrateConfig, SystemConfig
 from ioc.inloop import BoardSetup, InLoop
 from ioc.losses import LossLedger
+from ioc.monitoring import MonitorPublisher, default_calibration
 from ioc.outloop import CheckSwitches, OutLoop
 from ioc.pool import BUFFER_BYTES, BufferPool
 from ioc.publisher import Publisher
-from ioc.pvs import PV_TABLE, BoardRef, Instance, Scope, expand
+from ioc.pvs import DIGITIZERS, PV_TABLE, BoardRef, Instance, Scope, expand
 from ioc.records import Records, Rule, table_check
 from ioc.register_db import RegisterDatabase
 from ioc.register_db import build as build_register_db
@@ -230,10 +231,15 @@ class CrateIoc:
                 **_autosave_rules(lambda: self._autosave),
             },
             handlers=self._handlers(),
+            lengths={"Spectrum": crate.spectrum_bins},
         )
+        digitizer_cards = {b.name: b.card for b in crate.boards if b.kind in DIGITIZERS}
         self.publisher = Publisher(
             self.records, self.pool, self.inloop, self.outloop, self.sender,
             self.sim.boards if self.sim else {}, self.losses,
+            MonitorPublisher(
+                self.records, self.outloop.spectra, digitizer_cards, crate.spectrum_bins
+            ),
         )
         self._followers: list[epics.PV] = []
         self._autosave: AutosaveFile | None = None
@@ -255,6 +261,9 @@ class CrateIoc:
         if inst.board is None:
             return None
         cfg = self.board_configs[inst.board]
+        if key in ("CalGain", "CalOffset"):
+            gains, offsets = default_calibration(cfg, simulated=self.sim is not None)
+            return (gains if key == "CalGain" else offsets)[inst.index]
         return {
             "CS_Ena": int(cfg.enabled),
             "FifoNum": cfg.fifo_num,
@@ -268,8 +277,15 @@ class CrateIoc:
 
         return {
             **dict.fromkeys(SETUP_KEYS, setup_changed),
+            "SpectrumReset": self._reset_spectra,
             **(self.sim.handlers() if self.sim else {}),
         }
+
+    def _reset_spectra(self, inst: Instance, value: Any) -> None:
+        """SpectrumReset = Reset: zero the board's spectra and counts, then show Done."""
+        if value:
+            self.outloop.spectra.reset(self.board_configs[inst.board].card)
+            self.records.return_to("SpectrumReset", 0, board=inst.board)
 
     def _unique_package_data(self, inst: Instance, value: int) -> str | None:
         for name in self.board_configs:

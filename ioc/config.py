@@ -52,10 +52,17 @@ from typing import Any
 
 from ioc import backends
 from ioc.hardware import MAIN_DATA_FIFO, TRIGGER_FIFOS, BoardKind
-from ioc.packets import HEADER_TYPE_CFD, HEADER_TYPE_LED, MAX_TRACE_SAMPLES, PACKAGE_DATA_MAX
+from ioc.packets import (
+    DIGITIZER_CHANNELS,
+    HEADER_TYPE_CFD,
+    HEADER_TYPE_LED,
+    MAX_TRACE_SAMPLES,
+    PACKAGE_DATA_MAX,
+)
 from ioc.pool import BUFFER_BYTES, POOL_SIZE
 from ioc.realtime import PRIORITY_RANGE
 from ioc.sample_filter import SampleFilter
+from ioc.spectra import MAX_SPECTRUM_BINS, SPECTRUM_BINS
 
 #: Card indices 0..6 and VME slots 1..7 of a crate.
 CARDS = 7
@@ -127,6 +134,10 @@ class BoardConfig:
     enabled: bool = False  # CS_Ena at boot
     fifo_num: int = MAIN_DATA_FIFO  # FifoNum at boot (trigger boards)
     sim: SimBoardConfig = SimBoardConfig()
+    #: CalGain0..9 / CalOffset0..9 at boot (digitizers); None: the backend's default
+    #: (`ioc.monitoring.default_calibration`).
+    cal_gain: tuple[float, ...] | None = None
+    cal_offset: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -174,6 +185,8 @@ class CrateConfig:
     data_bind: str = "0.0.0.0"
     backend: str = "sim"
     seed: int = 1
+    #: Bins of every Spectrum<n> waveform of the crate's digitizers (`ioc.spectra`).
+    spectrum_bins: int = SPECTRUM_BINS
     #: Networks (CIDR) whose receivers the data port serves; empty: every address.
     allowed_receivers: tuple[str, ...] = ()
     #: Sampled events over the classic protocol (0: any free port); see ioc.sample_port.
@@ -375,6 +388,20 @@ def _sample_filter(v: str) -> str | None:
     return None
 
 
+def _per_channel(low: float, high: float) -> Check:
+    """An array of one number per digitizer channel, each within low..high."""
+
+    def check(v: list[Any]) -> str | None:
+        numbers = all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
+        if len(v) != DIGITIZER_CHANNELS or not numbers:
+            return f"must be an array of {DIGITIZER_CHANNELS} numbers"
+        if not all(low <= x <= high for x in v):
+            return f"must hold numbers {low:g}..{high:g}"
+        return None
+
+    return check
+
+
 def _max_segment(v: int) -> str | None:
     return None if v == 0 or 536 <= v <= 65535 else "must be 0 (OS default) or 536..65535"
 
@@ -394,6 +421,7 @@ _CRATE_KEYS = {
     "data_bind": _Key(str, _host),
     "backend": _Key(str, _backend),
     "seed": _Key(int, _between(0, 2**64 - 1)),
+    "spectrum_bins": _Key(int, _between(64, MAX_SPECTRUM_BINS)),
     "allowed_receivers": _Key(list, _networks),
     "sample_port": _Key(int, _port(allow_zero=True)),
     "sample_pva_port": _Key(int, _port(allow_zero=True)),
@@ -425,6 +453,8 @@ _BOARD_KEYS = {
     "package_data": _Key(int, _between(0, PACKAGE_DATA_MAX)),
     "enabled": _Key(bool),
     "fifo_num": _Key(int, _between(0, TRIGGER_FIFOS - 1)),
+    "cal_gain": _Key(list, _per_channel(1e-6, 1000.0)),
+    "cal_offset": _Key(list, _per_channel(-10000.0, 10000.0)),
 }
 _BOARD_REQUIRED = ("name", "kind", "card", "slot", "package_data")
 #: Fastest replay pace the configuration accepts (beyond it, "max" says what is meant).
@@ -578,6 +608,9 @@ def _parse_board(crate_where: str, index: int, table: Mapping[str, Any]) -> Boar
         if key not in values:
             raise ConfigError(f"{where}: missing required key {key!r}")
     values["kind"] = BoardKind(values["kind"])
+    for key in ("cal_gain", "cal_offset"):
+        if key in values:
+            values[key] = tuple(float(x) for x in values[key])
     sim_where = f"{where} [crate.board.sim]"
     return BoardConfig(**values, sim=_parse_sim(sim_where, _subtable(where, table, "sim")))
 

@@ -49,7 +49,7 @@ MBB_STATE_FIELDS = (
     "ZRST", "ONST", "TWST", "THST", "FRST", "FVST", "SXST", "SVST",
     "EIST", "NIST", "TEST", "ELST", "TVST", "TTST", "FTST", "FFST",
 )  # fmt: skip
-WAVEFORM_FTVL = {"int16": "SHORT", "float64": "DOUBLE"}
+WAVEFORM_FTVL = {"int16": "SHORT", "int32": "LONG", "float64": "DOUBLE"}
 #: The record whose value decides RUNPROTECT (0 = Stop).
 RUN_CONTROL_PV = "Online_CS_StartStop"
 

@@ -1,8 +1,9 @@
 """outLoop, the checker thread (spec 02 §3).
 
 Every 50 ms it takes the whole backlog of qWritten as one batch, checks
-digitizer buffers event by event (`ioc.checker`), keeps per-card statistics
-and traces, and passes buffers to qSender (Save) or back to qFree (No Save).
+digitizer buffers event by event (`ioc.checker`), keeps per-card statistics,
+traces and per-channel spectra (`ioc.spectra`, from the packets the check
+walked), and passes buffers to qSender (Save) or back to qFree (No Save).
 Every buffer is checked, whatever the sender is doing, so the trace and the
 error counts stay live. With Save, `ioc.retention` decides what qSender can
 hold: the original's 100-buffer bypass is replaced by a memory budget; past
@@ -28,6 +29,7 @@ from ioc.pool import BUFFER_BYTES, Buffer, BufferPool, Owner
 from ioc.pvs import CARDS
 from ioc.realtime import name_os_thread
 from ioc.retention import Retention
+from ioc.spectra import Spectra
 
 BATCH_PERIOD_S = 0.050
 STATS_PERIOD_S = 0.5
@@ -109,6 +111,8 @@ class OutLoop:
         self._flush_requested = threading.Event()
         self._stop = threading.Event()
         self._traces: dict[tuple[int, int], np.ndarray] = {}
+        #: Live per-channel spectra and counts of the checked events (ioc.spectra).
+        self.spectra = Spectra(CARDS)
         self._rates = [0.0] * CARDS
         self._send_rate = 0.0
         #: Bumped by reset_run: the statistics thread restarts its rate base with the counters.
@@ -126,6 +130,7 @@ class OutLoop:
             self._counters = _RunCounters()
             self._traces.clear()
             self.checker.forget_all()
+            self.spectra.reset()
             self._rates = [0.0] * CARDS
             self._send_rate = 0.0
             self._running = True
@@ -259,6 +264,9 @@ class OutLoop:
             self._lose(buf, c, LossReason.CHECK)
             return False
         buf.packet_words = result.packet_words
+        self.spectra.add(
+            words, card, result.offsets, result.channels, result.lengths, result.packet_words
+        )
         for channel, (offset, length) in result.first_event_by_channel.items():
             if (card, channel) not in seen:
                 seen.add((card, channel))

@@ -16,6 +16,7 @@ import numpy as np
 
 from ioc.inloop import InLoop
 from ioc.losses import LossLedger, LossReason
+from ioc.monitoring import MonitorPublisher
 from ioc.outloop import OutLoop
 from ioc.packets import trace_samples
 from ioc.pool import BufferPool
@@ -89,6 +90,7 @@ class Publisher:
         sender,
         sim_boards: dict[str, object],
         losses: LossLedger,
+        monitor: MonitorPublisher | None = None,
     ) -> None:
         self.records = records
         self.pool = pool
@@ -97,6 +99,7 @@ class Publisher:
         self.sender = sender
         self.sim_boards = sim_boards
         self.losses = losses
+        self.monitor = monitor
         self._wire = SenderRate()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -194,3 +197,5 @@ class Publisher:
             r.publish("SimGenerated", board.generated, board=name)
             r.publish("SimDropped", board.dropped, board=name)
             r.publish("SimCleared", board.cleared, board=name)
+        if self.monitor is not None:
+            self.monitor.publish(time.monotonic())

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from ioc.hardware import BoardKind
 from ioc.losses import LossReason
+from ioc.packets import DIGITIZER_CHANNELS
+from ioc.spectra import DEFAULT_KEV_PER_BIN, SPECTRUM_BINS
 
 CARDS = 7
 SLOTS = 7
@@ -95,6 +97,7 @@ class Scope(enum.Enum):
     BOARD = "board"  # one per configured board of the given kinds ({board})
     PLACEHOLDER = "placeholder"  # the X pair for empty card indices
     SIM = "sim"  # one per configured board, sim backend only
+    CHANNEL = "channel"  # one per configured board of the given kinds and channel 0..9 ({n})
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,26 @@ PV_TABLE: tuple[PV, ...] = (
        "Events dropped by a full FIFO this run", initial=0, alarm=ANY_COUNT),
     PV("SimCleared", "VME{crate}:{board}:SIM_Cleared", "ai", Scope.SIM,
        "Events cleared by FIFO resets this run", initial=0, alarm=ANY_COUNT),
+    # Live monitoring per digitizer channel (issue 17): published at 1 Hz by ioc.monitoring.
+    PV("Spectrum", "VME{crate}:{board}:Spectrum{n}", "waveform", Scope.CHANNEL,
+       "Energy spectrum of channel n this run", length=SPECTRUM_BINS, dtype="int32",
+       egu="counts", kinds=DIGITIZERS),
+    PV("Rate", "VME{crate}:{board}:Rate{n}", "ai", Scope.CHANNEL,
+       "Events/s of channel n, last second", egu="Hz", prec=1, initial=0, kinds=DIGITIZERS),
+    PV("PileUp", "VME{crate}:{board}:PileUp{n}", "ai", Scope.CHANNEL,
+       "Pile-up flagged events of ch. n this run", initial=0, kinds=DIGITIZERS),
+    PV("CalGain", "VME{crate}:{board}:CalGain{n}", "ao", Scope.CHANNEL,
+       "Calibration: keV per digitizer unit", egu="keV/unit", prec=6, initial=1.0,
+       low=1e-6, high=1000.0, kinds=DIGITIZERS),
+    PV("CalOffset", "VME{crate}:{board}:CalOffset{n}", "ao", Scope.CHANNEL,
+       "Calibration: keV at digitizer unit 0", egu="keV", prec=3, initial=0.0,
+       low=-10000.0, high=10000.0, kinds=DIGITIZERS),
+    PV("SpectrumKeVPerBin", "VME{crate}:{board}:SpectrumKeVPerBin", "ao", Scope.BOARD,
+       "Spectrum bin width", egu="keV", prec=3, initial=DEFAULT_KEV_PER_BIN,
+       low=0.001, high=100.0, kinds=DIGITIZERS),
+    PV("SpectrumReset", "VME{crate}:{board}:SpectrumReset", "bo", Scope.BOARD,
+       "Zero the spectra and counts of the board", enums=("Done", "Reset"), initial=0,
+       kinds=DIGITIZERS),
     # inLoop.
     _stat("CrateNum", "DAQC{crate}_CV_CRATENUM", "Crate number"),
     _stat("InLoop1", "DAQC{crate}_CV_InLoop1", "MiB read since run start", egu="MiB"),
@@ -350,6 +373,12 @@ def expand(
         elif pv.scope in (Scope.CARD, Scope.SLOT):
             for n in range(CARDS):
                 yield Instance(pv, pv.name(crate, n=n), index=n)
+        elif pv.scope is Scope.CHANNEL:
+            for board in boards:
+                if board.kind in pv.kinds:
+                    for n in range(DIGITIZER_CHANNELS):
+                        name = pv.name(crate, n=n, board=board.name)
+                        yield Instance(pv, name, index=n, board=board.name)
         elif pv.scope is Scope.BOARD or (pv.scope is Scope.SIM and sim):
             for board in boards:
                 if board.kind in pv.kinds:

@@ -83,17 +83,20 @@ class Records:
         initial: Callable[[Instance], Any] | None = None,
         rules: dict[str, Rule] | None = None,
         handlers: dict[str, Handler] | None = None,
+        lengths: dict[str, int] | None = None,
     ) -> None:
         self.instances = list(instances)
+        #: Waveform lengths the configuration sets instead of the table's, by key.
+        self._lengths = lengths or {}
         self._rules = rules or {}
         self._handlers = handlers or {}
-        self._records: dict[tuple[str, int | str | None], Any] = {}
+        self._records: dict[tuple[str, Any], Any] = {}
         self._by_name: dict[str, Instance] = {}
         self.put_check = PutCheck(self.check, self.raw_check)
-        self._writable: set[tuple[str, int | str | None]] = set()
-        self._published: dict[tuple[str, int | str | None], Any] = {}
+        self._writable: set[tuple[str, Any]] = set()
+        self._published: dict[tuple[str, Any], Any] = {}
         #: Arrays whose severity the IOC sets (waveforms have no alarm fields).
-        self._array_alarms: dict[tuple[str, int | str | None], Alarm] = {}
+        self._array_alarms: dict[tuple[str, Any], Alarm] = {}
         self._lock = threading.Lock()
         for inst in self.instances:
             value = initial(inst) if initial else None
@@ -108,7 +111,10 @@ class Records:
                 self._array_alarms[k] = inst.pv.alarm
 
     @staticmethod
-    def _key(key: str, index: int | None, board: str | None) -> tuple[str, int | str | None]:
+    def _key(key: str, index: int | None, board: str | None) -> tuple[str, Any]:
+        """Per-channel records have both a board and a channel index."""
+        if board is not None and index is not None:
+            return (key, (board, index))
         return (key, board if board is not None else index)
 
     def names(self) -> list[str]:
@@ -144,6 +150,18 @@ class Records:
             record.set(value, severity=severity, alarm=status)
         else:
             record.set(value)
+
+    def return_to(self, key: str, value: Any, board: str | None = None) -> None:
+        """Set a command record back to its idle ``value`` after a client's put.
+
+        Unlike `publish` this always writes: `publish` remembers only what the IOC
+        wrote, not the client's put in between.
+        """
+        k = self._key(key, None, board)
+        with self._lock:
+            self._published[k] = value
+        with self.put_check.internal():
+            self._records[k].set(value, process=False)
 
     def _build(self, inst: Instance, value: Any):
         pv = inst.pv
@@ -185,8 +203,9 @@ class Records:
             case "stringin":
                 return builder.stringIn(name, initial_value=value, **fields)
             case "waveform":
+                length = self._lengths.get(pv.key, pv.length)
                 return builder.WaveformIn(
-                    name, initial_value=np.zeros(pv.length, dtype=pv.dtype), **fields
+                    name, initial_value=np.zeros(length, dtype=pv.dtype), **fields
                 )
         raise ValueError(f"{name}: unknown record type {pv.record}")
 

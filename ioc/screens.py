@@ -43,6 +43,7 @@ WIDGET_VERSIONS = {
     "embedded": "2.0.0",
     "group": "2.0.0",
     "label": "2.0.0",
+    "navtabs": "2.0.0",
     "progressbar": "2.0.0",
     "textentry": "3.0.0",
     "textupdate": "2.0.0",
@@ -252,6 +253,22 @@ def embedded(file: str, macros: Macros, name: str, x: int, y: int, w: int, h: in
     return element
 
 
+def navigation_tabs(name: str, tabs: list[tuple[str, str, Macros]], x: int, y: int, w: int,
+                    h: int) -> ET.Element:
+    """Tabs that each embed ``file`` with its macros: a selector of macro-driven displays."""
+    element = _widget("navtabs", name, x, y, w, h)
+    listed = _add(element, "tabs")
+    for title, file, macros in tabs:
+        tab = _add(listed, "tab")
+        _add(tab, "name", title)
+        _add(tab, "file", file)
+        tab_macros = _add(tab, "macros")
+        for key, value in macros.items():
+            _add(tab_macros, key, value)
+        _add(tab, "group_name", "")
+    return element
+
+
 def group(title: str, x: int, y: int, w: int, h: int, children: Iterable[ET.Element]):
     """A titled box; children use coordinates relative to it."""
     element = _widget("group", title, x, y, w, h)
@@ -376,7 +393,9 @@ BOARD_COLUMNS = (
     ("Errors", 685, 80),
     ("Lost", 770, 90),
     ("FIFO peak", 865, 80),
-    ("First error [code, offset, x1, x2]", 950, 245),
+    ("First error [code, offset, x1, x2]", 950, 130),
+    ("Spectra", 1085, 55),
+    ("Rates", 1145, 55),
 )
 SIM_COLUMNS = (
     ("Card", 0, 40),
@@ -510,6 +529,11 @@ def board_row(kind: str) -> str:
         package = pv_name("PackageData", kind=board_kind)
         cells.append(_cell(BOARD_COLUMNS, "Package data", text_entry, package))
         cells.append(_cell(BOARD_COLUMNS, "FIFO peak", text_update, pv_name("FifoPeak")))
+    if kind == "digitizer":  # live monitoring screens (ioc/monitor_screens.py)
+        board = {"CRATE": "$(CRATE)", "BOARD": "$(BOARD)"}
+        for title, file in (("Spectra", "spectrum.bob"), ("Rates", "rates.bob")):
+            x, w = _column(BOARD_COLUMNS, title)
+            cells.append(open_button(file, board, title, x, 2, w, 25))
     for title, key in (
         ("Rate", "DataRate"),
         ("Total", "Data"),
@@ -626,10 +650,12 @@ def example_systems() -> dict[str, SystemConfig]:
 
 def generated_screens() -> dict[str, str]:
     """File name in ``opi/`` -> contents: the generic screens and the example systems."""
-    from ioc.register_screens import register_screens  # it builds on this module's widgets
+    from ioc.monitor_screens import monitor_screens  # these build on this module's widgets
+    from ioc.register_screens import register_screens
 
     files = {"crate.bob": crate_screen(), "crate_summary.bob": crate_summary()}
     files.update(register_screens())
+    files.update(monitor_screens())
     for name, system in example_systems().items():
         title = "DGS demo system" if system.source == "demo" else f"DGS system ({name[:-4]})"
         files[name] = system_screen(system, title)
@@ -685,6 +711,9 @@ def scan_screen(path: Path, macros: Macros, scan: ScreenScan | None = None) -> S
         names += [expand(rule.text or "", macros) for rule in widget.iterfind("rules/rule/pv_name")]
         for name in filter(None, names):
             (scan.unresolved if "$" in name else scan.pvs).add(name)
+        for tab in widget.iterfind("tabs/tab"):  # navigation tabs: embedded displays too
+            inner = {**macros, **_macros_of(tab.find("macros"), macros)}
+            scan_screen(path.parent / expand(tab.findtext("file") or "", inner), inner, scan)
         if widget.get("type") == "embedded":
             inner = {**macros, **_macros_of(widget.find("macros"), macros)}
             target = path.parent / expand(widget.findtext("file") or "", inner)
