@@ -406,6 +406,7 @@ class CrateIoc:
         self.runcontrol.quit()
         self.outloop.shutdown()
         self.publisher.shutdown()
+        self.backend.close()
 
 
 class GlobalsIoc:

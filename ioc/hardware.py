@@ -195,3 +195,7 @@ class Crate(abc.ABC):
     @abc.abstractmethod
     def clock_origin_ns(self) -> int:
         """``time.monotonic_ns()`` at timestamp 0, to map timestamps to wall time."""
+
+    def close(self) -> None:  # noqa: B027 - most backends hold nothing to release
+        """IOC exit, after the last run ended: release what the backend holds (a process it
+        started, mappings, connections). Called once; no other call follows."""

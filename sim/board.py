@@ -302,6 +302,29 @@ class SimBoard(Board):
             live = self._live_register(register)
             return value if live is None else live
 
+    # Serving the board from a crate process (`sim.process`).
+
+    def use_fifos(self, fifos: list) -> None:
+        """Fill these FIFOs (same interface as `sim.fifo.Fifo`, e.g. rings in a shared
+        window) instead of the board's own; only before master logic is first on."""
+        if len(fifos) != self.FIFOS:
+            raise ValueError(f"{self.identity.name} has {self.FIFOS} FIFOs, not {len(fifos)}")
+        with self._lock:
+            self._fifos = list(fifos)
+
+    def catch_up(self) -> None:
+        """Build every event that has arrived (the crate process's pump calls it)."""
+        with self._lock:
+            self._catch_up()
+
+    def claim_fault(self, fault: Fault) -> bool:
+        """Take a pending reader-side fault (underflow, read error) off the board, so that
+        whoever serves its status and reads signals it instead; False if none pending."""
+        with self._lock:
+            pending = fault in self._pending
+            self._pending.discard(fault)
+            return pending
+
     # Simulation controls (the SIM_* PVs).
 
     @property

@@ -1,0 +1,216 @@
+"""`dgs-sim`: the simulated crate in its own process, behind a shared-memory window.
+
+The boards are the in-process simulator's (`sim.SimCrate`), with their FIFOs
+placed in the window (`sim.ringfifo`). A pump thread catches every board up about
+every millisecond, so events are made here, on this process's CPU, and the IOC
+only copies words out. A second thread answers the command socket (`sim.commands`).
+The window and the socket disappear when the process ends (SIGTERM, Ctrl-C, or,
+for a crate process an IOC spawned, the IOC closing its stdin).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+from ioc.hardware import ReadError
+from sim.board import SimBoard, SimBoardSpec
+from sim.commands import encode, error_reply
+from sim.crate import SimCrate
+from sim.faults import Fault
+from sim.ringfifo import RingFifo
+from sim.specs import board_specs, specs_from_json, window_name
+from sim.window import C_READ_ERROR, C_UNDERFLOW, H_CLOSED, H_HEARTBEAT_NS, BoardLayout, Window
+from sim.window import socket_address as address
+
+#: Pump period while some board takes data, and while none does (heartbeat only).
+PUMP_BUSY_S = 0.001
+PUMP_IDLE_S = 0.010
+#: Faults the reader side shows (status / read), signalled through the window.
+READER_FAULTS = {Fault.FIFO_UNDERFLOW: C_UNDERFLOW, Fault.READ_ERROR: C_READ_ERROR}
+#: Board calls the command socket passes straight to the simulated board.
+BOARD_CALLS = frozenset({
+    "set_package_data", "select_fifo", "reset_fifo", "set_master_logic", "reinit_pipeline",
+    "latch_timestamp", "write_register", "read_register", "set_event_rate",
+    "set_trace_length", "set_header_type", "reset_accounting",
+})
+
+log = logging.getLogger("dgs.sim")
+
+
+class CrateServer:
+    """A simulated crate served through window ``name`` until `stop` is set."""
+
+    def __init__(self, specs: list[SimBoardSpec], seed: int, name: str) -> None:
+        self.name = name
+        self.stop = threading.Event()
+        self.crate = SimCrate(specs, seed=seed)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._listener.bind(address(name))  # the live-owner check: one server per name
+        except OSError as err:
+            self._listener.close()
+            raise RuntimeError(f"window {name} is already served by another crate process") from err
+        self._listener.listen(8)
+        self._listener.settimeout(0.2)
+        layout = [BoardLayout(b.identity.name, b.FIFOS, b.fifo_words) for b in self.crate.boards]
+        self.window = Window.create(name, layout, self.crate.clock_origin_ns())
+        for index, board in enumerate(self.crate.boards):
+            window = self.window
+            board.use_fifos([
+                RingFifo(window.ring(index, f), window.fifo_control(index, f), board.CHANNELS)
+                for f in range(board.FIFOS)
+            ])
+        self.window.header[H_HEARTBEAT_NS] = time.monotonic_ns()
+
+    def serve(self) -> None:
+        """Pump and answer commands until `stop`; then remove the window."""
+        threads = [
+            threading.Thread(target=self._pump, name="pump", daemon=True),
+            threading.Thread(target=self._accept, name="commands", daemon=True),
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            while not self.stop.wait(0.5):
+                pass
+        finally:
+            self.window.header[H_CLOSED] = 1
+            self.window.unlink()
+            self._listener.close()
+            for thread in threads:
+                thread.join(1.0)
+
+    def _pump(self) -> None:
+        boards = self.crate.boards
+        try:
+            while not self.stop.is_set():
+                for board in boards:
+                    board.catch_up()
+                self.window.header[H_HEARTBEAT_NS] = time.monotonic_ns()
+                busy = any(board.master_logic for board in boards)
+                self.stop.wait(PUMP_BUSY_S if busy else PUMP_IDLE_S)
+        except Exception:
+            log.exception("dgs-sim: the pump failed; the crate process stops")
+            self.stop.set()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as reader:
+            for line in reader:
+                try:
+                    request = json.loads(line)
+                    result = self.execute(request["board"], request["op"], request["args"])
+                    reply = {"result": result}
+                except (KeyError, ValueError, ReadError, RuntimeError, TypeError) as err:
+                    reply = error_reply(err)
+                try:
+                    conn.sendall(encode(reply))
+                except OSError:
+                    return
+
+    def execute(self, index: int, op: str, args: list[Any]) -> Any:
+        """One command: a crate-wide one (index -1) or one on board ``index``."""
+        if index == -1:
+            if op == "reset_accounting":
+                return self.crate.reset_accounting()
+            raise RuntimeError(f"unknown crate command {op}")
+        board = self.crate.boards[index]
+        if op in BOARD_CALLS:
+            method = getattr(board, op, None)
+            if method is None:
+                raise ValueError(f"{board.identity.name} has no {op}")
+            return method(*args)
+        if op == "inject":
+            return self._inject(index, board, Fault(args[0]))
+        if op == "accounting":
+            return {
+                "generated": board.generated_by_channel.tolist(),
+                "dropped": board.dropped_by_channel.tolist(),
+                "cleared": board.cleared_by_channel.tolist(),
+            }
+        if op == "package_data":
+            return board.package_data
+        raise RuntimeError(f"unknown board command {op}")
+
+    def _inject(self, index: int, board: SimBoard, fault: Fault) -> None:
+        board.inject(fault)
+        slot = READER_FAULTS.get(fault)
+        if slot is not None and board.claim_fault(fault):
+            self.window.control(index)[slot] = 1
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="dgs-sim", description="The simulated crate of a configuration, in its own process."
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", metavar="FILE", help="system configuration (TOML)")
+    source.add_argument("--demo", action="store_true", help="the demonstration crate")
+    source.add_argument("--spec-stdin", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--crate", metavar="NN", help="which crate of the configuration")
+    p.add_argument("--window", metavar="NAME", help="window name (default: the configuration's)")
+    return p.parse_args(argv)
+
+
+def _crate_from_args(args: argparse.Namespace) -> tuple[list[SimBoardSpec], int, str]:
+    if args.spec_stdin:
+        specs, seed = specs_from_json(json.loads(sys.stdin.readline()))
+        return specs, seed, args.window
+    from ioc.config import demo_config, load_config
+
+    system = demo_config() if args.demo else load_config(args.config)
+    crate = system.crate(args.crate)
+    return board_specs(crate), crate.seed, args.window or window_name(crate)
+
+
+def _stop_at_eof(stop: threading.Event) -> None:
+    """A spawned crate process ends with its IOC: the IOC's end closes our stdin."""
+    while os.read(sys.stdin.fileno(), 4096):
+        pass
+    stop.set()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        specs, seed, name = _crate_from_args(args)
+        if not name:
+            raise ValueError("--spec-stdin needs --window")
+        server = CrateServer(specs, seed, name)
+    except Exception as err:  # configuration, window or socket: one line for the user
+        print(f"dgs-sim: {err}", file=sys.stderr)
+        return 2
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: server.stop.set())
+    if args.spec_stdin:
+        threading.Thread(target=_stop_at_eof, args=(server.stop,), daemon=True).start()
+    names = ", ".join(board.identity.name for board in server.crate.boards)
+    print(f"dgs-sim: serving {names} through window {server.window.path}", flush=True)
+    print("dgs-sim: ready", flush=True)
+    server.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
