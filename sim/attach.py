@@ -77,6 +77,8 @@ class ProcessCrate(Crate):
             ProcessBoard(self, index, BoardIdentity(s.name, s.kind, s.slot, s.card), s)
             for index, s in enumerate(sorted(specs, key=lambda s: s.card))
         ]
+        for board in self.boards:
+            board.learn_registers(self._link)
 
     def _connect(self, wait_s: float) -> tuple[Window, CommandLink]:
         """Map the window and open its channel (RuntimeError saying why not)."""
@@ -139,6 +141,11 @@ class ProcessCrate(Crate):
         return None
 
     @property
+    def window(self) -> Window:
+        """The window mapped now (the crate process may be lost: see `live_window`)."""
+        return self._window
+
+    @property
     def lost(self) -> str | None:
         """Why the crate process is lost, None while it serves."""
         return self._lost
@@ -178,6 +185,7 @@ class ProcessCrate(Crate):
             try:
                 if not same:
                     for board in self.boards:
+                        board.learn_registers(link)
                         board.restore(link)
             except (PeerLost, KeyError, ValueError, RuntimeError) as err:
                 link.close()
@@ -216,7 +224,7 @@ class ProcessBoard(Board):
         self._package_data = spec.package_data
         #: Settings made through this IOC, re-applied to a restarted crate process.
         self._settings: dict[tuple[str, ...], tuple[str, tuple[Any, ...]]] = {}
-        self._registers: dict[str, int] = {}
+        self._register_slots: dict[str, int] = {}
         self._counts = {
             key: np.zeros(1, dtype=np.int64) for key in ("generated", "dropped", "cleared")
         }
@@ -277,10 +285,10 @@ class ProcessBoard(Board):
 
     def _setting(self, key: tuple[str, ...], op: str, *args: Any) -> None:
         """A setting: applied now if the crate answers, and again to a restarted one."""
-        self._settings.pop(key, None)
-        self._settings[key] = (op, args)
         with contextlib.suppress(PeerLost):
             self._call(op, *args)
+        self._settings.pop(key, None)
+        self._settings[key] = (op, args)
 
     def restore(self, link: CommandLink) -> None:
         """Apply this IOC's settings to a new crate process (in the order they were made)."""
@@ -320,25 +328,20 @@ class ProcessBoard(Board):
             ticks = (time.monotonic_ns() - self._crate.clock_origin_ns()) // TICK_NS
             return ticks & TIMESTAMP_MASK
 
+    def learn_registers(self, link: CommandLink) -> None:
+        """Where each register is in the window's register image (asked once per process)."""
+        names = link.call(self._index, "registers")
+        self._register_slots = {name: slot for slot, name in enumerate(names)}
+
     def write_register(self, register: str, value: int) -> None:
-        try:
-            self._call("write_register", register, int(value))
-        except PeerLost:
-            if register not in self._registers:
-                raise
-        self._registers[register] = int(value) & 0xFFFFFFFF
-        self._settings.pop(("register", register), None)
-        self._settings[("register", register)] = ("write_register", (register, int(value)))
+        if register not in self._register_slots:
+            raise KeyError(register)
+        self._setting(("register", register), "write_register", register, int(value))
 
     def read_register(self, register: str) -> int:
-        try:
-            value = int(self._call("read_register", register))
-        except PeerLost:
-            if register not in self._registers:
-                raise
-            return self._registers[register]
-        self._registers[register] = value
-        return value
+        """From the register image: no system call (while the crate is lost, the last values)."""
+        slot = self._register_slots[register]
+        return int(self._crate.window.registers(self._index)[slot])
 
     # Simulation controls (SIM_* records).
 

@@ -317,6 +317,26 @@ class SimBoard(Board):
         with self._lock:
             self._catch_up()
 
+    def register_names(self) -> list[str]:
+        """Every register the board has, in a fixed order (the window's register image)."""
+        with self._lock:
+            return sorted(self._registers)
+
+    def live_register_names(self) -> list[str]:
+        """The registers whose value follows the board's state (timestamp, event counts)."""
+        with self._lock:
+            names = sorted(self._registers)
+            return [name for name in names if self._live_register(name) is not None]
+
+    def register_values(self, names: list[str]) -> list[int]:
+        """What `read_register` would return for each of ``names``, read at one instant."""
+        with self._lock:
+            values = []
+            for name in names:
+                live = self._live_register(name)
+                values.append(self._registers[name] if live is None else live)
+            return values
+
     def claim_fault(self, fault: Fault) -> bool:
         """Take a pending reader-side fault (underflow, read error) off the board, so that
         whoever serves its status and reads signals it instead; False if none pending."""

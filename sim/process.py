@@ -1,8 +1,8 @@
 """`dgs-sim`: the simulated crate in its own process, behind a shared-memory window.
 
 The boards are the in-process simulator's (`sim.SimCrate`), with their FIFOs
-placed in the window (`sim.ringfifo`). A pump thread catches every board up about
-every millisecond, so events are made here, on this process's CPU, and the IOC
+placed in the window (`sim.ringfifo`). A pump thread catches every board up every
+two milliseconds, so events are made here, on this process's CPU, and the IOC
 only copies words out. A second thread answers the command socket (`sim.commands`).
 The window and the socket disappear when the process ends (SIGTERM, Ctrl-C, or,
 for a crate process an IOC spawned, the IOC closing its stdin).
@@ -28,12 +28,23 @@ from sim.crate import SimCrate
 from sim.faults import Fault
 from sim.ringfifo import RingFifo
 from sim.specs import board_specs, specs_from_json, window_name
-from sim.window import C_READ_ERROR, C_UNDERFLOW, H_CLOSED, H_HEARTBEAT_NS, BoardLayout, Window
+from sim.window import (
+    C_READ_ERROR,
+    C_UNDERFLOW,
+    H_CLOSED,
+    H_HEARTBEAT_NS,
+    REGISTER_SLOTS,
+    BoardLayout,
+    Window,
+)
 from sim.window import socket_address as address
 
 #: Pump period while some board takes data, and while none does (heartbeat only).
-PUMP_BUSY_S = 0.001
+PUMP_BUSY_S = 0.002
 PUMP_IDLE_S = 0.010
+#: How often the live registers (timestamp, event counts) are copied into the window; every
+#: register is copied after each command.
+REGISTER_IMAGE_S = 0.1
 #: Faults the reader side shows (status / read), signalled through the window.
 READER_FAULTS = {Fault.FIFO_UNDERFLOW: C_UNDERFLOW, Fault.READ_ERROR: C_READ_ERROR}
 #: Board calls the command socket passes straight to the simulated board.
@@ -69,7 +80,29 @@ class CrateServer:
                 RingFifo(window.ring(index, f), window.fifo_control(index, f), board.CHANNELS)
                 for f in range(board.FIFOS)
             ])
+        self._register_names = [board.register_names() for board in self.crate.boards]
+        for board, names in zip(self.crate.boards, self._register_names):
+            if len(names) > REGISTER_SLOTS:
+                raise RuntimeError(f"{board.identity.name}: too many registers for the window")
+        #: Per board: the image slots and names of the registers that change by themselves.
+        self._live = []
+        for board, names in zip(self.crate.boards, self._register_names):
+            live = board.live_register_names()
+            self._live.append(([names.index(name) for name in live], live))
+        for index in range(len(self.crate.boards)):
+            self._refresh_registers(index)
         self.window.header[H_HEARTBEAT_NS] = time.monotonic_ns()
+
+    def _refresh_registers(self, index: int) -> None:
+        """Copy a board's register values into the window's image."""
+        names = self._register_names[index]
+        self.window.registers(index)[: len(names)] = self.crate.boards[index].register_values(names)
+
+    def _refresh_live_registers(self) -> None:
+        for index, (slots, names) in enumerate(self._live):
+            if slots:
+                values = self.crate.boards[index].register_values(names)
+                self.window.registers(index)[slots] = values
 
     def serve(self) -> None:
         """Pump and answer commands until `stop`; then remove the window."""
@@ -91,10 +124,15 @@ class CrateServer:
 
     def _pump(self) -> None:
         boards = self.crate.boards
+        next_image = 0.0
         try:
             while not self.stop.is_set():
                 for board in boards:
                     board.catch_up()
+                now = time.monotonic()
+                if now >= next_image:
+                    next_image = now + REGISTER_IMAGE_S
+                    self._refresh_live_registers()
                 self.window.header[H_HEARTBEAT_NS] = time.monotonic_ns()
                 busy = any(board.master_logic for board in boards)
                 self.stop.wait(PUMP_BUSY_S if busy else PUMP_IDLE_S)
@@ -132,12 +170,22 @@ class CrateServer:
             if op == "reset_accounting":
                 return self.crate.reset_accounting()
             raise RuntimeError(f"unknown crate command {op}")
+        result = self._board_command(index, op, args)
+        # The answer comes after the window shows the command's effect: events that
+        # arrived before it (master logic off) are in the FIFO, registers in the image.
+        self.crate.boards[index].catch_up()
+        self._refresh_registers(index)
+        return result
+
+    def _board_command(self, index: int, op: str, args: list[Any]) -> Any:
         board = self.crate.boards[index]
         if op in BOARD_CALLS:
             method = getattr(board, op, None)
             if method is None:
                 raise ValueError(f"{board.identity.name} has no {op}")
             return method(*args)
+        if op == "registers":
+            return self._register_names[index]
         if op == "inject":
             return self._inject(index, board, Fault(args[0]))
         if op == "accounting":

@@ -33,8 +33,11 @@ PAGE = 4096
 HEADER_BYTES = PAGE
 #: Where the JSON layout starts in the header, and its room.
 LAYOUT_OFFSET = 128
-#: int64 slots per board control block.
-CONTROL_SLOTS = 64
+#: int64 slots per board control block: flags and FIFO positions, then the register image.
+CONTROL_SLOTS = 64 + 512
+#: First slot of the register image (values in the order of the board's register names).
+REGISTER_BASE = 64
+REGISTER_SLOTS = CONTROL_SLOTS - REGISTER_BASE
 #: Header slots.
 H_MAGIC, H_INSTANCE, H_HEARTBEAT_NS, H_ORIGIN_NS, H_PID, H_CLOSED = range(6)
 #: Board control slots: faults the reader side signals, then 3 slots per FIFO.
@@ -147,6 +150,10 @@ class Window:
         """The head, tail and full slots (F_*) of one FIFO."""
         start = _FIFO_BASE + 3 * fifo
         return self._controls[board][start : start + 3]
+
+    def registers(self, board: int) -> np.ndarray:
+        """The board's register image (the crate process keeps it current)."""
+        return self._controls[board][REGISTER_BASE:]
 
     def ring(self, board: int, fifo: int) -> np.ndarray:
         return self._rings[board][fifo]
