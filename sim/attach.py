@@ -11,7 +11,8 @@ inLoop counts read errors instead of waiting; set-up calls do nothing and regist
 reads show the last values. Every `RETRY_S` a call tries to attach again; once a
 crate process serves the window again the settings the IOC made (registers,
 package data, FIFO selection, SIM_* controls, master logic) are applied to it and
-data flow again.
+data flow again. A crate process the IOC started itself (``sim_process = "spawn"``)
+is started again by the IOC when it ended.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ STALE_S = 0.5
 COMMAND_TIMEOUT_S = 0.5
 #: How often a lost crate is looked for again.
 RETRY_S = 0.25
+#: Least time between two starts of a crate process this IOC spawned.
+RESTART_S = 2.0
 #: How long an attaching IOC waits for the window at start-up.
 ATTACH_WAIT_S = 3.0
 #: What `status` shows while the crate is lost: one trigger packet, so that inLoop
@@ -170,6 +173,8 @@ class ProcessCrate(Crate):
             if time.monotonic() < self._next_try:
                 return False
             self._next_try = time.monotonic() + RETRY_S
+            if self._restart_if_ended():
+                return False
             try:
                 window, link = self._connect(wait_s=0.0)
             except RuntimeError:
@@ -195,6 +200,18 @@ class ProcessCrate(Crate):
             self._lost = None
         log.info("crate process of window %s %s", self.name,
                  "answers again" if same else "is back (a new process): settings restored")
+        return True
+
+    def _restart_if_ended(self) -> bool:
+        """A crate process this IOC started and that ended: start another (at most every
+        RESTART_S, so one that fails at start does not loop); True if it is not serving."""
+        spawned = self._spawned
+        if spawned is None or spawned.exit_code is None:
+            return False
+        if time.monotonic() - spawned.started_at >= RESTART_S:
+            log.warning("crate process of window %s ended with code %s: starting a new one",
+                        self.name, spawned.exit_code)
+            spawned.restart()
         return True
 
     def call(self, board: int, op: str, *args: Any) -> Any:

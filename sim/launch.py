@@ -1,4 +1,5 @@
-"""An IOC's own crate process (``sim_process = "spawn"``): started with it, ended with it.
+"""An IOC's own crate process (``sim_process = "spawn"``): started with it, ended with it,
+restarted by it (`sim.attach`) when it ends on its own.
 
 The child gets its boards as JSON on stdin and keeps reading stdin: when the IOC
 ends in any way (even killed) the pipe closes and the child removes its window
@@ -28,15 +29,29 @@ class CrateProcess:
 
     def __init__(self, specs: list[SimBoardSpec], seed: int, name: str) -> None:
         self.name = name
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sim.process", "--spec-stdin", "--window", name],
+        self._specs = specs
+        self._seed = seed
+        self.started_at = time.monotonic()
+        self.proc = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sim.process", "--spec-stdin", "--window", self.name],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             start_new_session=True,
         )
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(specs_to_json(specs, seed)).encode() + b"\n")
-        self.proc.stdin.flush()
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(specs_to_json(self._specs, self._seed)).encode() + b"\n")
+        proc.stdin.flush()
+        return proc
+
+    def restart(self) -> None:
+        """A new crate process on the same window, after this one ended (not waited for:
+        the window appears when it is ready)."""
+        self.stop()
+        self.started_at = time.monotonic()
+        self.proc = self._spawn()
 
     def wait_ready(self) -> None:
         """Until the window is served (RuntimeError if the child exits or is too slow)."""
