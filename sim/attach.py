@@ -49,6 +49,8 @@ STALE_S = 0.5
 COMMAND_TIMEOUT_S = 0.5
 #: How often a lost crate is looked for again.
 RETRY_S = 0.25
+#: How long one answer about event counts serves.
+COUNTS_FRESH_S = 0.05
 #: Least time between two starts of a crate process this IOC spawned.
 RESTART_S = 2.0
 #: How long an attaching IOC waits for the window at start-up.
@@ -75,13 +77,17 @@ class ProcessCrate(Crate):
         self._lock = threading.RLock()
         self._lost: str | None = None
         self._next_try = 0.0
-        self._window, self._link = self._connect(wait_s=0.0 if spawned else ATTACH_WAIT_S)
+        #: One command connection per calling thread: inLoop never queues behind the
+        #: publisher's or the register thread's calls.
+        self._links: dict[int, CommandLink] = {}
+        self._window, link = self._connect(wait_s=0.0 if spawned else ATTACH_WAIT_S)
+        self._links[threading.get_ident()] = link
         self.boards: list[ProcessBoard] = [
             ProcessBoard(self, index, BoardIdentity(s.name, s.kind, s.slot, s.card), s)
             for index, s in enumerate(sorted(specs, key=lambda s: s.card))
         ]
         for board in self.boards:
-            board.learn_registers(self._link)
+            board.learn_registers(link)
 
     def _connect(self, wait_s: float) -> tuple[Window, CommandLink]:
         """Map the window and open its channel (RuntimeError saying why not)."""
@@ -121,7 +127,7 @@ class ProcessCrate(Crate):
     def close(self) -> None:
         """IOC exit: drop the channel and the mapping; end the crate process if ours."""
         with self._lock:
-            self._link.close()
+            self._close_links()
             self._window.close()
             if self._spawned is not None:
                 self._spawned.stop()
@@ -161,7 +167,7 @@ class ProcessCrate(Crate):
                 reason += f"; it exited with code {self._spawned.exit_code}"
             self._lost = reason
             self._next_try = time.monotonic() + RETRY_S
-            self._link.close()
+            self._close_links()
         log.error("crate process of window %s lost (%s): reads fail until it is back",
                   self.name, reason)
 
@@ -185,8 +191,10 @@ class ProcessCrate(Crate):
                 window.close()
                 return False
             same = window.instance == self._window.instance
-            old, self._window, self._link = self._window, window, link
+            old, self._window = self._window, window
             old.close()
+            self._close_links()
+            self._links[threading.get_ident()] = link
             try:
                 if not same:
                     for board in self.boards:
@@ -218,12 +226,20 @@ class ProcessCrate(Crate):
         """A command's result; PeerLost (the crate is then lost) if there is no answer."""
         if self._lost is not None and not self._reattach():
             raise PeerLost(self._lost)
-        link = self._link
         try:
+            link = self._links.get(threading.get_ident())
+            if link is None:
+                link = CommandLink(self.name, COMMAND_TIMEOUT_S)
+                self._links[threading.get_ident()] = link
             return link.call(board, op, *args)
         except PeerLost as err:
             self._lose(str(err))
             raise
+
+    def _close_links(self) -> None:
+        for link in list(self._links.values()):
+            link.close()
+        self._links.clear()
 
 
 class ProcessBoard(Board):
@@ -242,9 +258,12 @@ class ProcessBoard(Board):
         #: Settings made through this IOC, re-applied to a restarted crate process.
         self._settings: dict[tuple[str, ...], tuple[str, tuple[Any, ...]]] = {}
         self._register_slots: dict[str, int] = {}
+        #: Master logic as last set through this IOC, None when something else may have set it.
+        self._logic_known: bool | None = None
         self._counts = {
             key: np.zeros(1, dtype=np.int64) for key in ("generated", "dropped", "cleared")
         }
+        self._counts_at = -COUNTS_FRESH_S
 
     def _fifo(self, fifo: int) -> int:
         if self._fifos == 1:
@@ -309,6 +328,7 @@ class ProcessBoard(Board):
 
     def restore(self, link: CommandLink) -> None:
         """Apply this IOC's settings to a new crate process (in the order they were made)."""
+        self._logic_known = None
         for op, args in self._settings.values():
             link.call(self._index, op, *args)
 
@@ -333,17 +353,26 @@ class ProcessBoard(Board):
             self._call("reset_fifo", self._fifo(fifo))
 
     def set_master_logic(self, on: bool) -> None:
-        self._setting(("master_logic",), "set_master_logic", bool(on))
+        """Idempotent, so a repeat (inLoop re-enables after every FIFO reset) costs no
+        round trip while the board's logic is known to be in that state already."""
+        on = bool(on)
+        if self._logic_known is on:
+            return
+        self._logic_known = None
+        self._setting(("master_logic",), "set_master_logic", on)
+        if self._crate.lost is None:
+            self._logic_known = on
 
     def reinit_pipeline(self) -> None:
         """Nothing to do: the simulated pipeline keeps no state between events."""
 
     def latch_timestamp(self) -> int:
-        try:
-            return int(self._call("latch_timestamp"))
-        except PeerLost:  # the crate's clock still runs: count from its origin
-            ticks = (time.monotonic_ns() - self._crate.clock_origin_ns()) // TICK_NS
-            return ticks & TIMESTAMP_MASK
+        """The crate clock read here, as the board would latch it: it counts 10 ns ticks of
+        the host's monotonic clock from the origin in the window, so no round trip (inLoop
+        latches one for every type-F header). The board's latched-timestamp registers are
+        not updated by it."""
+        ticks = (time.monotonic_ns() - self._crate.clock_origin_ns()) // TICK_NS
+        return ticks & TIMESTAMP_MASK
 
     def learn_registers(self, link: CommandLink) -> None:
         """Where each register is in the window's register image (asked once per process)."""
@@ -353,6 +382,7 @@ class ProcessBoard(Board):
     def write_register(self, register: str, value: int) -> None:
         if register not in self._register_slots:
             raise KeyError(register)
+        self._logic_known = None  # the register may hold the master logic enable
         self._setting(("register", register), "write_register", register, int(value))
 
     def read_register(self, register: str) -> int:
@@ -375,12 +405,16 @@ class ProcessBoard(Board):
         self._call("inject", int(fault))
 
     def _accounting(self, key: str) -> np.ndarray:
-        """The crate process's counts, or the last ones seen while it is lost."""
+        """The crate process's counts, or the last ones seen while it is lost. One answer
+        serves the three counts read together (the publisher reads all three each second)."""
+        if time.monotonic() - self._counts_at < COUNTS_FRESH_S:
+            return self._counts[key]
         try:
             counts = self._call("accounting")
         except PeerLost:
             return self._counts[key]
         self._counts = {name: np.array(values, dtype=np.int64) for name, values in counts.items()}
+        self._counts_at = time.monotonic()
         return self._counts[key]
 
     @property

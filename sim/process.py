@@ -1,9 +1,10 @@
 """`dgs-sim`: the simulated crate in its own process, behind a shared-memory window.
 
 The boards are the in-process simulator's (`sim.SimCrate`), with their FIFOs
-placed in the window (`sim.ringfifo`). A pump thread catches every board up every
-two milliseconds, so events are made here, on this process's CPU, and the IOC
-only copies words out. A second thread answers the command socket (`sim.commands`).
+placed in the window (`sim.ringfifo`). A pump catches every board up every two
+milliseconds, so events are made here, on this process's CPU, and the IOC only
+copies words out; between pump passes the same thread answers the command
+socket (`sim.commands`).
 The window and the socket disappear when the process ends (SIGTERM, Ctrl-C, or,
 for a crate process an IOC spawned, the IOC closing its stdin).
 """
@@ -14,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import selectors
 import signal
 import socket
 import sys
@@ -53,6 +55,10 @@ BOARD_CALLS = frozenset({
     "latch_timestamp", "write_register", "read_register", "set_event_rate",
     "set_trace_length", "set_header_type", "reset_accounting",
 })
+#: Commands that change nothing the window shows.
+QUERIES = frozenset({"accounting", "package_data", "registers", "read_register"})
+#: A reply the IOC does not take within this is dropped with its connection.
+SEND_TIMEOUT_S = 1.0
 
 log = logging.getLogger("dgs.sim")
 
@@ -71,7 +77,7 @@ class CrateServer:
             self._listener.close()
             raise RuntimeError(f"window {name} is already served by another crate process") from err
         self._listener.listen(8)
-        self._listener.settimeout(0.2)
+        self._next_live = 0.0
         layout = [BoardLayout(b.identity.name, b.FIFOS, b.fifo_words) for b in self.crate.boards]
         self.window = Window.create(name, layout, self.crate.clock_origin_ns())
         for index, board in enumerate(self.crate.boards):
@@ -104,65 +110,56 @@ class CrateServer:
                 values = self.crate.boards[index].register_values(names)
                 self.window.registers(index)[slots] = values
 
-    def serve(self) -> None:
-        """Pump and answer commands until `stop`; then remove the window."""
-        threads = [
-            threading.Thread(target=self._pump, name="pump", daemon=True),
-            threading.Thread(target=self._accept, name="commands", daemon=True),
-        ]
-        for thread in threads:
-            thread.start()
+    def serve(self, stdin_ends_it: bool = False) -> None:
+        """Pump and answer commands until `stop` (or the end of stdin); then remove the window.
+
+        One thread does both, so a command never waits for the interpreter lock behind
+        the pump (under load that wait, and a preempted pump holding the lock, made
+        answers take tens of milliseconds): at most one pump pass, then it is answered.
+        """
+        selector = selectors.DefaultSelector()
+        selector.register(self._listener, selectors.EVENT_READ, self._accept)
+        if stdin_ends_it:
+            selector.register(sys.stdin.fileno(), selectors.EVENT_READ, self._stdin)
+        next_pass = 0.0
         try:
-            while not self.stop.wait(0.5):
-                pass
+            while not self.stop.is_set():
+                timeout = max(0.0, next_pass - time.monotonic())
+                for key, _ in selector.select(timeout):
+                    key.data(selector, key.fileobj)
+                if time.monotonic() >= next_pass:
+                    busy = self._pump_pass()
+                    next_pass = time.monotonic() + (PUMP_BUSY_S if busy else PUMP_IDLE_S)
         finally:
             self.window.header[H_CLOSED] = 1
             self.window.unlink()
-            self._listener.close()
-            for thread in threads:
-                thread.join(1.0)
+            for key in list(selector.get_map().values()):
+                if isinstance(key.fileobj, socket.socket):
+                    key.fileobj.close()
+            selector.close()
 
-    def _pump(self) -> None:
-        boards = self.crate.boards
-        next_image = 0.0
-        try:
-            while not self.stop.is_set():
-                for board in boards:
-                    board.catch_up()
-                now = time.monotonic()
-                if now >= next_image:
-                    next_image = now + REGISTER_IMAGE_S
-                    self._refresh_live_registers()
-                self.window.header[H_HEARTBEAT_NS] = time.monotonic_ns()
-                busy = any(board.master_logic for board in boards)
-                self.stop.wait(PUMP_BUSY_S if busy else PUMP_IDLE_S)
-        except Exception:
-            log.exception("dgs-sim: the pump failed; the crate process stops")
+    def _pump_pass(self) -> bool:
+        """Build every event that arrived, show a heartbeat; True if some board takes data."""
+        for board in self.crate.boards:
+            board.catch_up()
+        now = time.monotonic()
+        if now >= self._next_live:
+            self._next_live = now + REGISTER_IMAGE_S
+            self._refresh_live_registers()
+        self.window.header[H_HEARTBEAT_NS] = time.monotonic_ns()
+        return any(board.master_logic for board in self.crate.boards)
+
+    def _accept(self, selector: selectors.BaseSelector, listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        conn.setblocking(True)
+        conn.settimeout(SEND_TIMEOUT_S)
+        selector.register(conn, selectors.EVENT_READ, _Connection(self).readable)
+
+    def _stdin(self, selector: selectors.BaseSelector, fd: int) -> None:
+        """A spawned crate process ends with its IOC: the IOC's end closes our stdin."""
+        if not os.read(fd, 4096):
+            selector.unregister(fd)
             self.stop.set()
-
-    def _accept(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
-
-    def _answer(self, conn: socket.socket) -> None:
-        with conn, conn.makefile("rb") as reader:
-            for line in reader:
-                try:
-                    request = json.loads(line)
-                    result = self.execute(request["board"], request["op"], request["args"])
-                    reply = {"result": result}
-                except (KeyError, ValueError, ReadError, RuntimeError, TypeError) as err:
-                    reply = error_reply(err)
-                try:
-                    conn.sendall(encode(reply))
-                except OSError:
-                    return
 
     def execute(self, index: int, op: str, args: list[Any]) -> Any:
         """One command: a crate-wide one (index -1) or one on board ``index``."""
@@ -171,10 +168,11 @@ class CrateServer:
                 return self.crate.reset_accounting()
             raise RuntimeError(f"unknown crate command {op}")
         result = self._board_command(index, op, args)
-        # The answer comes after the window shows the command's effect: events that
-        # arrived before it (master logic off) are in the FIFO, registers in the image.
-        self.crate.boards[index].catch_up()
-        self._refresh_registers(index)
+        if op not in QUERIES:
+            # The answer comes after the window shows the command's effect: events that
+            # arrived before it (master logic off) are in the FIFO, registers in the image.
+            self.crate.boards[index].catch_up()
+            self._refresh_registers(index)
         return result
 
     def _board_command(self, index: int, op: str, args: list[Any]) -> Any:
@@ -205,6 +203,39 @@ class CrateServer:
             self.window.control(index)[slot] = 1
 
 
+
+class _Connection:
+    """One IOC connection: requests arrive as JSON lines, possibly split or several at once."""
+
+    def __init__(self, server: CrateServer) -> None:
+        self._server = server
+        self._pending = b""
+
+    def readable(self, selector: selectors.BaseSelector, conn: socket.socket) -> None:
+        try:
+            data = conn.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            selector.unregister(conn)
+            conn.close()
+            return
+        *lines, self._pending = (self._pending + data).split(b"\n")
+        for line in lines:
+            try:
+                request = json.loads(line)
+                result = self._server.execute(request["board"], request["op"], request["args"])
+                reply = {"result": result}
+            except (KeyError, ValueError, ReadError, RuntimeError, TypeError) as err:
+                reply = error_reply(err)
+            try:
+                conn.sendall(encode(reply))
+            except OSError:
+                selector.unregister(conn)
+                conn.close()
+                return
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="dgs-sim", description="The simulated crate of a configuration, in its own process."
@@ -229,13 +260,6 @@ def _crate_from_args(args: argparse.Namespace) -> tuple[list[SimBoardSpec], int,
     return board_specs(crate), crate.seed, args.window or window_name(crate)
 
 
-def _stop_at_eof(stop: threading.Event) -> None:
-    """A spawned crate process ends with its IOC: the IOC's end closes our stdin."""
-    while os.read(sys.stdin.fileno(), 4096):
-        pass
-    stop.set()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     logging.basicConfig(
@@ -251,12 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: server.stop.set())
-    if args.spec_stdin:
-        threading.Thread(target=_stop_at_eof, args=(server.stop,), daemon=True).start()
     names = ", ".join(board.identity.name for board in server.crate.boards)
     print(f"dgs-sim: serving {names} through window {server.window.path}", flush=True)
     print("dgs-sim: ready", flush=True)
-    server.serve()
+    server.serve(stdin_ends_it=args.spec_stdin)
     return 0
 
 
