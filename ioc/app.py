@@ -227,6 +227,11 @@ class CrateIoc:
             system, self.records, crate, with_globals=self.serve_globals
         )
         self.register_io = RegisterIO(self.boards_by_name, self._register_db.plan)
+        try:
+            self.backend.wait_ready()
+        except Exception as err:  # a backend may fail in any way: say how
+            self.backend.close()
+            raise backends.BackendError(f"cannot be built: {err}") from err
 
     # Record set-up.
 

@@ -80,14 +80,30 @@ class ProcessCrate(Crate):
         #: One command connection per calling thread: inLoop never queues behind the
         #: publisher's or the register thread's calls.
         self._links: dict[int, CommandLink] = {}
-        self._window, link = self._connect(wait_s=0.0 if spawned else ATTACH_WAIT_S)
-        self._links[threading.get_ident()] = link
         self.boards: list[ProcessBoard] = [
             ProcessBoard(self, index, BoardIdentity(s.name, s.kind, s.slot, s.card), s)
             for index, s in enumerate(sorted(specs, key=lambda s: s.card))
         ]
-        for board in self.boards:
-            board.learn_registers(link)
+        self._window: Window | None = None
+        if spawned is None:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Map the window once its crate process serves it (RuntimeError saying why not).
+
+        A spawned crate process starts while the IOC builds its records; the IOC waits
+        here before its servers start, and every call waits here if it comes first.
+        """
+        with self._lock:
+            if self._window is not None:
+                return
+            if self._spawned is not None:
+                self._spawned.wait_ready()
+            window, link = self._connect(wait_s=0.0 if self._spawned else ATTACH_WAIT_S)
+            self._links[threading.get_ident()] = link
+            for board in self.boards:
+                board.learn_registers(link)
+            self._window = window
 
     def _connect(self, wait_s: float) -> tuple[Window, CommandLink]:
         """Map the window and open its channel (RuntimeError saying why not)."""
@@ -117,7 +133,7 @@ class ProcessCrate(Crate):
             raise RuntimeError(str(err)) from err
 
     def clock_origin_ns(self) -> int:
-        return int(self._window.header[H_ORIGIN_NS])
+        return int(self.window.header[H_ORIGIN_NS])
 
     def reset_accounting(self) -> None:
         """Run start: the crate process's event counts start afresh (if it answers)."""
@@ -128,7 +144,8 @@ class ProcessCrate(Crate):
         """IOC exit: drop the channel and the mapping; end the crate process if ours."""
         with self._lock:
             self._close_links()
-            self._window.close()
+            if self._window is not None:
+                self._window.close()
             if self._spawned is not None:
                 self._spawned.stop()
 
@@ -136,6 +153,8 @@ class ProcessCrate(Crate):
 
     def live_window(self) -> Window | None:
         """The window while its crate process is alive, else None (crate lost)."""
+        if self._window is None:
+            self.wait_ready()
         if self._lost is not None and not self._reattach():
             return None
         window = self._window
@@ -152,6 +171,8 @@ class ProcessCrate(Crate):
     @property
     def window(self) -> Window:
         """The window mapped now (the crate process may be lost: see `live_window`)."""
+        if self._window is None:
+            self.wait_ready()
         return self._window
 
     @property
@@ -224,6 +245,8 @@ class ProcessCrate(Crate):
 
     def call(self, board: int, op: str, *args: Any) -> Any:
         """A command's result; PeerLost (the crate is then lost) if there is no answer."""
+        if self._window is None:
+            self.wait_ready()
         if self._lost is not None and not self._reattach():
             raise PeerLost(self._lost)
         try:
@@ -371,7 +394,8 @@ class ProcessBoard(Board):
         the host's monotonic clock from the origin in the window, so no round trip (inLoop
         latches one for every type-F header). The board's latched-timestamp registers are
         not updated by it."""
-        ticks = (time.monotonic_ns() - self._crate.clock_origin_ns()) // TICK_NS
+        origin_ns = self._crate.clock_origin_ns()  # first: it may wait for the crate
+        ticks = (time.monotonic_ns() - origin_ns) // TICK_NS
         return ticks & TIMESTAMP_MASK
 
     def learn_registers(self, link: CommandLink) -> None:
@@ -380,6 +404,7 @@ class ProcessBoard(Board):
         self._register_slots = {name: slot for slot, name in enumerate(names)}
 
     def write_register(self, register: str, value: int) -> None:
+        self._crate.wait_ready()  # the register names come with the window
         if register not in self._register_slots:
             raise KeyError(register)
         self._logic_known = None  # the register may hold the master logic enable
@@ -387,8 +412,8 @@ class ProcessBoard(Board):
 
     def read_register(self, register: str) -> int:
         """From the register image: no system call (while the crate is lost, the last values)."""
-        slot = self._register_slots[register]
-        return int(self._crate.window.registers(self._index)[slot])
+        image = self._crate.window.registers(self._index)
+        return int(image[self._register_slots[register]])
 
     # Simulation controls (SIM_* records).
 
