@@ -49,8 +49,6 @@ STALE_S = 0.5
 COMMAND_TIMEOUT_S = 0.5
 #: How often a lost crate is looked for again.
 RETRY_S = 0.25
-#: How long one answer about event counts serves.
-COUNTS_FRESH_S = 0.05
 #: Least time between two starts of a crate process this IOC spawned.
 RESTART_S = 2.0
 #: How long an attaching IOC waits for the window at start-up.
@@ -286,7 +284,6 @@ class ProcessBoard(Board):
         self._counts = {
             key: np.zeros(1, dtype=np.int64) for key in ("generated", "dropped", "cleared")
         }
-        self._counts_at = -COUNTS_FRESH_S
 
     def _fifo(self, fifo: int) -> int:
         if self._fifos == 1:
@@ -430,16 +427,12 @@ class ProcessBoard(Board):
         self._call("inject", int(fault))
 
     def _accounting(self, key: str) -> np.ndarray:
-        """The crate process's counts, or the last ones seen while it is lost. One answer
-        serves the three counts read together (the publisher reads all three each second)."""
-        if time.monotonic() - self._counts_at < COUNTS_FRESH_S:
-            return self._counts[key]
+        """The crate process's counts, or the last ones seen while it is lost."""
         try:
             counts = self._call("accounting")
         except PeerLost:
             return self._counts[key]
         self._counts = {name: np.array(values, dtype=np.int64) for name, values in counts.items()}
-        self._counts_at = time.monotonic()
         return self._counts[key]
 
     @property
