@@ -312,6 +312,15 @@ class SimBoard(Board):
         with self._lock:
             self._fifos = list(fifos)
 
+    def fill_time_s(self) -> float:
+        """How long the selected FIFO takes to fill from empty at the present settings
+        (infinite while master logic is off or nothing arrives)."""
+        with self._lock:
+            words_per_s = self._event_rate_hz * self._channel_shares.sum() * self._event_words()
+            if not self._logic_on or words_per_s <= 0:
+                return float("inf")
+            return self._fifos[self._selected].capacity_words / words_per_s
+
     def catch_up(self) -> None:
         """Build every event that has arrived (the crate process's pump calls it)."""
         with self._lock:

@@ -1,10 +1,10 @@
 """`dgs-sim`: the simulated crate in its own process, behind a shared-memory window.
 
 The boards are the in-process simulator's (`sim.SimCrate`), with their FIFOs
-placed in the window (`sim.ringfifo`). A pump catches every board up every two
-milliseconds, so events are made here, on this process's CPU, and the IOC only
-copies words out; between pump passes the same thread answers the command
-socket (`sim.commands`).
+placed in the window (`sim.ringfifo`). A pump catches every board up every 2 to
+10 ms (1/20 of the shortest FIFO fill time), so events are made here, on this
+process's CPU, and the IOC only copies words out; between pump passes the same
+thread answers the command socket (`sim.commands`).
 The window and the socket disappear when the process ends (SIGTERM, Ctrl-C, or,
 for a crate process an IOC spawned, the IOC closing its stdin).
 """
@@ -44,6 +44,11 @@ from sim.window import socket_address as address
 #: Pump period while some board takes data, and while none does (heartbeat only).
 PUMP_BUSY_S = 0.002
 PUMP_IDLE_S = 0.010
+#: While boards take data the pump period is this share of the shortest FIFO fill time
+#: (within PUMP_BUSY_S..PUMP_IDLE_S): the depth the IOC sees lags the board by at most
+#: 1/20 of the time it has to read, and a slow board is not rebuilt in tiny batches
+#: (each pass has a fixed cost: at 500 Hz/ch, 30 % of a core at 1 ms, 20 % at 5 ms).
+PUMP_SHARE_OF_FILL = 0.05
 #: How often the live registers (timestamp, event counts) are copied into the window; every
 #: register is copied after each command.
 REGISTER_IMAGE_S = 0.1
@@ -128,8 +133,7 @@ class CrateServer:
                 for key, _ in selector.select(timeout):
                     key.data(selector, key.fileobj)
                 if time.monotonic() >= next_pass:
-                    busy = self._pump_pass()
-                    next_pass = time.monotonic() + (PUMP_BUSY_S if busy else PUMP_IDLE_S)
+                    next_pass = time.monotonic() + self._pump_pass()
         finally:
             self.window.header[H_CLOSED] = 1
             self.window.unlink()
@@ -138,8 +142,8 @@ class CrateServer:
                     key.fileobj.close()
             selector.close()
 
-    def _pump_pass(self) -> bool:
-        """Build every event that arrived, show a heartbeat; True if some board takes data."""
+    def _pump_pass(self) -> float:
+        """Build every event that arrived, show a heartbeat; returns the time to the next."""
         for board in self.crate.boards:
             board.catch_up()
         now = time.monotonic()
@@ -147,7 +151,8 @@ class CrateServer:
             self._next_live = now + REGISTER_IMAGE_S
             self._refresh_live_registers()
         self.window.header[H_HEARTBEAT_NS] = time.monotonic_ns()
-        return any(board.master_logic for board in self.crate.boards)
+        fill_s = min(board.fill_time_s() for board in self.crate.boards)
+        return min(PUMP_IDLE_S, max(PUMP_BUSY_S, PUMP_SHARE_OF_FILL * fill_s))
 
     def _accept(self, selector: selectors.BaseSelector, listener: socket.socket) -> None:
         conn, _ = listener.accept()
