@@ -208,7 +208,6 @@ class CrateServer:
             self.window.control(index)[slot] = 1
 
 
-
 class _Connection:
     """One IOC connection: requests arrive as JSON lines, possibly split or several at once."""
 
@@ -231,7 +230,7 @@ class _Connection:
                 request = json.loads(line)
                 result = self._server.execute(request["board"], request["op"], request["args"])
                 reply = {"result": result}
-            except (KeyError, ValueError, ReadError, RuntimeError, TypeError) as err:
+            except (KeyError, IndexError, ValueError, ReadError, RuntimeError, TypeError) as err:
                 reply = error_reply(err)
             try:
                 conn.sendall(encode(reply))
