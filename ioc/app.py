@@ -249,6 +249,11 @@ class CrateIoc:
             system, self.records, crate, with_globals=self.serve_globals
         )
         self.register_io = RegisterIO(self.boards_by_name, self._register_db.plan)
+        try:
+            self.backend.wait_ready()
+        except Exception as err:  # a backend may fail in any way: say how
+            self.backend.close()
+            raise backends.BackendError(f"cannot be built: {err}") from err
 
     # Record set-up.
 
@@ -447,6 +452,7 @@ class CrateIoc:
         self.publisher.shutdown()
         self.sample_port.shutdown()
         self.sample_pva.shutdown()
+        self.backend.close()
 
 
 class GlobalsIoc:

@@ -2,9 +2,11 @@
 
 ``[[crate]] backend`` is one of:
 
-- ``"sim"`` / ``"sim-inprocess"``: the simulated crate (`sim/`), run inside the IOC
-  process. Once the simulated crate runs as its own process (issue 15, part 1),
-  ``"sim"`` will name that process and ``"sim-inprocess"`` this in-process one.
+- ``"sim"``: the simulated crate in its own process (`dgs-sim`, `sim.process`), reached
+  through a shared-memory window (`sim.attach`). ``[crate] sim_process`` says whether
+  the IOC starts that process itself (``"spawn"``, the default) or attaches to one
+  started with ``dgs-sim --config FILE`` (``"attach"``, window ``[crate] sim_window``).
+- ``"sim-inprocess"``: the same simulator inside the IOC process (unit tests).
 - ``"replay"``: recorded run files played back as the boards' FIFO contents
   (`replay/`, settings in ``[crate.replay]``).
 - ``"module:Class"``: a class or factory in an importable module (dotted path).
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -38,24 +41,23 @@ class BackendError(Exception):
     """A backend name that does not lead to a factory; the message says why."""
 
 
-def _sim_crate(crate: CrateConfig) -> Crate:
-    from sim import SimBoardSpec, SimCrate
+def _sim_inprocess(crate: CrateConfig) -> Crate:
+    from sim import SimCrate
+    from sim.specs import board_specs
 
-    specs = [
-        SimBoardSpec(
-            name=b.name,
-            kind=b.kind,
-            slot=b.slot,
-            card=b.card,
-            package_data=b.package_data,
-            event_rate_hz=b.sim.event_rate_hz,
-            trace_samples=b.sim.trace_samples,
-            header_type=b.sim.header_type,
-            fifo_words=b.sim.fifo_words,
-        )
-        for b in crate.boards
-    ]
-    return SimCrate(specs, seed=crate.seed)
+    return SimCrate(board_specs(crate), seed=crate.seed)
+
+
+def _sim_process(crate: CrateConfig) -> Crate:
+    from sim.attach import ProcessCrate
+    from sim.launch import CrateProcess
+    from sim.specs import board_specs, window_name
+
+    specs = board_specs(crate)
+    if crate.sim_process == "attach":
+        return ProcessCrate(specs, window_name(crate))
+    spawned = CrateProcess(specs, crate.seed, f"dgs-sim-{crate.crate}-ioc{os.getpid()}")
+    return ProcessCrate(specs, spawned.name, spawned)  # it starts while the IOC builds
 
 
 def _replay_crate(crate: CrateConfig) -> Crate:
@@ -99,8 +101,10 @@ def _from_entry_point(name: str) -> Factory:
 
 def resolve(name: str) -> Factory:
     """The factory ``name`` designates (BackendError if there is none)."""
-    if name in SIM_NAMES:
-        return _sim_crate
+    if name == "sim":
+        return _sim_process
+    if name == "sim-inprocess":
+        return _sim_inprocess
     if name == REPLAY_NAME:
         return _replay_crate
     if ":" in name:
@@ -133,5 +137,6 @@ def build(crate: CrateConfig) -> Crate:
 def simulated(crate: Crate) -> bool:
     """Whether ``crate`` offers the simulator's controls (SIM_* records, fault injection)."""
     from sim import SimCrate
+    from sim.attach import ProcessCrate
 
-    return isinstance(crate, SimCrate)
+    return isinstance(crate, SimCrate | ProcessCrate)

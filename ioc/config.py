@@ -184,6 +184,10 @@ class CrateConfig:
     data_port: int = 9001
     data_bind: str = "0.0.0.0"
     backend: str = "sim"
+    #: Backend "sim": "spawn" starts the crate process with the IOC, "attach" uses a running
+    #: `dgs-sim` serving window `sim_window` (None: "dgs-sim-<crate>-<data_port>").
+    sim_process: str = "spawn"
+    sim_window: str | None = None
     seed: int = 1
     #: Bins of every Spectrum<n> waveform of the crate's digitizers (`ioc.spectra`).
     spectrum_bins: int = SPECTRUM_BINS
@@ -359,6 +363,12 @@ def _backend(v: str) -> str | None:
     return backends.problem(v)
 
 
+def _window_name(v: str) -> str | None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v):
+        return "must be a file name: letters, digits, '.', '_' or '-' (at most 100)"
+    return None
+
+
 def _board_name(v: str) -> str | None:
     if not _BOARD_NAME.fullmatch(v):
         return "must be a PV name part: a letter, then letters, digits or '_'"
@@ -420,6 +430,8 @@ _CRATE_KEYS = {
     "data_port": _Key(int, _port(allow_zero=True)),
     "data_bind": _Key(str, _host),
     "backend": _Key(str, _backend),
+    "sim_process": _Key(str, _one_of("spawn", "attach")),
+    "sim_window": _Key(str, _window_name),
     "seed": _Key(int, _between(0, 2**64 - 1)),
     "spectrum_bins": _Key(int, _between(64, MAX_SPECTRUM_BINS)),
     "allowed_receivers": _Key(list, _networks),

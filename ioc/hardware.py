@@ -195,3 +195,12 @@ class Crate(abc.ABC):
     @abc.abstractmethod
     def clock_origin_ns(self) -> int:
         """``time.monotonic_ns()`` at timestamp 0, to map timestamps to wall time."""
+
+    def wait_ready(self) -> None:  # noqa: B027 - most backends are ready once built
+        """Block until a crate whose start goes on in the background (a process its factory
+        started) can be used; raises with a message for the user as the factory would.
+        Called once, after the IOC built its records and before its servers start."""
+
+    def close(self) -> None:  # noqa: B027 - most backends hold nothing to release
+        """IOC exit, after the last run ended: release what the backend holds (a process it
+        started, mappings, connections). Called once; no other call follows."""

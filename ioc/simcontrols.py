@@ -1,7 +1,9 @@
 """The simulator's own records (SIM_*): rates, trace length, header type, faults, counts.
 
-Only a simulated backend offers them (`ioc.backends.simulated`); with any other
-backend the IOC serves none of these records and calls none of these hooks.
+Only a simulated backend offers them (`ioc.backends.simulated`): the in-process
+`sim.SimCrate` or a crate process's `sim.attach.ProcessCrate`, whose boards take
+the same calls. With any other backend the IOC serves none of these records and
+calls none of these hooks.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from ioc.config import BoardConfig
 from ioc.hardware import BoardKind
 from ioc.pvs import Instance
 from sim import Fault, SimCrate
+from sim.attach import ProcessCrate
 
 #: Faults a trigger board accepts (spec 01: only the last four).
 TRIGGER_FAULTS = frozenset({Fault.FIFO_OVERFLOW, Fault.FIFO_UNDERFLOW, Fault.READ_ERROR})
@@ -26,7 +29,7 @@ class SimControls:
 
     def __init__(
         self,
-        crate: SimCrate,
+        crate: SimCrate | ProcessCrate,
         publish: Callable[..., None],
         running: Callable[[], bool],
         enabled_cards: Callable[[], set[int]],

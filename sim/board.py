@@ -302,6 +302,58 @@ class SimBoard(Board):
             live = self._live_register(register)
             return value if live is None else live
 
+    # Serving the board from a crate process (`sim.process`).
+
+    def use_fifos(self, fifos: list) -> None:
+        """Fill these FIFOs (same interface as `sim.fifo.Fifo`, e.g. rings in a shared
+        window) instead of the board's own; only before master logic is first on."""
+        if len(fifos) != self.FIFOS:
+            raise ValueError(f"{self.identity.name} has {self.FIFOS} FIFOs, not {len(fifos)}")
+        with self._lock:
+            self._fifos = list(fifos)
+
+    def fill_time_s(self) -> float:
+        """How long the selected FIFO takes to fill from empty at the present settings
+        (infinite while master logic is off or nothing arrives)."""
+        with self._lock:
+            words_per_s = self._event_rate_hz * self._channel_shares.sum() * self._event_words()
+            if not self._logic_on or words_per_s <= 0:
+                return float("inf")
+            return self._fifos[self._selected].capacity_words / words_per_s
+
+    def catch_up(self) -> None:
+        """Build every event that has arrived (the crate process's pump calls it)."""
+        with self._lock:
+            self._catch_up()
+
+    def register_names(self) -> list[str]:
+        """Every register the board has, in a fixed order (the window's register image)."""
+        with self._lock:
+            return sorted(self._registers)
+
+    def live_register_names(self) -> list[str]:
+        """The registers whose value follows the board's state (timestamp, event counts)."""
+        with self._lock:
+            names = sorted(self._registers)
+            return [name for name in names if self._live_register(name) is not None]
+
+    def register_values(self, names: list[str]) -> list[int]:
+        """What `read_register` would return for each of ``names``, read at one instant."""
+        with self._lock:
+            values = []
+            for name in names:
+                live = self._live_register(name)
+                values.append(self._registers[name] if live is None else live)
+            return values
+
+    def claim_fault(self, fault: Fault) -> bool:
+        """Take a pending reader-side fault (underflow, read error) off the board, so that
+        whoever serves its status and reads signals it instead; False if none pending."""
+        with self._lock:
+            pending = fault in self._pending
+            self._pending.discard(fault)
+            return pending
+
     # Simulation controls (the SIM_* PVs).
 
     @property

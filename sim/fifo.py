@@ -18,7 +18,7 @@ from ioc.hardware import WORD
 
 
 @dataclass
-class _Batch:
+class Batch:
     start: int  # absolute word index of its first word (words ever written before it)
     event_words: int
     channels: np.ndarray  # uint8, one per event
@@ -27,6 +27,19 @@ class _Batch:
     @property
     def end(self) -> int:
         return self.start + self.event_words * self.channels.size
+
+
+def cleared_counts(
+    batches: collections.deque[Batch], read_words: int, epoch: int, channels: int
+) -> np.ndarray:
+    """Per channel, the events of ``epoch`` with words unread at absolute word ``read_words``."""
+    cleared = np.zeros(channels, dtype=np.int64)
+    for batch in batches:
+        if batch.epoch != epoch:
+            continue
+        first = max(0, (read_words - batch.start) // batch.event_words)
+        cleared += np.bincount(batch.channels[first:], minlength=channels)
+    return cleared
 
 
 class Fifo:
@@ -44,7 +57,7 @@ class Fifo:
         self._head = 0
         self._tail = 0
         self._read_words = 0  # absolute index of the head word
-        self._batches: collections.deque[_Batch] = collections.deque()
+        self._batches: collections.deque[Batch] = collections.deque()
 
     @property
     def depth_words(self) -> int:
@@ -71,7 +84,7 @@ class Fifo:
         if channels.size == 0:
             return
         start = self._read_words + self.depth_words
-        self._batches.append(_Batch(start, event_words, channels, epoch))
+        self._batches.append(Batch(start, event_words, channels, epoch))
         self._tail += event_words * channels.size
 
     def read(self, out: np.ndarray, nwords: int) -> None:
@@ -93,12 +106,7 @@ class Fifo:
 
         An event counts as thrown away if any of its words were still unread.
         """
-        cleared = np.zeros(self.channels, dtype=np.int64)
-        for batch in self._batches:
-            if batch.epoch != epoch:
-                continue
-            first = max(0, (self._read_words - batch.start) // batch.event_words)
-            cleared += np.bincount(batch.channels[first:], minlength=self.channels)
+        cleared = cleared_counts(self._batches, self._read_words, epoch, self.channels)
         self._read_words += self.depth_words
         self._batches.clear()
         self._head = self._tail = 0

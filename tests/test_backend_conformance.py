@@ -1,7 +1,7 @@
 """Backends against the contract of `ioc.hardware`, and a plug-in loaded by a running IOC.
 
-The in-process simulator, the replay backend (on a recording written by hand)
-and a third-party-style backend (`fixed_words_backend`, loaded as
+The crate process, the in-process simulator, the replay backend (on a recording
+written by hand) and a third-party-style backend (`fixed_words_backend`, loaded as
 "module:Class") pass the same conformance suite; the plug-in then serves a
 real `dgs-ioc` through a Start/Stop.
 """
@@ -59,6 +59,16 @@ class TestReplay(BackendConformance):
         crate.close()
 
 
+class TestSimCrateProcess(BackendConformance):
+    """Backend "sim": the crate in its own process, read through the shared window."""
+
+    @pytest.fixture
+    def crate(self) -> Iterator[Crate]:
+        crate = backends.build(demo_with_trigger("sim"))
+        yield crate
+        crate.close()
+
+
 class TestModuleClassPlugin(BackendConformance):
     @pytest.fixture
     def crate(self) -> Crate:
@@ -66,7 +76,10 @@ class TestModuleClassPlugin(BackendConformance):
 
 
 def test_sim_names_build_the_simulator_and_only_it_has_sim_controls() -> None:
-    assert backends.simulated(backends.build(demo_with_trigger("sim")))
+    for name in backends.SIM_NAMES:
+        crate = backends.build(demo_with_trigger(name))
+        assert backends.simulated(crate)
+        crate.close()
     assert not backends.simulated(backends.build(demo_with_trigger(PLUGIN)))
 
 

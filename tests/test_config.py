@@ -375,6 +375,12 @@ CASES = {
         bad_crate(keys='backend = "json:Crate"'),
         ["backend cannot be loaded: module json has no Crate", "'json:Crate'"],
     ),
+    "sim process": (
+        bad_crate(keys='sim_process = "fork"'), ["crate 01: sim_process must be", "'fork'"]
+    ),
+    "sim window path": (
+        bad_crate(keys='sim_window = "../etc/x"'), ["sim_window must be a file name"]
+    ),
     "host empty": (bad_crate(keys='host = ""'), ["host must be a host name"]),
     "data_bind spaces": (bad_crate(keys='data_bind = "my host"'), ["data_bind must be a host"]),
     "data_bind bad address": (
