@@ -321,15 +321,18 @@ def demo_boards() -> dict[str, int]:
 
 
 def crate_config(path: Path, *, fifo_words: int, event_rate_hz: float, trace_samples: int,
-                 inloop: dict[str, float] | None = None) -> Path:
+                 inloop: dict[str, float] | None = None,
+                 crate_keys: dict[str, float] | None = None) -> Path:
     """Write the demo crate (every board enabled) as a TOML file with these simulation
     settings; returns ``path``.
 
-    ``inloop`` sets keys of ``[crate.inloop]`` (the reader's coalescing settings).
+    ``inloop`` sets keys of ``[crate.inloop]`` (the reader's coalescing settings),
+    ``crate_keys`` further keys of ``[[crate]]``.
     """
     lines = [
         "[system]", 'globals = "local"', "",
-        "[[crate]]", 'crate = "01"', 'data_bind = "127.0.0.1"', "seed = 1", "",
+        "[[crate]]", 'crate = "01"', 'data_bind = "127.0.0.1"', "seed = 1",
+        *(f"{key} = {value!r}" for key, value in (crate_keys or {}).items()), "",
     ]
     if inloop:
         lines += ["[crate.inloop]", *(f"{key} = {value!r}" for key, value in inloop.items()), ""]

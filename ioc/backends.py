@@ -56,7 +56,9 @@ def _sim_process(crate: CrateConfig) -> Crate:
     specs = board_specs(crate)
     if crate.sim_process == "attach":
         return ProcessCrate(specs, window_name(crate))
-    spawned = CrateProcess(specs, crate.seed, f"dgs-sim-{crate.crate}-ioc{os.getpid()}")
+    spawned = CrateProcess(
+        specs, crate.seed, f"dgs-sim-{crate.crate}-ioc{os.getpid()}", crate.sim_realtime_priority
+    )
     return ProcessCrate(specs, spawned.name, spawned)  # it starts while the IOC builds
 
 

@@ -188,6 +188,9 @@ class CrateConfig:
     #: `dgs-sim` serving window `sim_window` (None: "dgs-sim-<crate>-<data_port>").
     sim_process: str = "spawn"
     sim_window: str | None = None
+    #: SCHED_FIFO priority of the crate process (0: the normal policy): simulated
+    #: hardware makes its events on time whatever else the host runs, as boards do.
+    sim_realtime_priority: int = 0
     seed: int = 1
     #: Bins of every Spectrum<n> waveform of the crate's digitizers (`ioc.spectra`).
     spectrum_bins: int = SPECTRUM_BINS
@@ -432,6 +435,7 @@ _CRATE_KEYS = {
     "backend": _Key(str, _backend),
     "sim_process": _Key(str, _one_of("spawn", "attach")),
     "sim_window": _Key(str, _window_name),
+    "sim_realtime_priority": _Key(int, _between(0, PRIORITY_RANGE[1])),
     "seed": _Key(int, _between(0, 2**64 - 1)),
     "spectrum_bins": _Key(int, _between(64, MAX_SPECTRUM_BINS)),
     "allowed_receivers": _Key(list, _networks),

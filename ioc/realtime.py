@@ -50,7 +50,7 @@ def name_os_thread(name: str) -> None:
     libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
-def enter_realtime(priority: int, log: logging.Logger) -> RealtimeState:
+def enter_realtime(priority: int, log: logging.Logger, who: str = "inLoop") -> RealtimeState:
     """Put the calling thread (only it) under SCHED_FIFO at ``priority``; 0 leaves it alone.
 
     Linux applies a policy set for "pid 0" to the calling thread alone, so the
@@ -62,12 +62,13 @@ def enter_realtime(priority: int, log: logging.Logger) -> RealtimeState:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
     except (OSError, AttributeError) as err:
         log.warning(
-            "inLoop: real-time priority %d refused (%s); reading on under the normal policy",
+            "%s: real-time priority %d refused (%s); going on under the normal policy",
+            who,
             priority,
             getattr(err, "strerror", None) or err,
         )
         return RealtimeState.REFUSED
-    log.info("inLoop: reading under the real-time FIFO policy, priority %d", priority)
+    log.info("%s: running under the real-time FIFO policy, priority %d", who, priority)
     return RealtimeState.ON
 
 

@@ -27,16 +27,20 @@ STOP_TIMEOUT_S = 5.0
 class CrateProcess:
     """A `dgs-sim` child serving window ``name``."""
 
-    def __init__(self, specs: list[SimBoardSpec], seed: int, name: str) -> None:
+    def __init__(
+        self, specs: list[SimBoardSpec], seed: int, name: str, realtime_priority: int = 0
+    ) -> None:
         self.name = name
         self._specs = specs
         self._seed = seed
+        self._realtime_priority = realtime_priority
         self.started_at = time.monotonic()
         self.proc = self._spawn()
 
     def _spawn(self) -> subprocess.Popen:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sim.process", "--spec-stdin", "--window", self.name],
+            [sys.executable, "-m", "sim.process", "--spec-stdin", "--window", self.name,
+             "--realtime-priority", str(self._realtime_priority)],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             start_new_session=True,

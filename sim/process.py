@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from ioc.hardware import ReadError
+from ioc.realtime import PRIORITY_RANGE, enter_realtime
 from sim.board import SimBoard, SimBoardSpec
 from sim.commands import encode, error_reply
 from sim.crate import SimCrate
@@ -250,18 +251,25 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--spec-stdin", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--crate", metavar="NN", help="which crate of the configuration")
     p.add_argument("--window", metavar="NAME", help="window name (default: the configuration's)")
+    p.add_argument("--realtime-priority", type=int, metavar="N",
+                   help="SCHED_FIFO priority 1..98, 0 for the normal policy "
+                        "(default: the configuration's sim_realtime_priority)")
     return p.parse_args(argv)
 
 
-def _crate_from_args(args: argparse.Namespace) -> tuple[list[SimBoardSpec], int, str]:
+def _crate_from_args(args: argparse.Namespace) -> tuple[list[SimBoardSpec], int, str, int]:
+    """Boards, seed, window name and real-time priority of the crate to serve."""
     if args.spec_stdin:
         specs, seed = specs_from_json(json.loads(sys.stdin.readline()))
-        return specs, seed, args.window
+        return specs, seed, args.window, args.realtime_priority or 0
     from ioc.config import demo_config, load_config
 
     system = demo_config() if args.demo else load_config(args.config)
     crate = system.crate(args.crate)
-    return board_specs(crate), crate.seed, args.window or window_name(crate)
+    priority = crate.sim_realtime_priority
+    if args.realtime_priority is not None:
+        priority = args.realtime_priority
+    return board_specs(crate), crate.seed, args.window or window_name(crate), priority
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,9 +278,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        specs, seed, name = _crate_from_args(args)
+        specs, seed, name, priority = _crate_from_args(args)
         if not name:
             raise ValueError("--spec-stdin needs --window")
+        if not 0 <= priority <= PRIORITY_RANGE[1]:
+            raise ValueError(f"--realtime-priority must be 0..{PRIORITY_RANGE[1]}, got {priority}")
         server = CrateServer(specs, seed, name)
     except Exception as err:  # configuration, window or socket: one line for the user
         print(f"dgs-sim: {err}", file=sys.stderr)
@@ -281,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: server.stop.set())
     names = ", ".join(board.identity.name for board in server.crate.boards)
     print(f"dgs-sim: serving {names} through window {server.window.path}", flush=True)
+    enter_realtime(priority, logging.getLogger("dgs.sim"), "crate process")
     print("dgs-sim: ready", flush=True)
     server.serve(stdin_ends_it=args.spec_stdin)
     return 0

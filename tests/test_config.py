@@ -428,6 +428,8 @@ CASES = {
     "free buffers 0": (inloop("min_free_buffers = 0"), ["min_free_buffers must be 1..199"]),
     "free buffers 200": (inloop("min_free_buffers = 200"), ["min_free_buffers must be 1..199"]),
     "realtime 99": (inloop("realtime_priority = 99"), ["realtime_priority must be 0..98, got 99"]),
+    "sim realtime": (bad_crate(keys="sim_realtime_priority = -1"),
+                     ["sim_realtime_priority must be 0..98, got -1"]),
     "switch interval": (inloop("run_switch_interval_s = 0.5"), ["run_switch_interval_s must be"]),
     # ports and globals across crates
     "data port equals ca port": (

@@ -26,6 +26,7 @@ PRIORITY = 20
 REALTIME = f"DAQC{CRATE}_CV_RealTime"
 STATE = f"DAQC{CRATE}_CV_State"
 POLLS = f"DAQC{CRATE}_CV_InLoop3"
+SIM_PRIORITY = 30
 SETTINGS = {"realtime_priority": PRIORITY, "run_switch_interval_s": 0.001}
 #: Runs a command without the privilege to change scheduling policies, even as root.
 WITHOUT_SYS_NICE = ("setpriv", "--inh-caps=-sys_nice", "--bounding-set=-sys_nice")
@@ -47,8 +48,20 @@ def thread_policies(pid: int) -> dict[str, list[tuple[int, int]]]:
     return policies
 
 
+def crate_processes(pid: int) -> list[int]:
+    """The crate processes (`sim.process`) among the children of ``pid`` (proc(5))."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if b"sim.process" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(int(child))
+    return found
+
+
 def crate(tmp_path: Path, launcher: tuple[str, ...] = ()) -> Iterator[IocProcess]:
     config = write_config(tmp_path, inloop=SETTINGS)
+    config.write_text(config.read_text().replace(
+        "[[crate]]\n", f"[[crate]]\nsim_realtime_priority = {SIM_PRIORITY}\n", 1))
     ports = Ports.allocate()
     argv = ["--config", str(config), "--data-port", str(ports.data),
             "--state-dir", str(tmp_path / "state")]
@@ -78,6 +91,10 @@ def test_only_the_reader_thread_runs_in_real_time(tmp_path):
             threads = thread_policies(ioc.proc.pid)
             assert threads["inLoop"] == [(SCHED_FIFO, PRIORITY) if permitted else (0, 0)]
             assert threads["outLoop"] == threads["sender"] == [(0, 0)]
+            # the simulated boards make their events on time, as hardware would
+            (crate_process,) = crate_processes(ioc.proc.pid)
+            main_thread = thread_policies(crate_process)["python"][0]
+            assert main_thread == ((SCHED_FIFO, SIM_PRIORITY) if permitted else (0, 0))
             run_reads_data(pva)
 
 
@@ -90,5 +107,5 @@ def test_without_the_privilege_the_ioc_says_so_and_reads_on(tmp_path):
             assert pva.get(REALTIME).severity == 1  # MINOR: the operator sees it on the screen
             assert thread_policies(ioc.proc.pid)["inLoop"] == [(0, 0)]
             run_reads_data(pva)
-        refusals = [line for line in ioc.log().splitlines() if "real-time priority" in line]
+        refusals = [line for line in ioc.log().splitlines() if "inLoop: real-time priority" in line]
         assert len(refusals) == 1 and "refused" in refusals[0]
