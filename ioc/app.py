@@ -168,7 +168,7 @@ class CrateIoc:
         if backends.simulated(self.backend):
             self.sim = SimControls(
                 self.backend,
-                publish=lambda key, value, **where: self.records.publish(key, value, **where),
+                return_to=lambda key, value, **where: self.records.return_to(key, value, **where),
                 running=lambda: self.runcontrol.state is CrateState.RUNNING,
                 enabled_cards=lambda: self.inloop.enabled_cards(),
             )

@@ -30,13 +30,14 @@ class SimControls:
     def __init__(
         self,
         crate: SimCrate | ProcessCrate,
-        publish: Callable[..., None],
+        return_to: Callable[..., None],
         running: Callable[[], bool],
         enabled_cards: Callable[[], set[int]],
     ) -> None:
         self.crate = crate
         self.boards = {board.identity.name: board for board in crate.boards}
-        self._publish = publish
+        #: Sets a command record back to its idle value after a client's put.
+        self._return_to = return_to
         self._running = running
         self._enabled_cards = enabled_cards
 
@@ -76,7 +77,7 @@ class SimControls:
         if value != Fault.NONE:
             self.boards[inst.board].inject(Fault(value))
             log.info("injected %s on %s", Fault(value).name, inst.board)
-        self._publish("SimFault", int(Fault.NONE), board=inst.board)
+        self._return_to("SimFault", int(Fault.NONE), board=inst.board)
 
     def reset_accounting(self) -> None:
         """Run start: the generated/dropped/cleared counts start afresh."""

@@ -213,6 +213,7 @@ def test_each_fault_shows_in_the_right_card(demo_ioc):
     generated = ioc.getf("VME01:MDIG1:SIM_Generated")
     ioc.wait_numeric("VME01:MDIG1:SIM_Generated", lambda v: v > generated, what="re-enabled")
     ioc.put_ok("VME01:MDIG1:SIM_Fault", "FIFO underflow")
+    assert ioc.get("VME01:MDIG1:SIM_Fault") == "None"  # back to None after every injection
     ioc.wait_numeric("DAQC01_CV_InLoop4", lambda v: v > 0, what="transfers resume")
     stop_run(ioc)
     assert ioc.get("DAQC01_CV_BuffersOK") == "OK"
