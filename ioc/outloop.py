@@ -24,11 +24,11 @@ import numpy as np
 
 from ioc.checker import SHALLOW_EVENTS, Checker
 from ioc.losses import LossLedger, LossReason, buffer_events
-from ioc.packets import CH_END_OF_RUN, HEADER_WORDS, channel_id
+from ioc.packets import HEADER_WORDS
 from ioc.pool import BUFFER_BYTES, Buffer, BufferPool, Owner
 from ioc.pvs import CARDS
 from ioc.realtime import name_os_thread
-from ioc.retention import Retention
+from ioc.retention import Retention, is_end_of_run
 from ioc.spectra import Spectra
 
 BATCH_PERIOD_S = 0.050
@@ -38,10 +38,6 @@ TRIGGER_BOARD_TYPE = 4
 DEFAULT_RETAIN_BYTES = 184 * BUFFER_BYTES
 
 log = logging.getLogger("dgs.outloop")
-
-
-def is_end_of_run(buf: Buffer) -> bool:
-    return buf.is_type_f and int(channel_id(int(buf.words[1]))) == CH_END_OF_RUN
 
 
 @dataclass

@@ -10,8 +10,11 @@ to `Retention`, which
   moves its whole packets into the free room of the last queued buffer of the
   same board and class (``compact``), so queued buffers fill up and the
   emptied one goes back to qFree. Only the last buffer of a board ever takes
-  more, so each board's data stay in order; a board's end-of-run header can
-  join its data only after them;
+  more, so each board's data stay in order; a board's end-of-run header never
+  moves forward into its data: it stays at its place in the queue, after
+  whatever other boards queued before it. A classic receiver ends once every
+  board it has seen sent its end-of-run header, so packed boards must not
+  show theirs before a board whose data were queued earlier has been seen;
 - says when the memory budget (``limit_bytes`` of undelivered data in qSender)
   is exhausted: outLoop then discards whole incoming buffers (never an
   end-of-run header) and counts them.
@@ -20,11 +23,17 @@ to `Retention`, which
 from __future__ import annotations
 
 from ioc import cuts
+from ioc.packets import CH_END_OF_RUN, channel_id
 from ioc.pool import Buffer, BufferPool, Owner
 
 MIB = 1 << 20
 #: Queued buffers from which on receivers are taken to be behind and buffers are packed.
 COMPACT_AFTER = 8
+
+
+def is_end_of_run(buf: Buffer) -> bool:
+    """Whether ``buf`` is a board's end-of-run (0xD) header."""
+    return buf.is_type_f and int(channel_id(int(buf.words[1]))) == CH_END_OF_RUN
 
 
 def _content_class(buf: Buffer) -> bool:
@@ -57,7 +66,7 @@ class Retention:
                 if not self._packing:
                     self._packing = True
                     self._repack()
-                tail = self._tail(buf)
+                tail = None if is_end_of_run(buf) else self._tail(buf)
                 if tail is not None:
                     moved = self._move(buf, tail)
                     q_sender.bytes += moved
@@ -112,6 +121,7 @@ class Retention:
             if (
                 previous is not None
                 and buf.sent_bytes == 0
+                and not is_end_of_run(buf)
                 and _content_class(previous) == _content_class(buf)
             ):
                 self._move(buf, previous)

@@ -152,7 +152,7 @@ class CrateServer:
             self._next_live = now + REGISTER_IMAGE_S
             self._refresh_live_registers()
         self.window.header[H_HEARTBEAT_NS] = time.monotonic_ns()
-        fill_s = min(board.fill_time_s() for board in self.crate.boards)
+        fill_s = min((board.fill_time_s() for board in self.crate.boards), default=PUMP_IDLE_S)
         return min(PUMP_IDLE_S, max(PUMP_BUSY_S, PUMP_SHARE_OF_FILL * fill_s))
 
     def _accept(self, selector: selectors.BaseSelector, listener: socket.socket) -> None:

@@ -7,6 +7,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ioc.decoder import KIND_TYPE_F, decode
 from ioc.losses import LossReason
 from ioc.outloop import OutLoop
 from ioc.packets import (
@@ -141,6 +142,28 @@ def test_once_receivers_fall_behind_small_buffers_are_packed_per_board_in_order(
     assert len(pool.q_sender) < COMPACT_AFTER + 3, "small buffers were not packed"
     assert pool.q_sender.bytes == sum(len(v) for v in expected.values())
     assert pool.audit().ok and len(pool.q_free) == pool.size - len(pool.q_sender)
+
+
+def test_a_late_classic_receiver_sees_every_board_before_any_end_of_run():
+    """A classic receiver ends once every board it has seen sent its 0xD; packing
+    after Stop must not bring a board's 0xD ahead of another board's data."""
+    pool, outloop = make(pool_size=60)
+    for i in range(4 * COMPACT_AFTER):
+        routed(pool, outloop, [fill_events(pool, i % 4, 2, first_ts=1000 * i)])
+    routed(pool, outloop, [type_f(pool, 0)])
+    for card in (1, 2, 3):  # the drain reads the other boards after board 0's 0xD
+        routed(pool, outloop, [fill_events(pool, card, 2, first_ts=90_000), type_f(pool, card)])
+    seen: set[int] = set()
+    ended: set[int] = set()
+    for buf in pool.q_sender.snapshot():
+        seen.add(buf.card)
+        events = decode(buf.words[: buf.nbytes // 4]).events
+        if np.any((events["kind"] == KIND_TYPE_F) & (events["channel"] == CH_END_OF_RUN)):
+            ended.add(buf.card)
+        assert not (seen and ended == seen and len(seen) < 4), (
+            f"boards {sorted(ended)} ended before boards {sorted({0, 1, 2, 3} - seen)} were seen"
+        )
+    assert ended == {0, 1, 2, 3}
 
 
 def test_packing_never_mixes_trigger_packets_with_other_records():
