@@ -5,7 +5,8 @@ One thread runs the state machine Idle -> Start -> (NoBoards | Scan) -> Stopping
 applies the fault decision order, reads a board only when the coalescing rule
 says so (so a trickle of events does not become thousands of tiny buffers),
 then waits the flow-control scan delay. Stopping drains every enabled board and
-queues exactly one end-of-run (0xD) type-F header after each board's last data.
+then queues exactly one end-of-run (0xD) type-F header per board, after every
+board's last data.
 
 Every buffer inLoop takes from qFree is either queued to qWritten or released
 back to qFree on every path, faults included.
@@ -718,15 +719,20 @@ class InLoop:
         for board in self._crate.boards:
             board.set_master_logic(False)
         remaining = collections.deque(self._readers)
+        drained = 0
         try:
-            while remaining:
-                reader = remaining[0]
+            for reader in self._readers:
                 self._drain_board(reader)
-                if not self._queue_end_of_run(reader, self._drain_limit):
+                drained += 1
+            # Every board's last data go before any end-of-run header: a classic
+            # receiver ends once each board it has seen sent its 0xD, so a board
+            # whose 0xD came before another board's first data would end it early.
+            while remaining:
+                if not self._queue_end_of_run(remaining[0], self._drain_limit):
                     raise _DrainTimeout
                 remaining.popleft()
         except _DrainTimeout:
-            self._finish_after_timeout(list(remaining))
+            self._finish_after_timeout(list(remaining), self._readers[drained:])
         self._log.info(
             "inLoop: %s drained: %d bytes, %d type-F headers, %d read errors",
             self._run_name(),
@@ -771,13 +777,15 @@ class InLoop:
         reader.pending.pop()
         return False
 
-    def _finish_after_timeout(self, remaining: list[_BoardRun]) -> None:
-        """Deadline passed: clear what is left and still give each board its 0xD."""
+    def _finish_after_timeout(
+        self, remaining: list[_BoardRun], undrained: list[_BoardRun]
+    ) -> None:
+        """Deadline passed: clear what is left unread and still give each board its 0xD."""
         self._log.warning(
             "inLoop: drain timeout, FIFOs of cards %s reset",
-            [reader.card for reader in remaining],
+            [reader.card for reader in undrained],
         )
-        for reader in remaining:
+        for reader in undrained:
             self._reset(reader, reenable=False)
         grace_end = time.monotonic() + MARKER_GRACE_S
 

@@ -259,9 +259,9 @@ class RunControl:
         self.sender.run_started(self.run_save, run)
         self.outloop.save = self.run_save
         self.outloop.reset_run()
+        log.info("run started (%s), run number %d", _save_text(self.run_save), self.run_number)
         self._set_state(CrateState.RUNNING)
         self.inloop.request_start(self.run_number)
-        log.info("run started (%s), run number %d", _save_text(self.run_save), self.run_number)
 
     def _end_run(self) -> None:
         self._set_state(CrateState.DRAINING)

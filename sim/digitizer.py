@@ -286,6 +286,12 @@ class SimDigitizer(SimBoard):
                 return int(counts[int(register[len(prefix):])]) & registers.REGISTER_MASK
         return None
 
+    def reinit_pipeline(self) -> None:
+        """A new run: a timestamp regression is made against this run's events only
+        (the IOC forgets the previous run's timestamps at Start too)."""
+        with self._lock:
+            self._last_tick_channel0 = None
+
     def _latched(self, timestamp: int) -> None:
         low, high = registers.LATCHED_TIMESTAMP
         self._registers[low] = timestamp & 0xFFFFFFFF

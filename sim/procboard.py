@@ -152,7 +152,9 @@ class ProcessBoard(Board):
             self._logic_known = on
 
     def reinit_pipeline(self) -> None:
-        """Nothing to do: the simulated pipeline keeps no state between events."""
+        """At Start: the simulated board starts its run afresh (see `SimDigitizer`)."""
+        with contextlib.suppress(PeerLost):
+            self._call("reinit_pipeline")
 
     def latch_timestamp(self) -> int:
         """The crate clock read here, as the board would latch it: it counts 10 ns ticks of

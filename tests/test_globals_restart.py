@@ -227,7 +227,7 @@ def test_no_save_arriving_while_draining_does_not_discard_the_runs_tail(demo_ioc
     # drain); on a busy host it may come after the drain: either way nothing was dropped.
     assert ioc.get("Online_CS_SaveData") == "No Save"
     start_run(ioc, save="No Save")  # the change took effect for the next run
-    assert "run started (No Save)" in ioc.log()
+    wait_until(lambda: "run started (No Save)" in ioc.log(), 10, "the No Save run's log line")
 
 
 def caput_fast(ioc: IocProcess, name: str, value: str) -> None:

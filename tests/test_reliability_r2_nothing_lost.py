@@ -71,10 +71,13 @@ def crate(tmp_path_factory) -> Iterator[IocProcess]:
 
 def run_with_receiver(ioc: IocProcess, pipeline: int, during) -> Tally:
     """A run with a receiver connected throughout; ``during(pva)`` acts mid-run."""
+    written = f"DAQC{CRATE}_OL_TotalBufsWritten"
+    with Pva(ioc) as pva:
+        before = pva.number(written)  # the previous run's count, until this run publishes
     rx = Background(receiver(ioc, pipeline=pipeline), max_seconds=120)
     start_run(ioc)
     with Pva(ioc) as pva:
-        pva.wait(f"DAQC{CRATE}_OL_TotalBufsWritten", lambda v: v > 100, 30, "data flowing")
+        pva.wait(written, lambda v: v > 100 and v != before, 30, "data flowing in this run")
         during(pva)
     stop_run(ioc)
     tally = rx.join(90)
