@@ -286,9 +286,9 @@ def set_load(ioc: BenchIoc, samples: int, rate_hz: float) -> None:
 
 
 def run_p3(workdir: Path, out_dir: Path, repeat: int, seconds: float,
-           inloop: dict[str, float]) -> list[RunResult]:
+           inloop: dict[str, float], fifo_words: int = FIFO_WORDS) -> list[RunResult]:
     rate = rate_for(P3_OFFERED_MB_S, P3_SAMPLES)
-    config = crate_config(workdir / "p3.toml", fifo_words=FIFO_WORDS, event_rate_hz=rate,
+    config = crate_config(workdir / "p3.toml", fifo_words=fifo_words, event_rate_hz=rate,
                           trace_samples=P3_SAMPLES, inloop=inloop)
     with BenchIoc(["--config", str(config)], workdir) as ioc:
         return [one_run(ioc, P3_SAMPLES, P3_OFFERED_MB_S, seconds, out_dir)
@@ -339,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5, help="P3 runs (median; >= 5)")
     parser.add_argument("--seconds", type=float, default=3.0, help="generation time of a run")
     parser.add_argument("--no-sweep", action="store_true", help="skip the event-size sweep")
+    parser.add_argument("--fifo-words", type=int, default=FIFO_WORDS,
+                        help="simulated FIFO per board in words (physical: 262144 = 1 MiB)")
     parser.add_argument("--read-threshold", type=int, metavar="BYTES",
                         help="inLoop read threshold (default: the IOC's, 64 KiB)")
     args = parser.parse_args(argv)
@@ -352,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fresh_mb_s = fill_tmpfs(out_dir, P3_OFFERED_MB_S * 1e6 * args.seconds)
         baseline_runs = bare_server_mb_s(repeat, 1.0, PIPELINE)
-        runs = run_p3(workdir, out_dir, repeat, args.seconds, inloop)
+        runs = run_p3(workdir, out_dir, repeat, args.seconds, inloop, args.fifo_words)
         sweep = [] if args.no_sweep else run_sweep(workdir, out_dir, SWEEP_SECONDS, inloop)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -375,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         note=(f"offered {P3_OFFERED_MB_S:g} MB/s for {args.seconds:g} s per run"
               + (f", read threshold {args.read_threshold} B" if args.read_threshold else "")
               + ", sim FIFOs "
-              f"{FIFO_WORDS * 4 >> 20} MiB per board (physical: 1 MiB); cores used: IOC "
+              f"{args.fifo_words * 4 >> 20} MiB per board (physical: 1 MiB); cores used: IOC "
               f"{median(run.ioc_cores for run in runs):.2f}, receiver "
               f"{median(run.receiver_cores for run in runs):.2f}; each run writes into tmpfs "
               f"memory freed as it runs (fresh memory took {fresh_mb_s:.0f} MB/s); "

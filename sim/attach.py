@@ -117,6 +117,10 @@ class ProcessCrate(Crate):
     def clock_origin_ns(self) -> int:
         return int(self.window.header[H_ORIGIN_NS])
 
+    def built_until_ns(self) -> int:
+        """The monotonic time up to which the crate process has put every event in its FIFOs."""
+        return int(self.window.header[H_HEARTBEAT_NS])
+
     def reset_accounting(self) -> None:
         """Run start: the crate process's event counts start afresh (if it answers)."""
         with contextlib.suppress(PeerLost):

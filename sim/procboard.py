@@ -158,11 +158,16 @@ class ProcessBoard(Board):
 
     def latch_timestamp(self) -> int:
         """The crate clock read here, as the board would latch it: it counts 10 ns ticks of
-        the host's monotonic clock from the origin in the window, so no round trip (inLoop
+        the host's monotonic clock from the origin in the window (up to the time the crate
+        process has built its events), so no round trip (inLoop
         latches one for every type-F header). The board's latched-timestamp registers are
         not updated by it."""
         origin_ns = self._crate.clock_origin_ns()  # first: it may wait for the crate
-        ticks = (time.monotonic_ns() - origin_ns) // TICK_NS
+        # Not past what the crate process has built: its pump writes events a few ms
+        # after they happen, and a header latched later than an event that follows it
+        # in the FIFO would break the board's time order (the online merge relies on it).
+        now_ns = min(time.monotonic_ns(), self._crate.built_until_ns())
+        ticks = max(0, now_ns - origin_ns) // TICK_NS
         return ticks & TIMESTAMP_MASK
 
     def learn_registers(self, link: CommandLink) -> None:

@@ -144,14 +144,19 @@ class CrateServer:
             selector.close()
 
     def _pump_pass(self) -> float:
-        """Build every event that arrived, show a heartbeat; returns the time to the next."""
+        """Build every event that arrived, show a heartbeat; returns the time to the next.
+
+        The heartbeat is the time read before the pass: every event up to it is in
+        the FIFOs, so a timestamp latched no later than it precedes any event built after.
+        """
+        built_until_ns = time.monotonic_ns()
         for board in self.crate.boards:
             board.catch_up()
         now = time.monotonic()
         if now >= self._next_live:
             self._next_live = now + REGISTER_IMAGE_S
             self._refresh_live_registers()
-        self.window.header[H_HEARTBEAT_NS] = time.monotonic_ns()
+        self.window.header[H_HEARTBEAT_NS] = built_until_ns
         fill_s = min((board.fill_time_s() for board in self.crate.boards), default=PUMP_IDLE_S)
         return min(PUMP_IDLE_S, max(PUMP_BUSY_S, PUMP_SHARE_OF_FILL * fill_s))
 

@@ -71,6 +71,8 @@ def test_a_healthy_crate_shows_no_alarm_and_faults_raise_severities(demo_ioc):
         assert severity(ioc, name) == "NO_ALARM", name
     ioc.put_ok("Online_CS_StartStop", "Start")
     ioc.wait_value("DAQC01_CV_State", "Running")
+    # faults are accepted for the boards inLoop reads in this run: wait until it reads them
+    ioc.wait_numeric("DAQC01_CV_InLoop3", lambda v: v > 0, what="inLoop polling this run")
     ioc.put_ok("VME01:MDIG2:SIM_Fault", "Read error")
     ioc.wait_numeric("DAQC01_CV_ReadErrors", lambda v: v >= 1, what="the read error counted")
     wait_severity(ioc, "DAQC01_CV_ReadErrors", "MINOR")
