@@ -86,6 +86,9 @@ class InLoopState(enum.Enum):
     STOPPING = "Stopping"
 
 
+#: States in which a run's boards are enabled (or known to be none).
+_READING_STATES = frozenset({InLoopState.NO_BOARDS, InLoopState.SCAN, InLoopState.STOPPING})
+
 @dataclass(frozen=True)
 class InLoopStats:
     """A consistent snapshot of inLoop's run statistics (spec 02 §2)."""
@@ -302,6 +305,19 @@ class InLoop:
         """Cards enabled at the last run start."""
         with self._cond:
             return self._enabled
+
+    def wait_reading(self, timeout: float) -> bool:
+        """Wait until the Start asked for has its boards enabled and read (or has ended).
+
+        Run control publishes Running only then, so a client that sees Running
+        can act on the run's boards (inject a fault, read the enabled set).
+        """
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: _Command.START not in self._commands
+                and (not self._running or self._state in _READING_STATES),
+                timeout,
+            )
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no run is active or about to start; False on timeout."""

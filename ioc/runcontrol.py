@@ -38,6 +38,9 @@ from ioc.outloop import OutLoop
 
 log = logging.getLogger("dgs.runcontrol")
 
+#: How long Start waits for inLoop to enable the boards before it shows Running anyway.
+READING_WAIT_S = 5.0
+
 
 class CrateState(enum.IntEnum):
     """`_CV_State`: the crate's run state as scripts and screens see it."""
@@ -259,9 +262,11 @@ class RunControl:
         self.sender.run_started(self.run_save, run)
         self.outloop.save = self.run_save
         self.outloop.reset_run()
+        self.inloop.request_start(self.run_number)
+        if not self.inloop.wait_reading(READING_WAIT_S):
+            log.warning("inLoop has not enabled the boards within %.0f s", READING_WAIT_S)
         log.info("run started (%s), run number %d", _save_text(self.run_save), self.run_number)
         self._set_state(CrateState.RUNNING)
-        self.inloop.request_start(self.run_number)
 
     def _end_run(self) -> None:
         self._set_state(CrateState.DRAINING)

@@ -202,7 +202,9 @@ def test_dgs_monitor_shows_rates_samples_and_a_spectrum(start_ioc, tmp_path):
         assert out.returncode == 0, out.stdout + out.stderr
         return out.stdout
 
-    ioc.wait_numeric("DAQC01_OL_DataRate0", lambda v: v > 0, timeout=20)
+    # Rate<n> is published once a second: wait for every board's first one of this run.
+    for board in ("MDIG1", "MDIG2", "MDIG3", "MDIG4"):
+        ioc.wait_numeric(f"VME01:{board}:Rate0", lambda v: v > 0, timeout=20)
     table = monitor("--count", "1")
     assert "crate 01" in table
     # Per channel (Rate PVs) or per card (an IOC without them): the four boards' rows.
