@@ -182,7 +182,7 @@ def test_each_fault_shows_in_the_right_card(demo_ioc):
     ioc = demo_ioc
     start_run(ioc)
     ioc.put_ok("VME01:MDIG2:SIM_Fault", "Bad marker")
-    assert ioc.get("VME01:MDIG2:SIM_Fault") == "None"
+    ioc.wait_value("VME01:MDIG2:SIM_Fault", "None")  # a command: it returns to None
     ioc.wait_numeric("DAQC01_OL_Errors1", lambda v: v >= 1, what="code 2 counted")
 
     def first_error(card: int) -> list[float]:
@@ -213,7 +213,7 @@ def test_each_fault_shows_in_the_right_card(demo_ioc):
     generated = ioc.getf("VME01:MDIG1:SIM_Generated")
     ioc.wait_numeric("VME01:MDIG1:SIM_Generated", lambda v: v > generated, what="re-enabled")
     ioc.put_ok("VME01:MDIG1:SIM_Fault", "FIFO underflow")
-    assert ioc.get("VME01:MDIG1:SIM_Fault") == "None"  # back to None after every injection
+    ioc.wait_value("VME01:MDIG1:SIM_Fault", "None")  # back to None after every injection
     ioc.wait_numeric("DAQC01_CV_InLoop4", lambda v: v > 0, what="transfers resume")
     stop_run(ioc)
     assert ioc.get("DAQC01_CV_BuffersOK") == "OK"
