@@ -3,7 +3,8 @@
 `dgs-system` starts the globals IOC and three crate IOCs; `dgs-run start`,
 about ten seconds of data, `dgs-run stop`; then the receivers' files are
 decoded and compared with the simulator's own counts, the run log and the run
-number are checked, and the group is stopped with SIGTERM. Stopping the group
+number are checked, `dgs-merge` orders the three crates' files into one, and the
+group is stopped with SIGTERM. Stopping the group
 during a run ends the run properly first, even when its output has nowhere to
 go (`| tee` ended by the same Ctrl-C, a closed stdout).
 """
@@ -21,10 +22,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
+from geb_files import reference_merge
 from ioc_harness import BIN, Ports, wait_until
 from test_operator import system_toml
 
+from builder.cli import data_files as merge_inputs
+from receiver.geb import read_records
 from runctl.operator import RUN_LOG_FILE, STATE_FILE
 from runctl.runlog import RunLog
 from runctl.system import LOG_DIR, OWN_LOG, SYSTEM_FILE
@@ -244,6 +250,29 @@ def test_three_crates_run_ten_seconds_and_everything_generated_is_on_disk(tmp_pa
             )
             assert logged.received_bytes is not None
             assert 0 < logged.received_bytes <= logged.sender_bytes + 1024  # KiB resolution
+
+        # The three run directories merge (dgs-merge, issue 16) into one file holding every
+        # record once, ordered across crates, and events whose hits carry their crate.
+        run_dirs = [run_dir / f"crate{crate}" / name for crate in CRATES]
+        merged, events = tmp_path / "merged.gtd", tmp_path / "events.h5"
+        done = subprocess.run(
+            [str(BIN / "dgs-merge"), *map(str, run_dirs), "-o", str(merged),
+             "--events", str(events)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "count check passed" in done.stdout
+        content = merged.read_bytes()
+        assert content == reference_merge([p for d in run_dirs for p in merge_inputs(d)])
+        stamps = read_records(content)["timestamp"]
+        assert (stamps[1:] >= stamps[:-1]).all()
+        with h5py.File(events) as h5:
+            hit_crates = h5["hits"]["crate"]
+            metadata = json.loads(h5.attrs["metadata"])
+        assert set(hit_crates.tolist()) == {int(c) for c in CRATES}
+        switches = int(np.count_nonzero(hit_crates[1:] != hit_crates[:-1]))
+        assert switches > 100, f"the crates' hits interleave in time ({switches} switches)"
+        assert [c["crate"] for c in metadata["pvs_begin"]["crates"]] == list(CRATES)
 
         table = group.dgs_run("log")
         assert table.returncode == 0
