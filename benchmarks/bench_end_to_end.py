@@ -85,6 +85,8 @@ MAX_RATE_HZ = 1_000_000.0
 FIFO_WORDS = 1 << 22
 CHANNELS = 10
 PIPELINE = 6
+#: How long a receiver may take beyond the run's generation time (its --max-seconds
+#: is the run's length plus this, so a long run is never cut short by its receiver).
 RECEIVER_TIMEOUT_S = 60.0
 DGS_RECEIVER = Path(sys.executable).parent / "dgs-receiver"
 TMPFS = Path("/dev/shm")
@@ -116,14 +118,14 @@ class ReceiverProcess:
     """
 
     def __init__(self, port: int, out_dir: Path, run_name: str,
-                 options: Sequence[str] = ()) -> None:
+                 options: Sequence[str] = (), run_seconds: float = 0.0) -> None:
         self.run_dir = out_dir / run_name
         self.log_path = out_dir / f"{run_name}.log"
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
                 [str(DGS_RECEIVER), f"127.0.0.1:{port}", "--out", str(out_dir),
                  "--run-name", run_name, "--status", "plain", "--status-interval", "3600",
-                 "--connect-timeout", "30", "--max-seconds", str(RECEIVER_TIMEOUT_S),
+                 "--connect-timeout", "30", "--max-seconds", str(run_seconds + RECEIVER_TIMEOUT_S),
                  *options],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
             )
@@ -239,7 +241,7 @@ def one_run(ioc: BenchIoc, samples: int, offered_mb_s: float, seconds: float,
     ``receiver_options`` gives more `dgs-receiver` options for the run directory."""
     name = f"bench{next(_run_numbers):03d}"
     options = receiver_options(out_dir / name) if receiver_options else ()
-    receiver = ReceiverProcess(ioc.ports.data, out_dir, name, options)
+    receiver = ReceiverProcess(ioc.ports.data, out_dir, name, options, seconds)
     receiver.wait_ready()
     ioc_cpu_before, wall_before = proc_cpu_seconds(ioc.pid), time.monotonic()
     with releasing_tmpfs(out_dir, (receiver.run_dir, receiver.log_path), offered_mb_s):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import enum
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +29,13 @@ import numpy as np
 from ioc import packets
 from ioc.hardware import WORD, Board, Crate, ReadError
 from ioc.pool import POOL_SIZE, Buffer, BufferPool, Owner
-from ioc.realtime import RealtimeState, enter_realtime, name_os_thread, switch_interval
+from ioc.realtime import (
+    RealtimeState,
+    enter_realtime,
+    name_os_thread,
+    raise_other_threads,
+    switch_interval,
+)
 
 #: Shortest scan delay, reached with at least 160 of 200 buffers free.
 SCAN_DELAY_MIN_S = 0.001
@@ -41,6 +48,17 @@ IDLE_SCAN_DELAY_S = 0.010
 #: one outLoop batch period, whichever comes first.
 PRESSURE_READ_BYTES = 512 * 1024
 PRESSURE_LATENCY_S = 0.050
+#: The wait after a pass stays within this share of the shortest time any board's
+#: FIFO takes to fill at the rate it has been filling: the pool's flow control may
+#: ask up to max_latency_s, and a pass the host delays adds to it. With a physical
+#: 1 MiB FIFO at 22.6 MB/s (46 ms to fill) the wait stays under 11.5 ms.
+FILL_SHARE = 0.25
+#: The fill-rate estimate falls by this factor at each poll: a burst is remembered
+#: for a few dozen polls, a rate that has dropped is not held for the whole run.
+FILL_RATE_DECAY = 0.95
+#: A fill rate is measured over at least this long (shorter spans see the boards'
+#: bursts, not their rate); until a board's first measure, waits are this long at most.
+FILL_SAMPLE_S = 0.005
 #: Empty (0xE) and almost-full (0xF) headers: at most one per board per period.
 PRESCALE_PERIOD_S = 2.0
 #: A trigger read takes at most 256 KiB, in 64 KiB chunks.
@@ -187,6 +205,12 @@ class _BoardRun:
     capacity_words: int | None = None
     peak_depth_words: int = 0
     last_poll_at: float = 0.0
+    #: The fill-rate reference: words in the FIFO at a poll or reset, when that was,
+    #: and the words read since; the fastest recent fill rate seen (None: not yet measured).
+    left_words: int = 0
+    left_at: float = 0.0
+    read_since_left: int = 0
+    fill_words_per_s: float | None = None
     #: Type-F headers decided but not yet built for lack of a buffer: (channel, type, ts).
     pending: collections.deque[tuple[int, int, int]] = field(default_factory=collections.deque)
     #: Head of a partial event cut off at the end of the previous buffer (deep FIFOs only).
@@ -199,6 +223,30 @@ class _BoardRun:
     @property
     def card(self) -> int:
         return self.board.identity.card
+
+    def note_fill(self, depth_words: int, polled_at: float) -> None:
+        """Update the fill-rate estimate with the depth found at this poll."""
+        span = polled_at - self.left_at
+        if span < FILL_SAMPLE_S:
+            return
+        rate = (depth_words + self.read_since_left - self.left_words) / span
+        if self.fill_words_per_s is not None:
+            rate = max(rate, self.fill_words_per_s * FILL_RATE_DECAY)
+        self.fill_words_per_s = rate
+        self.restart_fill(polled_at, depth_words)
+
+    def restart_fill(self, at: float, depth_words: int = 0) -> None:
+        """Measure the fill rate from here (a poll, a run start or a FIFO reset)."""
+        self.left_words, self.left_at, self.read_since_left = depth_words, at, 0
+
+    def fill_time_s(self) -> float | None:
+        """Seconds an empty FIFO takes to fill at the estimated rate (inf: it does not
+        fill or its size is unknown; None: not measured yet)."""
+        if self.fill_words_per_s is None:
+            return None
+        if not self.capacity_words or self.fill_words_per_s <= 0:
+            return math.inf
+        return self.capacity_words / self.fill_words_per_s
 
     @property
     def is_trigger(self) -> bool:
@@ -338,6 +386,8 @@ class InLoop:
     def _main(self) -> None:
         name_os_thread(self._thread.name if self._thread else "inLoop")
         realtime = enter_realtime(self._config.realtime_priority, self._log)
+        if realtime is RealtimeState.ON:
+            raise_other_threads(self._log)
         with self._cond:
             self._realtime = realtime
         self._enter_idle()
@@ -439,7 +489,7 @@ class InLoop:
             board.select_fifo(fifo)
             if setup.enabled:
                 board.reset_fifo(fifo)
-                reader = _BoardRun(board, fifo, setup.package_data, clean_at=now)
+                reader = _BoardRun(board, fifo, setup.package_data, clean_at=now, left_at=now)
                 reader.capacity_words = board.fifo_words
                 readers.append(reader)
         self._readers = readers
@@ -494,7 +544,14 @@ class InLoop:
                 if all(reader.idle for reader in self._readers):
                     delay_floor = IDLE_SCAN_DELAY_S
             delay = scan_delay(len(self._pool.q_free), self._pool.size, self._config.max_latency_s)
-            self._wake.wait(max(delay, delay_floor))
+            self._wake.wait(min(max(delay, delay_floor), self._fill_guard_s()))
+
+    def _fill_guard_s(self) -> float:
+        """The longest wait after a pass that keeps every FIFO far from full."""
+        times = [reader.fill_time_s() for reader in self._readers]
+        if None in times:
+            return FILL_SAMPLE_S
+        return max(SCAN_DELAY_MIN_S, FILL_SHARE * min(times, default=math.inf))
 
     def _scan_board(self, reader: _BoardRun) -> None:
         """One poll of one board, in the decision order of spec 02 §2."""
@@ -503,10 +560,12 @@ class InLoop:
             return
         board = reader.board
         polled_at = time.monotonic()
-        if reader.last_poll_at and polled_at - reader.last_poll_at > self._scan_gap_max_s:
-            self._scan_gap_max_s = polled_at - reader.last_poll_at
+        since_last_poll = polled_at - reader.last_poll_at if reader.last_poll_at else 0.0
+        if since_last_poll > self._scan_gap_max_s:
+            self._scan_gap_max_s = since_last_poll
         reader.last_poll_at = polled_at
         status = board.status(reader.fifo)
+        reader.note_fill(status.depth_words, polled_at)
         if status.depth_words > reader.peak_depth_words:
             reader.peak_depth_words = status.depth_words
         if status.full:  # it refused events: 100 %, whatever room a whole event lacked
@@ -593,6 +652,7 @@ class InLoop:
             self._queue(reader, buf, is_type_f=False)
         else:
             self._pool.release(buf)
+        reader.read_since_left += fifo_words
         if fifo_words == depth_words:
             reader.clean_at = polled_at
         if fifo_words:
@@ -668,6 +728,7 @@ class InLoop:
         reader.carry_words = 0
         reader.after_reset = True
         reader.clean_at = time.monotonic()
+        reader.restart_fill(reader.clean_at)
         if reenable:
             reader.board.set_master_logic(True)
 

@@ -659,6 +659,28 @@ def test_an_empty_board_sends_one_heartbeat_per_two_seconds(make_rig):
     assert rig.inloop.stats().type_f_built == 3  # two 0xE and the 0xD
 
 
+def test_a_filling_fifo_is_polled_in_time_even_when_the_flow_control_would_wait(make_rig):
+    """With most of the pool held downstream the flow control asks for 0.3 s between
+    passes, longer than this FIFO takes to fill (1 MiB at ~9 MB/s: 115 ms); the wait
+    is cut to a quarter of the fill time inLoop measures, so nothing overflows."""
+    fill_time_s = 1.15e-1
+    config = InLoopConfig(max_latency_s=0.5)
+    rig = make_rig([digitizer(0, rate_hz=2000, fifo_words=1 << 18)], config=config)
+    rig.hold_free_buffers(leave=60)
+    assert scan_delay(60, longest=config.max_latency_s) == pytest.approx(0.3)
+    rig.start_run()
+    began = time.monotonic()
+    assert rig.collector.wait_for(lambda seen: len(data_of(seen)) >= 30)
+    assert time.monotonic() - began > 3 * fill_time_s  # long enough to have overflowed
+    stats = rig.inloop.stats()
+    rig.release_held()
+    rig.stop_run()
+    board = rig.crate.board(0)
+    assert board.dropped == 0 and board.cleared == 0
+    assert stats.scan_gap_max_ms < 1000 * fill_time_s / 2
+    assert_conserved(rig, 0)
+
+
 def test_fifo_peak_and_scan_gap_measure_the_run_and_restart_at_start(make_rig):
     clock = ManualClock()
     small_fifo = 16384
