@@ -165,8 +165,9 @@ class InLoopConfig:
     #: Read nothing while qFree holds fewer buffers (the original's 10; retention packs
     #: data into full buffers, so every other buffer is memory it can use).
     min_free_buffers: int = 4
-    #: SCHED_FIFO priority of the inLoop thread (1..98), 0 for the normal policy
-    #: (`ioc.realtime`); refused without the privilege, which is logged and shown.
+    #: SCHED_FIFO priority of the inLoop thread (1..98), 0 for the normal policy; the
+    #: IOC's other Python threads then run at priority 1 (`ioc.realtime`). Refused
+    #: without the privilege, which is logged and shown.
     realtime_priority: int = 0
     #: The interpreter's thread switch interval while a run goes (its default is
     #: 5 ms); 0 leaves it alone.
