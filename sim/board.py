@@ -121,8 +121,9 @@ class SimBoard(Board):
         """
         self._package_data = registers.PACKAGE_DATA.get(self._registers[self.PACKAGE_DATA_REGISTER])
 
-    def _live_register(self, register: str) -> int | None:
-        """The value of a register that reports live board state, else None (lock held)."""
+    def _live_register(self, register: str, caught_up: bool = False) -> int | None:
+        """The value of a register that reports live board state, else None (lock held;
+        ``caught_up``: the FIFO is already up to the clock)."""
         return None
 
     def _fifo(self, fifo: int) -> Fifo:
@@ -338,11 +339,13 @@ class SimBoard(Board):
             return [name for name in names if self._live_register(name) is not None]
 
     def register_values(self, names: list[str]) -> list[int]:
-        """What `read_register` would return for each of ``names``, read at one instant."""
+        """What `read_register` would return for each of ``names``, read at one instant
+        (the FIFO brought up to the clock once, not once per event counter)."""
         with self._lock:
+            self._catch_up()
             values = []
             for name in names:
-                live = self._live_register(name)
+                live = self._live_register(name, caught_up=True)
                 values.append(self._registers[name] if live is None else live)
             return values
 

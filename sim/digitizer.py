@@ -275,14 +275,15 @@ class SimDigitizer(SimBoard):
             block[:, HEADER_WORDS:] = trace_bank(self._trace_samples)[rows]
         return channels.astype(np.uint8)
 
-    def _live_register(self, register: str) -> int | None:
+    def _live_register(self, register: str, caught_up: bool = False) -> int | None:
         if register in registers.LIVE_TIMESTAMP:
             now = self._clock.now_ticks() & TIMESTAMP_MASK
             return now & 0xFFFFFFFF if register == registers.LIVE_TIMESTAMP[0] else now >> 32
         for prefix, counts in ((registers.ACCEPTED_EVENT_COUNT, self._generated),
                                (registers.DROPPED_EVENT_COUNT, self._dropped)):
             if register.startswith(prefix):
-                self._catch_up()
+                if not caught_up:
+                    self._catch_up()
                 return int(counts[int(register[len(prefix):])]) & registers.REGISTER_MASK
         return None
 
