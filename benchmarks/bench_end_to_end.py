@@ -288,10 +288,12 @@ def set_load(ioc: BenchIoc, samples: int, rate_hz: float) -> None:
 
 
 def run_p3(workdir: Path, out_dir: Path, repeat: int, seconds: float,
-           inloop: dict[str, float], fifo_words: int = FIFO_WORDS) -> list[RunResult]:
+           inloop: dict[str, float], fifo_words: int = FIFO_WORDS,
+           backend: str = "sim") -> list[RunResult]:
     rate = rate_for(P3_OFFERED_MB_S, P3_SAMPLES)
     config = crate_config(workdir / "p3.toml", fifo_words=fifo_words, event_rate_hz=rate,
-                          trace_samples=P3_SAMPLES, inloop=inloop)
+                          trace_samples=P3_SAMPLES, inloop=inloop,
+                          crate_keys={"backend": backend})
     with BenchIoc(["--config", str(config)], workdir) as ioc:
         return [one_run(ioc, P3_SAMPLES, P3_OFFERED_MB_S, seconds, out_dir)
                 for _ in range(repeat)]
@@ -345,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="simulated FIFO per board in words (physical: 262144 = 1 MiB)")
     parser.add_argument("--read-threshold", type=int, metavar="BYTES",
                         help="inLoop read threshold (default: the IOC's, 64 KiB)")
+    parser.add_argument("--backend", choices=("sim", "sim-inprocess"), default="sim",
+                        help="the simulated crate as its own process (default, as the "
+                        "IOC runs it) or in the IOC's process (P3 as measured before "
+                        "issue 15: the simulator's CPU then counts as the IOC's)")
     args = parser.parse_args(argv)
     inloop = {"read_threshold_bytes": args.read_threshold} if args.read_threshold else {}
     if not DGS_RECEIVER.exists():
@@ -356,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fresh_mb_s = fill_tmpfs(out_dir, P3_OFFERED_MB_S * 1e6 * args.seconds)
         baseline_runs = bare_server_mb_s(repeat, 1.0, PIPELINE)
-        runs = run_p3(workdir, out_dir, repeat, args.seconds, inloop, args.fifo_words)
+        runs = run_p3(workdir, out_dir, repeat, args.seconds, inloop, args.fifo_words,
+                      args.backend)
         sweep = [] if args.no_sweep else run_sweep(workdir, out_dir, SWEEP_SECONDS, inloop)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -376,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         target=P3_TARGET_MB_S,
         runs=[run.received_mb_s for run in runs],
         conditions_met=lossless,
-        note=(f"offered {P3_OFFERED_MB_S:g} MB/s for {args.seconds:g} s per run"
+        note=(f"offered {P3_OFFERED_MB_S:g} MB/s for {args.seconds:g} s per run, backend "
+              f"{args.backend!r}"
               + (f", read threshold {args.read_threshold} B" if args.read_threshold else "")
               + ", sim FIFOs "
               f"{args.fifo_words * 4 >> 20} MiB per board (physical: 1 MiB); cores used: IOC "
