@@ -2,7 +2,10 @@
 
 Records wait in memory until they can be written in timestamp order. Each board
 has a watermark, the largest timestamp it has sent; a board that sent its
-end-of-run (0xD) header has none left to wait for. A held record is released
+end-of-run (0xD) header has none left to wait for. A board's error headers
+(type F, channel 0xF: almost full, overflow) do not move its watermark: the
+IOC latches their timestamp when it decides to send one, ahead of the older
+events still in the FIFO, which it reads and sends after. A held record is released
 once every board still running has sent data past its timestamp. Which boards
 to wait for: the enabled boards of the crates' begin-of-run PV snapshots
 (``expected``; the receiver's ``--pv-pva``), and any other board from its first
@@ -43,6 +46,8 @@ from receiver.geb import Batch
 #: enough that little is held in memory.
 DEFAULT_WAIT_S = 2.0
 _DONE = np.iinfo(np.uint64).max
+#: Channel id of a type-F error header (almost full, overflow, underflow, read error).
+ERROR_HEADER_CHANNEL = 0xF
 #: One held record: timestamp, where it is in the word buffer, when it arrived.
 HELD_DTYPE = np.dtype([("ts", np.uint64), ("start", np.int64), ("nwords", np.int64),
                        ("arrival", np.float64)])
@@ -109,7 +114,8 @@ class Merger:
                 if self._first_arrival is None:
                     self._first_arrival = now
                 self._hold(batch, now)
-                self._advance(batch.board, batch.timestamp, crate)
+                progress = batch.channel != ERROR_HEADER_CHANNEL
+                self._advance(batch.board[progress], batch.timestamp[progress], crate)
             for board in ends:
                 self._watermarks[board] = int(_DONE)
             self._release(now)

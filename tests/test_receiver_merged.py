@@ -21,6 +21,7 @@ from ioc_harness import wait_until
 from test_receiver_files import MARKER, ReceiverThread, ScriptedServer, run_files, type_f
 
 from receiver import geb
+from receiver.merge import Merger, Released
 
 
 def event(board: int, slot: int, ts: int) -> bytes:
@@ -116,6 +117,30 @@ def test_a_silent_board_holds_records_back_only_for_the_merge_wait_and_late_data
     assert records["timestamp"].tolist() == [5, 10, 20, 30, 15, 35, 36, 40]
     assert summary(tmp_path, "late")["online"]["late"] == 1
     assert "1 late (--merge-wait 0.3 s" in receiver.out.getvalue()
+
+
+def reply(payload: bytes) -> geb.Batch:
+    """One reply's records, as a puller hands them to the merger."""
+    words = np.frombuffer(payload, dtype=">u4")
+    return geb.make_batch(words, geb.decode_reply(words).events, grouping=geb.GROUP_NONE)
+
+
+def test_an_almost_full_header_ahead_of_its_older_events_makes_nothing_late():
+    """The IOC sends a board's almost-full header (its timestamp latched when it
+    decided to send it) before the older events then in its FIFO: the other
+    board's records must not be written past those events meanwhile."""
+    written: list[Released] = []
+    merger = Merger(2, wait_s=30.0, output=written.append, expected={101, 201})
+    merger.add(0, reply(event(101, 3, 10) + type_f(3, 101, 0xF, 100)), [], now=0.0)
+    merger.add(1, reply(event(201, 3, 5)), [], now=0.1)
+    merger.add(1, reply(event(201, 3, 70) + event(201, 3, 80)), [], now=0.2)
+    merger.add(0, reply(event(101, 3, 50) + event(101, 3, 60)), [], now=0.3)
+    merger.add(0, reply(type_f(3, 101, 0xD, 110)), [101], now=0.4)
+    merger.add(1, reply(type_f(3, 201, 0xD, 120)), [201], now=0.5)
+    merger.close()
+    stamps = [int(ts) for block in written for ts in block.timestamp]
+    assert stamps == [5, 10, 50, 60, 70, 80, 100, 110, 120]
+    assert merger.counters.late == 0
 
 
 def traced_event(board: int, slot: int, ts: int, channel: int = 0) -> bytes:
