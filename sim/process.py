@@ -149,16 +149,21 @@ class CrateServer:
         The heartbeat is the time read before the pass: every event up to it is in
         the FIFOs, so a timestamp latched no later than it precedes any event built after.
         """
-        built_until_ns = time.monotonic_ns()
-        for board in self.crate.boards:
-            board.catch_up()
+        self._build_every_board()
         now = time.monotonic()
         if now >= self._next_live:
             self._next_live = now + REGISTER_IMAGE_S
             self._refresh_live_registers()
-        self.window.header[H_HEARTBEAT_NS] = built_until_ns
         fill_s = min((board.fill_time_s() for board in self.crate.boards), default=PUMP_IDLE_S)
         return min(PUMP_IDLE_S, max(PUMP_BUSY_S, PUMP_SHARE_OF_FILL * fill_s))
+
+    def _build_every_board(self) -> None:
+        """Put every event that has arrived in the FIFOs, then move the heartbeat to the
+        time read before: a timestamp latched up to it follows every event built."""
+        built_until_ns = time.monotonic_ns()
+        for board in self.crate.boards:
+            board.catch_up()
+        self.window.header[H_HEARTBEAT_NS] = built_until_ns
 
     def _accept(self, selector: selectors.BaseSelector, listener: socket.socket) -> None:
         conn, _ = listener.accept()
@@ -181,8 +186,10 @@ class CrateServer:
         result = self._board_command(index, op, args)
         if op not in QUERIES:
             # The answer comes after the window shows the command's effect: events that
-            # arrived before it (master logic off) are in the FIFO, registers in the image.
-            self.crate.boards[index].catch_up()
+            # arrived before it (master logic off) are in the FIFO, registers in the image,
+            # and the heartbeat past them, so the end-of-run header latched after the
+            # drain that follows is not older than the events the drain read.
+            self._build_every_board()
             self._refresh_registers(index)
         return result
 
