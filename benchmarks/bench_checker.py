@@ -131,8 +131,7 @@ def run_case(name: str, samples: int, target: float, deadline: float) -> dict:
     def check_with_spectra() -> None:
         checker.forget_all()
         walked = checker.check(words, card=0)
-        spectra.add(words, 0, walked.offsets, walked.channels, walked.lengths,
-                    walked.packet_words)
+        spectra.add(words, 0, walked.offsets)
 
     def scan() -> None:
         np.flatnonzero(words == packets.MARKER)

@@ -71,12 +71,9 @@ class CheckResult:
     #: Words per packet when the walk found one unbroken chain of equal-size packets
     #: over the whole buffer, else 0: the sender then cuts replies without a walk of its own.
     packet_words: int = 0
-    #: The packets walked, in buffer order: offsets, channel ids and lengths N. For the
-    #: live spectra (`ioc.spectra`), which read them at once: the channel ids and lengths
-    #: may be views of the checker's scratch memory, valid until its next `check`.
+    #: Word offsets (int64) of the packets walked, in buffer order: the live spectra
+    #: (`ioc.spectra`) count them without a walk of their own.
     offsets: np.ndarray = field(default_factory=lambda: _NO_PACKETS)
-    channels: np.ndarray = field(default_factory=lambda: _NO_PACKETS)
-    lengths: np.ndarray = field(default_factory=lambda: _NO_PACKETS)
 
 
 def _uniform_packet_words(offsets: np.ndarray, lengths: np.ndarray, nwords: int) -> int:
@@ -201,7 +198,7 @@ class Checker:
                     native, card, offsets, w3[accepted], order, sorted_channels, group_starts
                 )
             event_lengths = lengths[accepted]
-            result.offsets, result.channels, result.lengths = offsets, event_channels, event_lengths
+            result.offsets = offsets
             result.first_event_by_channel = {
                 int(channel): (int(offsets[first]), int(event_lengths[first]))
                 for channel, first in zip(

@@ -260,9 +260,7 @@ class OutLoop:
             self._lose(buf, c, LossReason.CHECK)
             return False
         buf.packet_words = result.packet_words
-        self.spectra.add(
-            words, card, result.offsets, result.channels, result.lengths, result.packet_words
-        )
+        self.spectra.add(words, card, result.offsets)
         for channel, (offset, length) in result.first_event_by_channel.items():
             if (card, channel) not in seen:
                 seen.add((card, channel))

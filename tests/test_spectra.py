@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ioc import _spectra_count
 from ioc.checker import Checker
 from ioc.config import ConfigError, dump_config, parse_config
 from ioc.hardware import WORD
@@ -42,8 +43,7 @@ def check_and_add(spectra: Spectra, packets: list[list[int]], card: int = 0) -> 
     words = np.array([w for packet in packets for w in packet], dtype=WORD)
     result = Checker().check(words, card)
     assert not result.fatal
-    spectra.add(words, card, result.offsets, result.channels, result.lengths,
-                result.packet_words)
+    spectra.add(words, card, result.offsets)
 
 
 def raw_bin(spectra: Spectra, card: int, channel: int) -> dict[int, int]:
@@ -103,6 +103,49 @@ def test_energies_outside_the_bins_count_as_events_but_not_in_the_spectrum():
     counts = spectra.counts(0)
     assert counts.events[0] == 2
     assert rebin(counts.histogram[0], 1.0, 0.0, 1.0).sum() == 0
+
+
+def test_a_long_buffer_of_random_events_counts_each_event_in_its_own_bin():
+    rng = np.random.default_rng(7)
+    count = 3000
+    channels = rng.integers(0, 10, count)
+    pre = rng.integers(0, 1 << 24, count)
+    amplitude = rng.integers(0, RAW_BINS, count)
+    piled = rng.random(count) < 0.1
+    packets = [
+        event(int(c), int(p), (int(p) + int(a) * 256) & 0xFFFFFF,
+              flags=PILE_UP if f else 0, samples=2 * (n % 3), timestamp=n)
+        for n, (c, p, a, f) in enumerate(zip(channels, pre, amplitude, piled, strict=True))
+    ]
+    spectra = Spectra(7)
+    check_and_add(spectra, [*packets, type_f(0xE)], card=5)
+    counts = spectra.counts(5)
+    for channel in range(10):
+        mine = channels == channel
+        # post // 256 - pre // 256 is the amplitude, or one less when the 24-bit post
+        # sum wrapped (its low byte is pre's low byte, so the difference is exact).
+        wrapped = (pre + amplitude * 256) > 0xFFFFFF
+        expected = np.where(wrapped, (amplitude - 65536) % 65536, amplitude)[mine]
+        shown = expected[expected < RAW_BINS]
+        assert counts.histogram[channel].tolist() == np.bincount(shown, minlength=RAW_BINS).tolist()
+        assert counts.events[channel] == mine.sum()
+        assert counts.pile_ups[channel] == (mine & piled).sum()
+
+
+def test_the_compiled_count_refuses_offsets_outside_the_buffer_and_a_wrong_histogram():
+    whole = len(event(0, 0, 256))
+    words = np.array([*event(0, 0, 256), *type_f(), *event(1, 0, 256)[:5]], dtype=WORD)
+    histogram = Spectra(7)._empty()
+    # A packet start past the end, before the start, or a digitizer header cut off.
+    for offsets in ([len(words) - 1], [-1], [whole + 4]):
+        with pytest.raises(ValueError, match="starts outside the buffer or its header ends"):
+            _spectra_count.count(words, np.array(offsets, dtype=np.int64), histogram)
+    assert histogram.sum() == 0
+    assert _spectra_count.count(words, np.array([0, whole], dtype=np.int64), histogram) == 1
+    with pytest.raises(ValueError, match="histogram must have 1310720 bins, got 16"):
+        _spectra_count.count(words, np.array([0], dtype=np.int64), histogram[:16])
+    with pytest.raises(TypeError, match="offsets must hold 8-byte items"):
+        _spectra_count.count(words, np.array([0], dtype=np.int32), histogram)
 
 
 def test_a_reset_zeroes_one_card_and_is_seen_by_readers():
