@@ -23,7 +23,8 @@ with a calibration, ``energy_kev`` float32), dataset ``events`` (compound:
 uint64), with traces ``traces`` (int16, hits × samples, −1 padding). The file's
 attributes hold the metadata: each top-level key, strings and numbers as they
 are, anything else as JSON, and the whole dict as JSON in ``metadata``.
-``pandas.DataFrame(h5py.File(f)["hits"][:])`` gives a table of hits.
+``pandas.read_hdf(f, "hits")`` (PyTables reads plain compound datasets as tables) gives
+a table of hits, as does ``pandas.DataFrame(h5py.File(f)["hits"][:])``.
 
 Chunks: with ``chunk_events`` a file holds at most that many events; with
 ``chunk_seconds`` a new file starts at the first event ≥ that long (in data

@@ -7,6 +7,7 @@ import json
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import uproot
 from geb_files import Hit, event_record, random_hits, status_record, trigger_record
@@ -161,6 +162,23 @@ def test_hdf5_file_rows_equal_the_events_in_rotated_chunks(tmp_path, sample_even
     for field in HIT_DTYPE.names:
         assert hits_all[field].tolist() == sample_events.hits[field].tolist()
     assert np.concatenate(events).tolist() == sample_events.multiplicity.tolist()
+
+
+def test_pandas_reads_the_hits_and_events_tables_with_read_hdf(tmp_path, sample_events):
+    calibration = tmp_path / "cal.csv"
+    calibration.write_text("board,channel,gain,offset\n*,*,0.25,0\n")
+    writer = open_event_writer(tmp_path / "run.h5", {"run": 7}, calibration=calibration,
+                               with_traces=True)
+    writer.write(sample_events)
+    writer.close()
+    hits = pd.read_hdf(tmp_path / "run.h5", "hits")
+    events = pd.read_hdf(tmp_path / "run.h5", "events")
+    assert list(hits.columns) == [*HIT_DTYPE.names, "event", "energy_kev"]
+    for field in HIT_DTYPE.names:
+        assert hits[field].tolist() == sample_events.hits[field].tolist()
+    assert np.allclose(hits["energy_kev"], 0.25 * sample_events.hits["energy"])
+    assert events["mult"].tolist() == sample_events.multiplicity.tolist()
+    assert hits.groupby("event").size().tolist() == events["mult"].tolist()
 
 
 def test_chunk_seconds_cut_in_data_time(tmp_path):
