@@ -37,6 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ioc.packets import DIGITIZER_CHANNELS
 from ioc.pvs import PV_TABLE, Scope
 
 #: Board types (DAQC<NN>_BoardType<n> strings) of master-trigger boards.
@@ -53,12 +54,21 @@ def wanted(name: str, crate: str) -> bool:
     return name.startswith((f"DAQC{crate}", f"VME{crate}:", GLOBAL_PREFIX))
 
 
-#: Name endings of the PV table's per-board records (``VME<NN>:<board>:CS_Ena``, ...).
-BOARD_SUFFIXES = tuple(
-    pv.template.split("{board}", 1)[1]
-    for pv in PV_TABLE
-    if pv.scope in (Scope.BOARD, Scope.SIM)
-)
+def _board_suffixes() -> tuple[str, ...]:
+    """Name endings of the PV table's per-board records (``VME<NN>:<board>:CS_Ena``, ...)
+    and of each channel's settings (``:CalGain0``, ...): the calibration belongs to the
+    run's conditions, the live spectra and rates do not."""
+    suffixes: list[str] = []
+    for pv in PV_TABLE:
+        suffix = pv.template.split("{board}", 1)[-1]
+        if pv.scope in (Scope.BOARD, Scope.SIM):
+            suffixes.append(suffix)
+        elif pv.scope is Scope.CHANNEL and pv.writable:
+            suffixes.extend(suffix.format(n=n) for n in range(DIGITIZER_CHANNELS))
+    return tuple(suffixes)
+
+
+BOARD_SUFFIXES = _board_suffixes()
 
 
 def table_names(crate: str) -> list[str]:

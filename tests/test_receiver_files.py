@@ -198,6 +198,10 @@ def test_demo_run_files_are_byte_exact_and_a_second_run_is_refused(demo_ioc, tmp
     end = json.loads((run_dir / "run00042.pvs_end.json").read_text())
     assert begin["crates"][0]["pvs"]["VME01:MDIG3:user_package_data"] == 103
     assert begin["crates"][0]["pvs"]["VME01:MDIG1:CS_Ena"] == "Enable"
+    # The calibration is part of the conditions (the simulator's scale), the spectra not.
+    assert begin["crates"][0]["pvs"]["VME01:MDIG4:CalGain9"] == 0.25
+    assert begin["crates"][0]["pvs"]["VME01:MDIG2:CalOffset0"] == 0.0
+    assert not {"VME01:MDIG1:Spectrum0", "VME01:MDIG1:Rate0"} & set(end["crates"][0]["pvs"])
     assert end["crates"][0]["pvs"]["VME01:MDIG2:SIM_Generated"] == counts[102]
     summary = json.loads((run_dir / "run00042.summary.json").read_text())
     rows = summary["iocs"][0]["channels"]
