@@ -13,7 +13,7 @@ Choices where spec 01 is silent:
 - ``ca_port`` / ``pva_port`` left out mean the EPICS defaults (5064 / 5075,
   or whatever the environment sets); for the port-clash check they count as
   5064 / 5075;
-- crates on the same host must not share a CA, PVA or data port, and remote
+- crates on the same host must not share a CA, PVA, data or sampling port, and remote
   globals must not sit on any of those ports ("localhost" = 127.0.0.1);
 - a file with several crates must use remote globals (the global records live
   in ONE place); the command line may still override one crate to "local";
@@ -763,6 +763,8 @@ def _check_system(system: SystemConfig, source: str, *, file_rules: bool) -> Non
             ("ca_port", crate.ca_port or DEFAULT_CA_PORT),
             ("pva_port", crate.pva_port or DEFAULT_PVA_PORT),
             ("data_port", crate.data_port),
+            ("sample_port", crate.sample_port),
+            ("sample_pva_port", crate.sample_pva_port),
         ):
             if port == 0:
                 continue

@@ -466,10 +466,26 @@ CASES = {
             crate(
                 board(package_data="201"),
                 crate_id='"02"',
-                keys="ca_port = 5066\npva_port = 5077\ndata_port = 9002",
+                keys="ca_port = 5066\npva_port = 5077\ndata_port = 9003\nsample_port = 9004",
             ),
         ),
         ["globals = 'local' with 2 crates", "'remote'"],
+    ),
+    "a data port on another crate's sample port": (
+        system(
+            crate(),
+            crate(
+                board(package_data="201"),
+                crate_id='"02"',
+                keys="ca_port = 5066\npva_port = 5077\ndata_port = 9002",
+            ),
+            keys='globals = "remote"\nglobals_ca = "127.0.0.1:5070"',
+        ),
+        ["crate 02 data_port 9002 clashes with crate 01 sample_port on"],
+    ),
+    "the sampling PVA port on the CA port": (
+        bad_crate(keys="sample_pva_port = 5064"),
+        ["crate 01 sample_pva_port 5064 clashes with crate 01 ca_port"],
     ),
 }
 

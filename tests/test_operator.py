@@ -71,6 +71,7 @@ def system_toml(globals_ca: int, crates: dict[str, Ports], event_rate_hz: float 
             f"ca_port = {ports.ca}",
             f"pva_port = {ports.pva}",
             f"data_port = {ports.data}",
+            "sample_port = 0",
             'data_bind = "127.0.0.1"',
             f"seed = {int(crate)}",
         ]
