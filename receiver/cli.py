@@ -299,13 +299,17 @@ def print_summary(document: dict, out: TextIO) -> None:
 # -------------------------------------------------------------------- main
 
 
-def _snapshots(run: RunDirectory, args: argparse.Namespace, when: str, out: TextIO) -> list[dict]:
-    """Take and save every crate's snapshot (``when`` = begin / end); say so."""
+def _snapshots(run: RunDirectory, args: argparse.Namespace, when: str, out: TextIO,
+               unreachable: Sequence[bool] = ()) -> list[dict]:
+    """Take and save every crate's snapshot (``when`` = begin / end); say so. Crates
+    flagged ``unreachable`` (their data link was down at the end) get a short timeout."""
     crates = [
         (
             crate,
             "{}:{}".format(*args.pv_ca[i]) if args.pv_ca else None,
             "{}:{}".format(*args.pv_pva[i]) if args.pv_pva else None,
+            snapshot.UNREACHABLE_TIMEOUT_S if i < len(unreachable) and unreachable[i]
+            else snapshot.DEFAULT_TIMEOUT_S,
         )
         for i, crate in enumerate(args.crate)
     ]
@@ -386,7 +390,7 @@ def run_receiver(args: argparse.Namespace, stop: threading.Event, out: TextIO,
     code = _exit_code(pullers, closing_error, err)
     end = None
     if args.crate and (args.pv_ca or args.pv_pva) and code != EXIT_WRITE:
-        end = _snapshots(run, args, "end", out)
+        end = _snapshots(run, args, "end", out, [p.link_down_at_end for p in pullers])
     if building:
         ended = online.metadata(run, end, "end")
         closing_error = online.guard(lambda: building.close(ended), write_failed)

@@ -180,6 +180,8 @@ class Puller(threading.Thread):
         self.failed: str | None = None
         self.failure: Exception | None = None
         self.write_error: WriteFailed | None = None
+        #: The connection was down when the puller ended (its IOC most likely gone).
+        self.link_down_at_end = False
         self.started_at = time.monotonic()
         self.raw: ChunkFile | None = None
         self.journal: journal.Journal | None = None
@@ -226,6 +228,7 @@ class Puller(threading.Thread):
                 self.raw.close()
             if self.journal is not None:
                 self.journal.close(self.stream.stored)
+            self.link_down_at_end = self.counters.state in ("connecting", "reconnecting")
             if self.failed:
                 self.counters.state = "failed"
             elif self.finished:

@@ -10,7 +10,9 @@ waveform. The thousands of register-map records are left out: reading them
 takes seconds, and the receiver takes the snapshot before it starts pulling.
 
 - Over PV Access (``--pv-pva HOST:PORT``) the server's own channel list names
-  the per-board records, so those of any configuration are included; values
+  the per-board records, so those of any configuration are included, and only
+  records it lists are read (a crate with remote globals has no ``Online_CS_``
+  records; asking for them would wait out the timeout); values
   are read with p4p, searching that one server over TCP, so several IOCs on one
   host never get mixed up.
 - Over Channel Access (``--pv-ca HOST:PORT``) there is no way to list a
@@ -43,6 +45,9 @@ from ioc.pvs import PV_TABLE, Scope
 #: Board types (DAQC<NN>_BoardType<n> strings) of master-trigger boards.
 TRIGGER_BOARD_TYPES = frozenset({"DMT", "GMT"})
 DEFAULT_TIMEOUT_S = 5.0
+#: For a crate whose data link was down when the run ended: its IOC is most likely gone,
+#: and a stopped receiver should not wait the whole timeout to find out.
+UNREACHABLE_TIMEOUT_S = 1.0
 GLOBAL_PREFIX = "Online_CS_"
 _BIN = Path(sys.executable).parent
 
@@ -205,8 +210,11 @@ def take(
     }
     try:
         if pva:
+            # Only what the server lists: with remote globals the crate's IOC does not
+            # serve the Online_CS_ records, and asking for them would wait out the timeout.
             listed = {name for name in list_pva_names(pva, timeout) if wanted(name, crate)}
-            own = set(table_names(crate)) | {n for n in listed if n.endswith(BOARD_SUFFIXES)}
+            table = set(table_names(crate))
+            own = {n for n in listed if n in table or n.endswith(BOARD_SUFFIXES)}
             values = read_pva(pva, sorted(own), timeout)
         elif ca:
             values = read_ca(ca, table_names(crate), timeout)
@@ -266,19 +274,16 @@ def enabled_boards(snapshot: dict) -> set[int] | None:
     return boards
 
 
-def take_all(
-    crates: Iterable[tuple[str, str | None, str | None]], timeout: float = DEFAULT_TIMEOUT_S
-) -> list[dict]:
-    """Snapshots of several crates ``(crate, ca, pva)``, taken in parallel."""
+def take_all(crates: Iterable[tuple[str, str | None, str | None, float]]) -> list[dict]:
+    """Snapshots of several crates ``(crate, ca, pva, timeout)``, taken in parallel."""
     from concurrent.futures import ThreadPoolExecutor
 
     jobs = list(crates)
     if not jobs:
         return []
     with ThreadPoolExecutor(max_workers=min(8, len(jobs))) as pool:
-        return list(
-            pool.map(lambda job: take(job[0], ca=job[1], pva=job[2], timeout=timeout), jobs)
-        )
+        return list(pool.map(lambda job: take(job[0], ca=job[1], pva=job[2], timeout=job[3]),
+                             jobs))
 
 
 def main(argv: list[str] | None = None) -> int:

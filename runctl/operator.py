@@ -756,10 +756,13 @@ class Operator:
         if status.state is RunState.READY:
             yield from self._cancel(status)
             return
+        # One connect timeout for the whole command: IOCs that do not answer are waited
+        # for once, not once per step.
+        connect_by = time.monotonic() + self.timeouts.connect_s
         adopted = status.state is RunState.STOP
         if adopted:
             self._watch_all()
-            now = None if self._wait_globals() else self._globals_now()
+            now = None if self._wait_globals(connect_by) else self._globals_now()
             if now is None or not now[0]:
                 iocs = (
                     f"the global run-control records do not answer on {self.globals_endpoint}"
@@ -779,7 +782,7 @@ class Operator:
             f"end run {status.run}: StartStop = Stop" + (f"; {ELSEWHERE_NOTE}" if adopted else ""),
         )
         self._watch_all()
-        problem = self._wait_globals()
+        problem = self._wait_globals(connect_by)
         failure = problem or self._put_globals(("Online_CS_StartStop", 0))
         if failure and not force:
             yield Progress(
@@ -790,7 +793,7 @@ class Operator:
             return
         stop = now_text()
         # Forced: crates that do not answer, or that never got the Stop, cannot drain.
-        unreachable = self._unreachable_crates(crates) if force else {}
+        unreachable = self._unreachable_crates(crates, connect_by) if force else {}
         drain = [] if failure else [c for c in crates if c.crate not in unreachable]
         gone = {"globals": failure} if failure else {}
         gone |= {f"crate {crate}": why for crate, why in unreachable.items()}
@@ -897,9 +900,9 @@ class Operator:
             crates=[c.crate for c in self.system.crates],
         )
 
-    def _unreachable_crates(self, crates: Sequence[CrateConfig]) -> dict[str, str]:
-        """Crate -> why, for crates whose IOC does not answer within the connect timeout."""
-        deadline = time.monotonic() + self.timeouts.connect_s
+    def _unreachable_crates(self, crates: Sequence[CrateConfig],
+                            deadline: float) -> dict[str, str]:
+        """Crate -> why, for crates whose IOC does not answer by ``deadline`` (monotonic)."""
         while time.monotonic() < deadline and any(self._crate_values(c) is None for c in crates):
             time.sleep(POLL_S)
         return {c.crate: self._unreachable(c) for c in crates if self._crate_values(c) is None}
@@ -1309,9 +1312,11 @@ class Operator:
             for c in self.system.crates
         )
 
-    def _wait_globals(self) -> str | None:
-        """None once the global records answer, else the timeout message."""
-        deadline = time.monotonic() + self.timeouts.connect_s
+    def _wait_globals(self, deadline: float | None = None) -> str | None:
+        """None once the global records answer, else the timeout message (waiting until
+        ``deadline``, monotonic, or the connect timeout from now)."""
+        if deadline is None:
+            deadline = time.monotonic() + self.timeouts.connect_s
         while not self._globals_link().has_all(GLOBAL_PVS):
             if time.monotonic() > deadline:
                 return (
