@@ -1,9 +1,10 @@
 """outLoop's per-buffer check of digitizer data (spec 02 §3, codes 1..8).
 
 The original walked at most 128 events per buffer in C to save CPU; here every
-event is checked, which only stays affordable because the walk is vectorised
-(ioc.decoder.follow_chain) and the per-channel timestamp order is checked with
-one stable sort by channel instead of a Python loop over events.
+event is checked, which only stays affordable because the packet chain is
+followed vectorised (ioc.decoder.follow_chain) and the walk over the accepted
+headers, for the per-channel timestamp order, the first event of each channel
+and the live spectra, is one compiled pass (``ioc/_headerwalk.c``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ioc import packets
+from ioc import _headerwalk, packets
 from ioc.decoder import (
     NATIVE_MARKER,
     Break,
@@ -37,7 +38,6 @@ SHALLOW_EVENTS = 128
 #: Channel ids a packet can carry (4 bits), for the per-card timestamp memory.
 _CHANNEL_IDS = 16
 _UNKNOWN = -1
-_NO_PACKETS = np.empty(0, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -71,9 +71,6 @@ class CheckResult:
     #: Words per packet when the walk found one unbroken chain of equal-size packets
     #: over the whole buffer, else 0: the sender then cuts replies without a walk of its own.
     packet_words: int = 0
-    #: Word offsets (int64) of the packets walked, in buffer order: the live spectra
-    #: (`ioc.spectra`) count them without a walk of their own.
-    offsets: np.ndarray = field(default_factory=lambda: _NO_PACKETS)
 
 
 def _uniform_packet_words(offsets: np.ndarray, lengths: np.ndarray, nwords: int) -> int:
@@ -137,12 +134,15 @@ class Checker:
         *,
         timestamps: bool = True,
         max_events: int | None = None,
+        histogram: np.ndarray | None = None,
     ) -> CheckResult:
         """Walk one digitizer buffer (``>u4`` words) of ``card``.
 
         ``timestamps`` False skips code 8 (and leaves the remembered
         timestamps alone); ``max_events`` stops the walk after that many
-        packets, as the original did with 128.
+        packets, as the original did with 128. ``histogram`` (a card's live
+        spectra, `ioc.spectra`) counts the walked events, unless the buffer has
+        a fatal error.
         """
         words = as_words(words)
         nwords = words.size
@@ -179,35 +179,20 @@ class Checker:
         errors = [self._break_error(words, brk) for brk in breaks]
         result = CheckResult(events=int(offsets.size))
         if offsets.size:
-            event_channels = channels[accepted]
-            order = np.argsort(event_channels, kind="stable")
-            sorted_channels = np.take(
-                event_channels, order, out=scratch.get("sorted_channels", order.size, np.uint8)
+            # A buffer with a fatal error is discarded: its events are not counted.
+            fatal = any(error.fatal for error in errors)
+            order_errors, result.first_event_by_channel = _headerwalk.walk(
+                words,
+                np.ascontiguousarray(offsets, dtype=np.int64),
+                self._last[card] if timestamps else None,
+                None if fatal else histogram,
             )
-            group_starts = np.flatnonzero(
-                np.not_equal(
-                    sorted_channels[1:],
-                    sorted_channels[:-1],
-                    out=scratch.bools(order.size - 1),
-                )
-            )
-            group_starts += 1
-            group_starts = np.concatenate(([0], group_starts))
-            if timestamps:
-                errors += self._order_errors(
-                    native, card, offsets, w3[accepted], order, sorted_channels, group_starts
-                )
-            event_lengths = lengths[accepted]
-            result.offsets = offsets
-            result.first_event_by_channel = {
-                int(channel): (int(offsets[first]), int(event_lengths[first]))
-                for channel, first in zip(
-                    sorted_channels[group_starts], order[group_starts], strict=True
-                )
-                if channel < packets.DIGITIZER_CHANNELS
-            }
+            errors += [
+                CheckError(CODE_TIMESTAMP_ORDER, offset, previous, stamp, False)
+                for offset, previous, stamp in order_errors
+            ]
             if not breaks:
-                result.packet_words = _uniform_packet_words(offsets, event_lengths, nwords)
+                result.packet_words = _uniform_packet_words(offsets, lengths[accepted], nwords)
         if len(errors) > 1:
             errors.sort(key=lambda error: error.offset)
         result.errors = errors
@@ -245,54 +230,6 @@ class Checker:
         ok &= np.less_equal(lengths, packets.MAX_PACKET_LENGTH, out=test)
         ok &= np.less_equal(next_positions, nwords, out=test)
         return ok
-
-    def _order_errors(
-        self,
-        native: np.ndarray,
-        card: int,
-        offsets: np.ndarray,
-        word3: np.ndarray,
-        order: np.ndarray,
-        sorted_channels: np.ndarray,
-        group_starts: np.ndarray,
-    ) -> list[CheckError]:
-        """Code 8: timestamps lower than the previous one of the same channel."""
-        scratch = self._scratch
-        count = offsets.size
-        stamps = np.bitwise_and(word3, 0xFFFF, out=scratch.get("stamps", count, np.int64))
-        np.left_shift(stamps, 32, out=stamps)
-        stamps |= self._gather(native, offsets, 2, "w2")
-        sorted_stamps = np.take(stamps, order, out=scratch.get("sorted_stamps", count, np.int64))
-        # backwards[i]: event i + 1 (sorted) is earlier than event i of the same channel.
-        backwards = np.less(sorted_stamps[1:], sorted_stamps[:-1], out=scratch.bools(count - 1))
-        backwards[group_starts[1:] - 1] = False
-        remembered = self._last[card]
-        group_channels = sorted_channels[group_starts]
-        previous_of_first = remembered[group_channels]
-        group_ends = np.append(group_starts[1:] - 1, count - 1)
-        remembered[group_channels] = sorted_stamps[group_ends]
-        errors = [
-            CheckError(
-                CODE_TIMESTAMP_ORDER,
-                int(offsets[order[first]]),
-                int(previous),
-                int(sorted_stamps[first]),
-                False,
-            )
-            for first, previous in zip(group_starts, previous_of_first, strict=True)
-            if sorted_stamps[first] < previous
-        ]
-        errors += [
-            CheckError(
-                CODE_TIMESTAMP_ORDER,
-                int(offsets[order[where + 1]]),
-                int(sorted_stamps[where]),
-                int(sorted_stamps[where + 1]),
-                False,
-            )
-            for where in np.flatnonzero(backwards)
-        ]
-        return errors
 
     @staticmethod
     def _break_error(words: np.ndarray, brk: Break) -> CheckError:

@@ -246,12 +246,14 @@ class OutLoop:
         if not switches.header or not 0 <= card < CARDS:
             return True
         words = buf.payload_words()
-        result = self.checker.check(
-            words,
-            card,
-            timestamps=switches.timestamp,
-            max_events=None if switches.deep else SHALLOW_EVENTS,
-        )
+        with self.spectra.counting(card) as histogram:
+            result = self.checker.check(
+                words,
+                card,
+                timestamps=switches.timestamp,
+                max_events=None if switches.deep else SHALLOW_EVENTS,
+                histogram=histogram,
+            )
         if result.errors:
             c.errors_by_card[card] += len(result.errors)
             if c.first_errors[card] is None:
@@ -260,7 +262,6 @@ class OutLoop:
             self._lose(buf, c, LossReason.CHECK)
             return False
         buf.packet_words = result.packet_words
-        self.spectra.add(words, card, result.offsets)
         for channel, (offset, length) in result.first_event_by_channel.items():
             if (card, channel) not in seen:
                 seen.add((card, channel))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ioc import _spectra_count
+from ioc import _headerwalk
 from ioc.checker import Checker
 from ioc.config import ConfigError, dump_config, parse_config
 from ioc.hardware import WORD
@@ -41,9 +41,9 @@ def type_f(channel: int = 0xD) -> list[int]:
 
 def check_and_add(spectra: Spectra, packets: list[list[int]], card: int = 0) -> None:
     words = np.array([w for packet in packets for w in packet], dtype=WORD)
-    result = Checker().check(words, card)
+    with spectra.counting(card) as histogram:
+        result = Checker().check(words, card, histogram=histogram)
     assert not result.fatal
-    spectra.add(words, card, result.offsets)
 
 
 def raw_bin(spectra: Spectra, card: int, channel: int) -> dict[int, int]:
@@ -132,20 +132,32 @@ def test_a_long_buffer_of_random_events_counts_each_event_in_its_own_bin():
         assert counts.pile_ups[channel] == (mine & piled).sum()
 
 
-def test_the_compiled_count_refuses_offsets_outside_the_buffer_and_a_wrong_histogram():
+def test_the_walk_refuses_offsets_outside_the_buffer_and_a_wrong_histogram():
     whole = len(event(0, 0, 256))
     words = np.array([*event(0, 0, 256), *type_f(), *event(1, 0, 256)[:5]], dtype=WORD)
     histogram = Spectra(7)._empty()
     # A packet start past the end, before the start, or a digitizer header cut off.
-    for offsets in ([len(words) - 1], [-1], [whole + 4]):
+    for offsets in ([len(words) - 3], [-1], [whole + 4]):
         with pytest.raises(ValueError, match="starts outside the buffer or its header ends"):
-            _spectra_count.count(words, np.array(offsets, dtype=np.int64), histogram)
+            _headerwalk.walk(words, np.array(offsets, dtype=np.int64), None, histogram)
     assert histogram.sum() == 0
-    assert _spectra_count.count(words, np.array([0, whole], dtype=np.int64), histogram) == 1
+    _headerwalk.walk(words, np.array([0, whole], dtype=np.int64), None, histogram)
+    assert histogram.sum() == 1
     with pytest.raises(ValueError, match="histogram must have 1310720 bins, got 16"):
-        _spectra_count.count(words, np.array([0], dtype=np.int64), histogram[:16])
+        _headerwalk.walk(words, np.array([0], dtype=np.int64), None, histogram[:16])
     with pytest.raises(TypeError, match="offsets must hold 8-byte items"):
-        _spectra_count.count(words, np.array([0], dtype=np.int32), histogram)
+        _headerwalk.walk(words, np.array([0], dtype=np.int32), None, histogram)
+    with pytest.raises(ValueError, match="last must hold 16 timestamps, got 10"):
+        _headerwalk.walk(words, np.array([0], dtype=np.int64), np.zeros(10, np.int64), None)
+
+
+def test_a_buffer_with_a_fatal_error_is_not_counted():
+    spectra = Spectra(7)
+    words = np.array([*event(0, 0, 256 * 9), *event(1, 0, 256)[:6]], dtype=WORD)
+    with spectra.counting(0) as histogram:
+        result = Checker().check(words, 0, histogram=histogram)
+    assert result.fatal and result.events == 1
+    assert spectra.counts(0).events.sum() == 0
 
 
 def test_a_reset_zeroes_one_card_and_is_seen_by_readers():
