@@ -221,6 +221,14 @@ def bad_crate(keys: str = "", tables: str = "", crate_id: str = '"01"') -> str:
     return system(crate(keys=keys, tables=tables, crate_id=crate_id))
 
 
+def second_crate(keys: str,
+                 system_keys: str = 'globals = "remote"\nglobals_ca = "127.0.0.1:5070"') -> str:
+    """Crate 01 with the defaults beside crate 02 (CA/PVA ports of its own, and ``keys``)."""
+    crate_02 = crate(board(package_data="201"), crate_id='"02"',
+                     keys=f"ca_port = 5066\npva_port = 5077\n{keys}")
+    return system(crate(), crate_02, keys=system_keys)
+
+
 def replay(keys: str, backend: str = 'backend = "replay"') -> str:
     return bad_crate(keys=backend, tables=f"[crate.replay]\n{keys}\n")
 
@@ -461,26 +469,11 @@ CASES = {
         ["globals_ca 127.0.0.1:5064 clashes with crate 01 ca_port", "--globals-only"],
     ),
     "local globals with two crates": (
-        system(
-            crate(),
-            crate(
-                board(package_data="201"),
-                crate_id='"02"',
-                keys="ca_port = 5066\npva_port = 5077\ndata_port = 9003\nsample_port = 9004",
-            ),
-        ),
+        second_crate("data_port = 9003\nsample_port = 9004", system_keys=""),
         ["globals = 'local' with 2 crates", "'remote'"],
     ),
     "a data port on another crate's sample port": (
-        system(
-            crate(),
-            crate(
-                board(package_data="201"),
-                crate_id='"02"',
-                keys="ca_port = 5066\npva_port = 5077\ndata_port = 9002",
-            ),
-            keys='globals = "remote"\nglobals_ca = "127.0.0.1:5070"',
-        ),
+        second_crate("data_port = 9002"),
         ["crate 02 data_port 9002 clashes with crate 01 sample_port on"],
     ),
     "the sampling PVA port on the CA port": (
