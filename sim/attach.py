@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
+import struct
 import threading
 import time
 from typing import Any
@@ -42,6 +44,41 @@ RESTART_S = 2.0
 ATTACH_WAIT_S = 3.0
 
 log = logging.getLogger("dgs.ioc")
+
+
+def claim_window(name: str) -> socket.socket:
+    """Hold window ``name`` for this IOC (RuntimeError if another IOC holds it).
+
+    Two readers of one crate's FIFOs would each get part of its data. The claim is
+    a listening Unix socket in the abstract namespace, so the kernel frees it when
+    the IOC ends, however it ends, and no file is left behind; another IOC asking
+    learns the holder's PID from the connection's credentials.
+    """
+    address = f"\0dgs-crate-window-claim-{name}"
+    claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        claim.bind(address)
+    except OSError:
+        claim.close()
+        raise RuntimeError(
+            f"window {name} is already read by another IOC{_claim_holder(address)}; "
+            "one crate has one reader"
+        ) from None
+    claim.listen(1)
+    return claim
+
+
+def _claim_holder(address: str) -> str:
+    """The PID of the process holding the claim at ``address`` as " (pid N)", if it
+    answers, else ""."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(address)
+            pid, _, _ = struct.unpack("3i", probe.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        except OSError:
+            return ""
+    return f" (pid {pid})"
 
 
 class ProcessCrate(Crate):
@@ -67,6 +104,7 @@ class ProcessCrate(Crate):
             for index, s in enumerate(sorted(specs, key=lambda s: s.card))
         ]
         self._window: Window | None = None
+        self._claim = claim_window(name)
         if spawned is None:
             self.wait_ready()
 
@@ -134,6 +172,7 @@ class ProcessCrate(Crate):
                 self._window.close()
             if self._spawned is not None:
                 self._spawned.stop()
+            self._claim.close()
 
     # Liveness.
 

@@ -138,6 +138,20 @@ def test_an_ioc_attached_to_dgs_sim_receives_every_generated_event(
     run_delivers_every_event(ioc)
 
 
+def test_a_second_ioc_on_the_same_crate_window_is_refused_and_the_first_goes_on(
+    start_ioc, attach_config, crate_sims, tmp_path
+):
+    start_sim(crate_sims, attach_config, tmp_path)
+    first = start_ioc("--config", str(attach_config))
+    second = start_ioc("--config", str(attach_config), wait_ready=False)
+    assert second.proc.wait(30) == 2
+    lines = second.log().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "is already read by another IOC" in lines[0], lines
+    assert f"(pid {first.proc.pid})" in lines[0], lines
+    run_delivers_every_event(first)
+
+
 def test_an_ioc_without_its_crate_process_stops_start_up_with_one_line(
     start_ioc, attach_config
 ):
