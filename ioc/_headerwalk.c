@@ -50,7 +50,8 @@ static int get_array(PyObject *object, Py_buffer *view, int flags, Py_ssize_t it
 }
 
 static PyObject *results(const OrderError *errors, Py_ssize_t order_errors,
-                         const int64_t *first_offset, const unsigned *first_length)
+                         const int64_t *first_offset, const unsigned *first_length,
+                         Py_ssize_t counted)
 {
     PyObject *list = PyList_New(order_errors);
     PyObject *firsts = PyDict_New();
@@ -76,7 +77,7 @@ static PyObject *results(const OrderError *errors, Py_ssize_t order_errors,
         if (failed)
             goto fail;
     }
-    return Py_BuildValue("(NN)", list, firsts);
+    return Py_BuildValue("(NNn)", list, firsts, counted);
 fail:
     Py_XDECREF(list);
     Py_XDECREF(firsts);
@@ -123,7 +124,7 @@ static PyObject *walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     const int64_t last_packet = (int64_t)(words.len - FIRST_WORDS_BYTES) / 4;
     const int64_t last_header = (int64_t)(words.len - HEADER_BYTES) / 4;
     OrderError *errors = NULL; /* grown on the first error: they are rare */
-    Py_ssize_t order_errors = 0, error_room = 0, outside = -1;
+    Py_ssize_t order_errors = 0, error_room = 0, outside = -1, counted = 0;
     int out_of_memory = 0;
     int64_t first_offset[CHANNELS];
     unsigned first_length[CHANNELS] = {0};
@@ -176,6 +177,7 @@ static PyObject *walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         const uint16_t amplitude = (uint16_t)(post - pre);
         const Py_ssize_t piled = (packet[18] & 0x80) ? PILED : 0;
         bins[piled + (Py_ssize_t)channel * ROW + amplitude]++;
+        counted++;
     }
     Py_END_ALLOW_THREADS
 
@@ -185,7 +187,7 @@ static PyObject *walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_Format(PyExc_ValueError,
                      "packet %zd starts outside the buffer or its header ends past it", outside);
     else
-        result = results(errors, order_errors, first_offset, first_length);
+        result = results(errors, order_errors, first_offset, first_length, counted);
     PyMem_RawFree(errors);
 release_all:
     if (have_histogram)
@@ -202,7 +204,7 @@ release_words:
 
 static PyMethodDef methods[] = {
     {"walk", (PyCFunction)(void (*)(void))walk, METH_FASTCALL,
-     "walk(words, offsets, last, histogram) -> (order_errors, first_events)\n\n"
+     "walk(words, offsets, last, histogram) -> (order_errors, first_events, counted)\n\n"
      "Visit the packets starting at the word offsets (int64) of the big-endian words,\n"
      "in order. With last (16 int64 timestamps of the card, one per channel id, -1 for\n"
      "none; updated), order_errors lists (offset, previous, timestamp) of each packet\n"
@@ -210,7 +212,7 @@ static PyMethodDef methods[] = {
      "each channel 0..9 to (offset, N) of its first event. With histogram (2 * 10 *\n"
      "65536 uint32 counts), each digitizer event adds one at pile_up * 10 * 65536 +\n"
      "channel * 65536 + amplitude, amplitude being (post-rise sum >> 8) - (pre-rise\n"
-     "sum >> 8) modulo 2**16; type-F headers are not counted."},
+     "sum >> 8) modulo 2**16; type-F headers are not counted. counted: events added."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -71,6 +71,8 @@ class CheckResult:
     #: Words per packet when the walk found one unbroken chain of equal-size packets
     #: over the whole buffer, else 0: the sender then cuts replies without a walk of its own.
     packet_words: int = 0
+    #: Events counted into the live spectra's histogram (`Checker.check`'s ``histogram``).
+    counted: int = 0
 
 
 def _uniform_packet_words(offsets: np.ndarray, lengths: np.ndarray, nwords: int) -> int:
@@ -181,7 +183,7 @@ class Checker:
         if offsets.size:
             # A buffer with a fatal error is discarded: its events are not counted.
             fatal = any(error.fatal for error in errors)
-            order_errors, result.first_event_by_channel = _headerwalk.walk(
+            order_errors, result.first_event_by_channel, result.counted = _headerwalk.walk(
                 words,
                 np.ascontiguousarray(offsets, dtype=np.int64),
                 self._last[card] if timestamps else None,

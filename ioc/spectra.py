@@ -71,9 +71,11 @@ class Spectra:
         self._lock = threading.Lock()
 
     def counting(self, card: int) -> _Counting:
-        """``with spectra.counting(card) as histogram:`` the card's histogram, to count
-        one checked buffer into (`Checker.check`), under the lock, so that a reader
-        never copies it halfway through a buffer."""
+        """``with spectra.counting(card) as counting:`` the card's histogram
+        (``counting.histogram``) to count one checked buffer into (`Checker.check`),
+        under the lock, so that a reader never copies it halfway through a buffer; the
+        caller says how many events it added (``counting.added``), and only a buffer
+        that added some makes the card's spectra change (and be published again)."""
         return _Counting(self, card)
 
     @staticmethod
@@ -108,19 +110,22 @@ class _Counting:
     """The context of `Spectra.counting` (a class: a generator-based one cost 1.7 µs per
     buffer, 1 % of a check)."""
 
-    __slots__ = ("_card", "_spectra")
+    __slots__ = ("_card", "_spectra", "added", "histogram")
 
     def __init__(self, spectra: Spectra, card: int) -> None:
         self._spectra, self._card = spectra, card
+        self.added = 0
 
-    def __enter__(self) -> np.ndarray:
+    def __enter__(self) -> _Counting:
         spectra = self._spectra
         spectra._lock.acquire()
-        return spectra._histograms[self._card]
+        self.histogram = spectra._histograms[self._card]
+        return self
 
     def __exit__(self, *exc: object) -> None:
         spectra = self._spectra
-        spectra._serials[self._card] += 1
+        if self.added:
+            spectra._serials[self._card] += 1
         spectra._lock.release()
 
 

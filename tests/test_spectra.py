@@ -41,8 +41,9 @@ def type_f(channel: int = 0xD) -> list[int]:
 
 def check_and_add(spectra: Spectra, packets: list[list[int]], card: int = 0) -> None:
     words = np.array([w for packet in packets for w in packet], dtype=WORD)
-    with spectra.counting(card) as histogram:
-        result = Checker().check(words, card, histogram=histogram)
+    with spectra.counting(card) as counting:
+        result = Checker().check(words, card, histogram=counting.histogram)
+        counting.added = result.counted
     assert not result.fatal
 
 
@@ -141,8 +142,8 @@ def test_the_walk_refuses_offsets_outside_the_buffer_and_a_wrong_histogram():
         with pytest.raises(ValueError, match="starts outside the buffer or its header ends"):
             _headerwalk.walk(words, np.array(offsets, dtype=np.int64), None, histogram)
     assert histogram.sum() == 0
-    _headerwalk.walk(words, np.array([0, whole], dtype=np.int64), None, histogram)
-    assert histogram.sum() == 1
+    walked = _headerwalk.walk(words, np.array([0, whole], dtype=np.int64), None, histogram)
+    assert walked[2] == histogram.sum() == 1  # the event counted, not the type-F header
     with pytest.raises(ValueError, match="histogram must have 1310720 bins, got 16"):
         _headerwalk.walk(words, np.array([0], dtype=np.int64), None, histogram[:16])
     with pytest.raises(TypeError, match="offsets must hold 8-byte items"):
@@ -154,10 +155,24 @@ def test_the_walk_refuses_offsets_outside_the_buffer_and_a_wrong_histogram():
 def test_a_buffer_with_a_fatal_error_is_not_counted():
     spectra = Spectra(7)
     words = np.array([*event(0, 0, 256 * 9), *event(1, 0, 256)[:6]], dtype=WORD)
-    with spectra.counting(0) as histogram:
-        result = Checker().check(words, 0, histogram=histogram)
-    assert result.fatal and result.events == 1
+    serial = spectra.serial(0)
+    with spectra.counting(0) as counting:
+        result = Checker().check(words, 0, histogram=counting.histogram)
+        counting.added = result.counted
+    assert result.fatal and result.events == 1 and result.counted == 0
     assert spectra.counts(0).events.sum() == 0
+    assert spectra.serial(0) == serial, "nothing counted: nothing to publish again"
+
+
+def test_a_buffer_of_status_headers_only_leaves_the_spectra_unchanged():
+    """At idle the boards send empty-FIFO headers: they must not make the spectra be
+    published again every second."""
+    spectra = Spectra(7)
+    serial = spectra.serial(0)
+    check_and_add(spectra, [type_f(0xE)])
+    assert spectra.serial(0) == serial
+    check_and_add(spectra, [event(0, 0, 256)])
+    assert spectra.serial(0) == serial + 1
 
 
 def test_a_reset_zeroes_one_card_and_is_seen_by_readers():
