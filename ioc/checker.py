@@ -179,10 +179,11 @@ class Checker:
             breaks = [brk for brk in breaks if brk.offset <= walked_to]
 
         errors = [self._break_error(words, brk) for brk in breaks]
-        result = CheckResult(events=int(offsets.size))
+        # At most one break is fatal, the last (the walk stops there); order errors never
+        # are. A buffer with a fatal error is discarded: its events are not counted.
+        fatal = any(error.fatal for error in errors)
+        result = CheckResult(events=int(offsets.size), fatal=fatal)
         if offsets.size:
-            # A buffer with a fatal error is discarded: its events are not counted.
-            fatal = any(error.fatal for error in errors)
             order_errors, result.first_event_by_channel, result.counted = _headerwalk.walk(
                 words,
                 np.ascontiguousarray(offsets, dtype=np.int64),
@@ -198,7 +199,6 @@ class Checker:
         if len(errors) > 1:
             errors.sort(key=lambda error: error.offset)
         result.errors = errors
-        result.fatal = bool(errors) and errors[-1].fatal
         return result
 
     def _gather(self, native: np.ndarray, positions: np.ndarray, word: int, name: str):
