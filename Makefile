@@ -12,7 +12,7 @@ LOOPBACK_EPICS := EPICS_CAS_INTF_ADDR_LIST=127.0.0.1 EPICS_CAS_BEACON_ADDR_LIST=
 
 .PHONY: setup test lint generate run system bench bench-sim bench-receiver soak clean
 
-$(PIP_STAMP): pyproject.toml ioc/_headerwalk.c
+$(PIP_STAMP): pyproject.toml setup.py ioc/_headerwalk.c
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
