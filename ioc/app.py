@@ -308,6 +308,9 @@ class CrateIoc:
         """Run start (inLoop): the board set-up the run uses from now on."""
         self._run_setup = self._current_setup()
         self._update_pending()
+        self.sampling.set_run_boards(
+            {card: setup.package_data for card, setup in self._run_setup.items()}
+        )
         return self._run_setup
 
     def _current_setup(self) -> dict[int, BoardSetup]:

@@ -201,7 +201,7 @@ class CrateConfig:
     sample_port: int = 9002
     #: TCP port of the sampling service's PV Access server (0: any free port).
     sample_pva_port: int = 0
-    #: What a classic client on the sample port gets (ioc.sampling syntax; "" = every event).
+    #: What a classic client on the sample port gets (ioc.sample_filter; "": digitizer events).
     sample_filter: str = ""
     #: Events a sampling consumer may have queued before new samples are dropped.
     sample_queue_events: int = 20_000

@@ -29,6 +29,9 @@ MAX_PACKET_LENGTH = 510
 MAX_TRACE_SAMPLES = 992
 #: Master-trigger packets are fixed at 16 words.
 TRIGGER_WORDS = 16
+#: The channel every record of a trigger board is given (GEB files, sampled events):
+#: after the digitizer channels 0..9 and the type-F 0xD..0xF, so it never collides.
+TRIGGER_CHANNEL = 16
 #: Channels of an ANL digitizer.
 DIGITIZER_CHANNELS = 10
 

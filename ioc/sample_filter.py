@@ -11,6 +11,16 @@ the DD system's control words, mapped onto what DGS packets carry:
   11 CFD valid, 9 peak valid, 8 external discriminator, 7 timestamp match,
   6 veto.
 
+The master trigger's 16-word packets carry the trigger pattern itself, so a
+filter may take them instead of (``source=trigger``, or any trigger term) or
+besides (``source=any``) the digitizer events: ``trigger_type`` (word 1) is
+compared for equality, and ``trigger_all`` / ``trigger_none`` test the bits
+of the trigger bit mask (word 9). Digitizer terms (channels, types, flags,
+energy) select digitizer events only, trigger terms trigger packets only;
+``board`` selects both (a trigger packet's board is its board's package
+data). A digitizer term with ``source=trigger`` is refused: it could match
+nothing.
+
 Energy is (post-rise sum − pre-rise sum) / M in digitizer units (ADC counts of
 pulse amplitude), M = `FILTER_LENGTH`. Fields are gathered from a buffer only
 when a filter needs them, one vectorised pass per header word.
@@ -34,6 +44,19 @@ FILTER_LENGTH = 256
 HEADER_FIELD_WORDS = 10
 
 
+class Source(enum.Enum):
+    """Which packets a consumer samples."""
+
+    DIGITIZER = "digitizer"
+    TRIGGER = "trigger"
+    ANY = "any"
+
+
+#: Filter terms that select digitizer events, and those that select trigger packets.
+DIGITIZER_TERMS = ("ch", "header_type", "event_type", "flags_all", "flags_none", "energy")
+TRIGGER_TERMS = ("trigger_type", "trigger_all", "trigger_none")
+
+
 class Mode(enum.Enum):
     """What a consumer wants of the matching events."""
 
@@ -55,6 +78,10 @@ class SampleFilter:
     flags_none: int = 0
     energy_min: int | None = None
     energy_max: int | None = None
+    source: Source = Source.DIGITIZER
+    trigger_type: int | None = None
+    trigger_all: int = 0
+    trigger_none: int = 0
     mode: Mode = Mode.ALL
     #: N of PRESCALE, K of READY.
     count: int = 1
@@ -71,7 +98,39 @@ class SampleFilter:
                 _parse_token(fields, key, value)
             except ValueError as err:
                 raise ValueError(f"bad sample filter term {token!r}: {err}") from None
+        if "source" not in fields and any(name in fields for name in TRIGGER_TERMS):
+            fields["source"] = Source.TRIGGER
         return cls(**fields)
+
+    def __post_init__(self) -> None:
+        if self.source is Source.TRIGGER and self._digitizer_terms():
+            raise ValueError(
+                f"bad sample filter: {', '.join(self._digitizer_terms())} select digitizer "
+                "events, not trigger packets (source=any samples both)"
+            )
+        if self.source is Source.DIGITIZER and self._trigger_terms():
+            raise ValueError(
+                f"bad sample filter: {', '.join(self._trigger_terms())} select trigger "
+                "packets, not digitizer events (source=any samples both)"
+            )
+
+    def _digitizer_terms(self) -> list[str]:
+        given = [self.channel_mask != 0x3FF, self.header_type is not None,
+                 self.event_type is not None, bool(self.flags_all), bool(self.flags_none),
+                 self.energy_min is not None or self.energy_max is not None]
+        return [term for term, set_ in zip(DIGITIZER_TERMS, given, strict=True) if set_]
+
+    def _trigger_terms(self) -> list[str]:
+        given = [self.trigger_type is not None, bool(self.trigger_all), bool(self.trigger_none)]
+        return [term for term, set_ in zip(TRIGGER_TERMS, given, strict=True) if set_]
+
+    @property
+    def takes_digitizer(self) -> bool:
+        return self.source is not Source.TRIGGER
+
+    @property
+    def takes_trigger(self) -> bool:
+        return self.source is not Source.DIGITIZER
 
     def text(self) -> str:
         """The filter in the syntax `parse` reads."""
@@ -90,6 +149,13 @@ class SampleFilter:
             low = "" if self.energy_min is None else self.energy_min
             high = "" if self.energy_max is None else self.energy_max
             terms.append(f"energy={low}-{high}")
+        if self.source is not Source.DIGITIZER:
+            terms.append(f"source={self.source.value}")
+        if self.trigger_type is not None:
+            terms.append(f"trigger_type={self.trigger_type}")
+        for name in ("trigger_all", "trigger_none"):
+            if getattr(self, name):
+                terms.append(f"{name}=0x{getattr(self, name):x}")
         if self.mode is not Mode.ALL:
             count = "" if self.mode is Mode.RECENT else f"={self.count}"
             terms.append(self.mode.value + count)
@@ -129,6 +195,21 @@ class SampleFilter:
             narrow(f["energy"] <= self.energy_max)
         return mask
 
+    def match_trigger(self, board: int, f: TriggerFields) -> np.ndarray | None:
+        """Boolean mask of one trigger buffer's packets this filter takes; None: all of them."""
+        if self.boards and board not in self.boards:
+            return np.zeros(f.count, dtype=bool)
+        mask: np.ndarray | None = None
+        if self.trigger_type is not None:
+            mask = f["trigger_type"] == self.trigger_type
+        if self.trigger_all:
+            taken = (f["trigger_mask"] & self.trigger_all) == self.trigger_all
+            mask = taken if mask is None else mask & taken
+        if self.trigger_none:
+            taken = (f["trigger_mask"] & self.trigger_none) == 0
+            mask = taken if mask is None else mask & taken
+        return mask
+
 
 def _numbers(value: str) -> list[int]:
     """``"0-3,7"`` → [0, 1, 2, 3, 7]."""
@@ -147,8 +228,15 @@ def _parse_token(fields: dict, key: str, value: str) -> None:
         if any(not 0 <= c <= 9 for c in channels):
             raise ValueError("channels are 0..9")
         fields["channel_mask"] = sum(1 << c for c in set(channels))
-    elif key in ("header_type", "event_type", "flags_all", "flags_none"):
+    elif key in ("header_type", "event_type", "flags_all", "flags_none", "trigger_type",
+                 "trigger_all", "trigger_none"):
         fields[key] = int(value, 0)
+    elif key == "source":
+        if value.lower() not in {source.value for source in Source}:
+            raise ValueError("source is digitizer, trigger or any")
+        fields["source"] = Source(value.lower())
+    elif key == "trigger" and not value:
+        fields["source"] = Source.TRIGGER
     elif key == "energy":
         match = re.fullmatch(r"(-?\d*)-(-?\d*)", value)
         if not match:
@@ -215,4 +303,37 @@ FIELD_DECODERS: dict[str, Callable[[HeaderFields], np.ndarray]] = {
     "flags": lambda f: f.word(4) & 0xFFFF,
     "timestamp": lambda f: packets.timestamp(f.word(2), f.word(3)),
     "energy": _energy,
+}
+
+
+class TriggerFields:
+    """Fields of a buffer's 16-word trigger packets, each gathered when first asked for."""
+
+    def __init__(self, native: np.ndarray, offsets: np.ndarray) -> None:
+        self.native = native
+        self.offsets = offsets
+        self.count = offsets.size
+        self._fields: dict[str, np.ndarray] = {}
+
+    def word(self, index: int) -> np.ndarray:
+        """Word ``index`` of every packet: a 16-bit value (bits 31:16 are 0, spec 04)."""
+        return gather(self.native, self.offsets + index) & 0xFFFF
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._fields:
+            self._fields[name] = TRIGGER_FIELD_DECODERS[name](self)
+        return self._fields[name]
+
+
+def _trigger_timestamp(f: TriggerFields) -> np.ndarray:
+    """Words 2, 3, 4 hold timestamp bits 47:32, 31:16, 15:0."""
+    high, middle, low = (f.word(index).astype(np.uint64) for index in (2, 3, 4))
+    return high << np.uint64(32) | middle << np.uint64(16) | low
+
+
+TRIGGER_FIELD_DECODERS: dict[str, Callable[[TriggerFields], np.ndarray]] = {
+    "trigger_type": lambda f: f.word(1),
+    "timestamp": _trigger_timestamp,
+    "multiplicity": lambda f: f.word(6),
+    "trigger_mask": lambda f: f.word(9),
 }

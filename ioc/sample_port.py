@@ -3,14 +3,16 @@
 Any classic receiver (`python -m receiver.client`, `dgs-receiver --protocol
 classic`, gtReceiver) can sample a live run here without touching the primary
 stream on the data port: every connection is one consumer of `ioc.sampling`
-with the configured default filter (``[crate] sample_filter``, every event when
-left out). The protocol is the classic one byte for byte (docs/protocol.md):
-one reply per 4-byte request, whole packets of one board per reply, at most
-``max_reply_bytes``, type 5 after the idle wait when nothing is queued. Each
-board's end-of-run header is passed on whatever the filter, so a classic
-receiver ends as it does on 9001. Connections are served each on a thread of
-its own and may come and go at any time; the port stays open for the IOC's
-life. A client that falls behind loses samples (counted), never the run.
+with the configured default filter (``[crate] sample_filter``, every digitizer
+event when left out; ``source=any`` adds the master trigger's packets, which a
+classic receiver files as on the data port). The protocol is the classic one
+byte for byte (docs/protocol.md): one reply per 4-byte request, whole packets
+of one board per reply, at most ``max_reply_bytes``, type 5 after the idle
+wait when nothing is queued. Each board's end-of-run header is passed on
+whatever the filter, so a classic receiver ends as it does on 9001.
+Connections are served each on a thread of its own and may come and go at any
+time; the port stays open for the IOC's life. A client that falls behind loses
+samples (counted), never the run.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ server, which runs in the same process on a TCP port of its own
   the consumer ``id``; next takes ``id``, ``max`` (events, default 1000) and
   ``timeout`` (seconds to wait for the first event, at most 2) and returns a
   batch: an NTTable of the events (board, channel, timestamp, energy,
-  header_type, event_type, flags, trace_offset, trace_length) with the
+  header_type, event_type, flags, trigger_type, trigger_mask, multiplicity,
+  trace_offset, trace_length; a master-trigger packet shows channel 16, its
+  board's package data and 0 in the digitizer fields) with the
   concatenated trace samples in ``traces`` when the filter asked for them, and
   the consumer's counters in ``consumer``. A consumer not read for
   `IDLE_DETACH_S` is detached.
@@ -53,9 +55,11 @@ PUBLISH_PERIOD_S = 0.5
 
 _COLUMNS = [
     ("board", "H"), ("channel", "B"), ("header_type", "B"), ("event_type", "B"),
-    ("flags", "H"), ("timestamp", "L"), ("energy", "i"), ("trace_offset", "I"),
-    ("trace_length", "I"),
+    ("flags", "H"), ("timestamp", "L"), ("energy", "i"), ("trigger_type", "H"),
+    ("trigger_mask", "H"), ("multiplicity", "H"), ("trace_offset", "I"), ("trace_length", "I"),
 ]  # fmt: skip
+#: The columns decoded from the packets; the trace columns are built per batch.
+_DECODED = [name for name, _code in _COLUMNS if not name.startswith("trace_")]
 BATCH_TYPE = Type(
     [
         ("labels", "as"),
@@ -80,12 +84,15 @@ def batch_value(consumer_id: int, chunks: list[Chunk], counters: tuple[int, int,
     columns: dict[str, Any] = {}
     samples: list[np.ndarray] = []
     if events is not None:
-        for name, _code in _COLUMNS[:7]:
+        for name in _DECODED:
             columns[name] = events[name]
         lengths = np.zeros(events.size, dtype=np.uint32)
         if traces:
             row = 0
             for chunk in chunks:
+                if chunk.is_trigger:  # trigger packets hold no trace
+                    row += chunk.count
+                    continue
                 for offset, length in zip(chunk.offsets, chunk.lengths, strict=True):
                     trace = packets.trace_samples(
                         chunk.words[offset + packets.HEADER_WORDS : offset + length + 1]

@@ -6,10 +6,11 @@ never waits: with no consumer attached the call returns at once; otherwise
 each consumer's filter (`ioc.sample_filter`) selects its events as a mask over
 header fields gathered in vectorised passes, and only the selected packets are
 copied into that consumer's bounded queue; their fields are decoded later, by
-the reader. A full queue drops the newest selection and counts it lost for
-that consumer alone; nothing ever blocks, and the buffer goes on to the sender
-untouched. Readers (PV Access RPC, the classic sample port) take from the
-queues on their own threads.
+the reader. The master trigger's packets are sampled the same way, for the
+consumers whose filter takes them (`ioc.sample_filter.Source`). A full queue
+drops the newest selection and counts it lost for that consumer alone; nothing
+ever blocks, and the buffer goes on to the sender untouched. Readers (PV Access
+RPC, the classic sample port) take from the queues on their own threads.
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ import numpy as np
 from ioc import packets
 from ioc.decoder import KIND_EVENT, decode, native_view
 from ioc.pool import Buffer
-from ioc.sample_filter import FIELD_DECODERS, HeaderFields, Mode, SampleFilter
+from ioc.sample_filter import (
+    FIELD_DECODERS,
+    TRIGGER_FIELD_DECODERS,
+    HeaderFields,
+    Mode,
+    SampleFilter,
+    TriggerFields,
+)
 
 TRIGGER_BOARD_TYPE = 4
 #: How often an on-request consumer (most recent, K ready) refreshes what it keeps.
@@ -43,6 +51,9 @@ SAMPLE_DTYPE = np.dtype(
         ("flags", np.uint16),
         ("timestamp", np.uint64),
         ("energy", np.int32),
+        ("trigger_type", np.uint16),
+        ("trigger_mask", np.uint16),
+        ("multiplicity", np.uint16),
         ("offset", np.int64),
         ("length", np.int32),
     ]
@@ -54,25 +65,39 @@ class Chunk:
     """Sampled packets of one buffer (one board): copied back to back, and where each lies.
 
     The fields are decoded by whoever reads the chunk (`events`), never by outLoop.
+    A chunk of trigger packets names its board (``trigger_board``, the package
+    data): unlike a digitizer packet, a trigger packet does not carry it.
     """
 
     words: np.ndarray  # >u4
     offsets: np.ndarray  # int64, into ``words``
     lengths: np.ndarray  # N of each packet
     end_of_run: bool = False
+    trigger_board: int | None = None
 
     @property
     def count(self) -> int:
         return int(self.offsets.size)
 
+    @property
+    def is_trigger(self) -> bool:
+        return self.trigger_board is not None
+
     def part(self, start: int, stop: int | None = None) -> Chunk:
         return Chunk(self.words, self.offsets[start:stop], self.lengths[start:stop],
-                     self.end_of_run)
+                     self.end_of_run, self.trigger_board)
 
     def events(self) -> np.ndarray:
-        """The packets' decoded fields (`SAMPLE_DTYPE`)."""
+        """The packets' decoded fields (`SAMPLE_DTYPE`); a trigger packet's digitizer
+        fields are 0 and its channel `packets.TRIGGER_CHANNEL`."""
         events = np.zeros(self.count, dtype=SAMPLE_DTYPE)
-        if self.count:
+        if self.count and self.trigger_board is not None:
+            trigger = TriggerFields(native_view(self.words), self.offsets)
+            for name in TRIGGER_FIELD_DECODERS:
+                events[name] = trigger[name]
+            events["board"] = self.trigger_board
+            events["channel"] = packets.TRIGGER_CHANNEL
+        elif self.count:
             fields = HeaderFields(native_view(self.words), self.offsets, whole=True)
             for name in FIELD_DECODERS:
                 events[name] = fields[name]
@@ -222,6 +247,8 @@ class SampleTap:
         #: Replaced, never mutated: outLoop reads it without a lock.
         self._consumers: tuple[Consumer, ...] = ()
         self._ids = itertools.count(1)
+        #: Package data of each card in the current run (replaced at every Start).
+        self._run_boards: dict[int, int] = {}
         #: Counters of consumers already detached, so the totals never go back.
         self.retired_delivered = 0
         self.retired_lost = 0
@@ -259,6 +286,10 @@ class SampleTap:
             self.retired_lost + sum(c.lost for c in consumers),
         )
 
+    def set_run_boards(self, package_data: dict[int, int]) -> None:
+        """At Start: each card's package data for the run (trigger packets do not carry it)."""
+        self._run_boards = dict(package_data)
+
     # outLoop's call.
 
     def offer(self, buf: Buffer) -> None:
@@ -268,7 +299,9 @@ class SampleTap:
             return
         if buf.is_type_f:
             self._offer_status(buf, consumers)
-        elif buf.board_type != TRIGGER_BOARD_TYPE:
+        elif buf.board_type == TRIGGER_BOARD_TYPE:
+            self._offer_triggers(buf, consumers)
+        else:
             self._offer_events(buf, consumers)
 
     def _offer_status(self, buf: Buffer, consumers: tuple[Consumer, ...]) -> None:
@@ -285,23 +318,53 @@ class SampleTap:
                 consumer.put(chunk, 0)
 
     def _offer_events(self, buf: Buffer, consumers: tuple[Consumer, ...]) -> None:
+        takers = [c for c in consumers if c.filter.takes_digitizer]
+        if not takers:
+            return
         words = buf.payload_words()
         offsets, lengths = event_spans(words, buf.packet_words)
         if offsets.size == 0:
             return
         fields = HeaderFields(native_view(words), offsets)
-        for consumer in consumers:
-            mask = consumer.filter.match(fields)
-            matching = np.arange(offsets.size) if mask is None else np.flatnonzero(mask)
-            if matching.size == 0:
-                continue
-            chosen, dropped = consumer.choose(matching)
-            if chosen.size == 0:
-                if dropped:
-                    consumer.put(EMPTY_CHUNK, dropped)
-                continue
-            chunk = copy_events(words, offsets, lengths, chosen, buf.packet_words)
-            consumer.put(chunk, dropped)
+        for consumer in takers:
+            chunk, dropped = _selection(consumer, consumer.filter.match(fields), words, offsets,
+                                        lengths, buf.packet_words)
+            if chunk is not None:
+                consumer.put(chunk, dropped)
+
+    def _offer_triggers(self, buf: Buffer, consumers: tuple[Consumer, ...]) -> None:
+        takers = [c for c in consumers if c.filter.takes_trigger]
+        if not takers:
+            return
+        words = buf.payload_words()
+        size = packets.TRIGGER_WORDS
+        offsets = np.arange(0, words.size - size + 1, size, dtype=np.int64)
+        if offsets.size == 0:
+            return
+        lengths = np.full(offsets.size, size - 1, dtype=np.int64)
+        board = self._run_boards.get(buf.card, -1)
+        fields = TriggerFields(native_view(words), offsets)
+        for consumer in takers:
+            chunk, dropped = _selection(consumer, consumer.filter.match_trigger(board, fields),
+                                        words, offsets, lengths, size, trigger_board=board)
+            if chunk is not None:
+                consumer.put(chunk, dropped)
+
+
+def _selection(consumer: Consumer, mask: np.ndarray | None, words: np.ndarray,
+               offsets: np.ndarray, lengths: np.ndarray, packet_words: int,
+               trigger_board: int | None = None) -> tuple[Chunk | None, int]:
+    """What ``consumer`` takes of a buffer's packets matching ``mask`` (None: all), copied,
+    and how many it drops; (None, 0) when it has nothing to put."""
+    matching = np.arange(offsets.size) if mask is None else np.flatnonzero(mask)
+    if matching.size == 0:
+        return None, 0
+    chosen, dropped = consumer.choose(matching)
+    if chosen.size == 0:
+        return (EMPTY_CHUNK, dropped) if dropped else (None, 0)
+    chunk = copy_events(words, offsets, lengths, chosen, packet_words)
+    chunk.trigger_board = trigger_board
+    return chunk, dropped
 
 
 def event_spans(words: np.ndarray, packet_words: int) -> tuple[np.ndarray, np.ndarray]:

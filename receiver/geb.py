@@ -51,7 +51,7 @@ GEB_HEADER_WORDS = GEB_HEADER_BYTES // 4
 #: A trigger packet becomes a 10-word (40-byte) payload.
 TRIGGER_RECORD_WORDS = 10
 #: The ``channel`` given to every record of a trigger board (its packets and its type-F).
-TRIGGER_CHANNEL = 16
+TRIGGER_CHANNEL = packets.TRIGGER_CHANNEL
 #: The GEB header as numpy sees it (for readers of the files).
 GEB_HEADER_DTYPE = np.dtype([("type", "<i4"), ("length", "<i4"), ("timestamp", "<u8")])
 

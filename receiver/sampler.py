@@ -19,7 +19,7 @@ _NEXT = NTURI([("op", "s"), ("id", "i"), ("max", "i"), ("timeout", "d")])
 _DETACH = NTURI([("op", "s"), ("id", "i")])
 #: The fields of a batch's event table, as numpy arrays.
 EVENT_FIELDS = ("board", "channel", "header_type", "event_type", "flags", "timestamp", "energy",
-                "trace_offset", "trace_length")
+                "trigger_type", "trigger_mask", "multiplicity", "trace_offset", "trace_length")
 
 
 def context_for(address: str) -> Context:

@@ -24,9 +24,11 @@ import sys
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from ioc.packets import TRIGGER_CHANNEL
 from receiver.sampler import Sampler, context_for
 from receiver.snapshot import list_pva_names
 
@@ -189,19 +191,26 @@ def print_samples(
     deadline = None if seconds is None else time.monotonic() + seconds
     with crate.sampler(sample_filter) as sampler:
         print(f"consumer {sampler.id}: {sampler.filter}", flush=True)
-        print(f"{'board':>5} {'ch':>2} {'timestamp':>15} {'energy':>7} {'type':>4} {'flags':>6}")
+        print(f"{'board':>5} {'ch':>4} {'timestamp':>15} {'energy':>7} {'type':>4} {'flags':>6}")
         while (count is None or printed < count) and (
             deadline is None or time.monotonic() < deadline
         ):
             batch = sampler.next(1000 if count is None else count - printed, wait=1.0)
-            e = batch.events
             for row in range(len(batch)):
-                print(f"{e['board'][row]:5d} {e['channel'][row]:2d} {e['timestamp'][row]:15d} "
-                      f"{e['energy'][row]:7d} {e['header_type'][row]:4d} 0x{e['flags'][row]:04x}")
+                print(_sample_line({name: values[row] for name, values in batch.events.items()}))
             printed += len(batch)
         print(f"events {printed} delivered {batch.delivered if printed else 0} "
               f"lost {batch.lost if printed else 0}", flush=True)
     return printed
+
+
+def _sample_line(e: dict[str, Any]) -> str:
+    """One sampled event; a master-trigger packet shows its type, bit mask and multiplicity."""
+    if e["channel"] == TRIGGER_CHANNEL:
+        return (f"{e['board']:5d} trig {e['timestamp']:15d} {'-':>7} {e['trigger_type']:4d} "
+                f"0x{e['trigger_mask']:04x} multiplicity {e['multiplicity']}")
+    return (f"{e['board']:5d} {e['channel']:4d} {e['timestamp']:15d} {e['energy']:7d} "
+            f"{e['header_type']:4d} 0x{e['flags']:04x}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+from dataflow import DEMO_SPECS, TRIGGER_SPEC, crate_toml
 from ioc_harness import BIN, IocProcess, wait_until
 
 from ioc.pvs import PV_TABLE
@@ -48,10 +49,12 @@ def generated(ioc: IocProcess) -> dict[int, int]:
 class Drain:
     """Reads a consumer continuously on a thread, as an online analysis would."""
 
-    def __init__(self, sampler: Sampler) -> None:
+    def __init__(self, sampler: Sampler, keep: bool = False) -> None:
         self.sampler = sampler
         self.events = 0
         self.lost = 0
+        #: With ``keep``, each batch's event fields.
+        self.batches: list[dict[str, np.ndarray]] | None = [] if keep else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -61,6 +64,8 @@ class Drain:
             batch = self.sampler.next(20_000, wait=0.3)
             self.events += len(batch)
             self.lost = batch.lost
+            if self.batches is not None and len(batch):
+                self.batches.append(batch.events)
             if self._stop.is_set() and batch.queued == 0 and len(batch) == 0:
                 return
 
@@ -226,3 +231,52 @@ def test_dgs_monitor_shows_rates_samples_and_a_spectrum(start_ioc, tmp_path):
     energies = np.array([int(row[3]) for row in rows])
     assert (energies > 0).all()
     stop_run(ioc)
+
+
+def test_master_trigger_packets_are_sampled_over_pva_and_on_the_sample_port(start_ioc, tmp_path):
+    text = crate_toml((*DEMO_SPECS, TRIGGER_SPEC))
+    text = text.replace("seed = 1\n", 'seed = 1\nsample_filter = "board=101,110 source=any"\n')
+    config = tmp_path / "crate.toml"
+    config.write_text(text)
+    ioc = start_ioc("--config", str(config))
+    address = sampling_address(ioc)
+    triggers = Sampler(address, CRATE, "trigger", name="triggers")
+    pattern = Sampler(address, CRATE, "trigger_type=2", name="type 2")
+    drains = [Drain(triggers, keep=True), Drain(pattern)]
+    port = int(ioc.get("DAQC01_SMP_Port"))
+    client = subprocess.Popen(
+        [sys.executable, "-m", "receiver.client", f"127.0.0.1:{port}", "--interval", "5"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    wait_until(lambda: int(ioc.get("DAQC01_SMP_Consumers")) == 3, 15, "the client attached")
+    start_run(ioc)
+    shown = subprocess.run(
+        [str(BIN / "dgs-monitor"), f"127.0.0.1:{ioc.ports.pva}", "--sample", "trigger_all=0x1",
+         "--count", "5"], capture_output=True, text=True, timeout=60,
+    )
+    rows = [line.split() for line in shown.stdout.splitlines()[2:-1]]
+    assert len(rows) == 5 and {tuple(row[:2]) for row in rows} == {("110", "trig")}, shown
+    assert all(row[5].startswith("0x") and int(row[5], 16) & 1 for row in rows), shown
+    ioc.wait_numeric(f"VME01:{TRIGGER_SPEC.name}:SIM_Generated", lambda v: v > 2000, timeout=30)
+    stop_run(ioc)
+    out, _ = client.communicate(timeout=60)
+    assert client.returncode == 0, out
+    total = out.strip().splitlines()[-1]
+    assert "done=[101, 102, 103, 104, 110]" in total, out
+    made = int(ioc.getf(f"VME01:{TRIGGER_SPEC.name}:SIM_Generated"))
+    events = int(total.split("events=")[1].split()[0])
+    assert events == made + int(ioc.getf("VME01:MDIG1:SIM_Generated")) + 5  # + the five 0xD
+
+    every, type_2 = (drain.finish() for drain in drains)
+    assert every == made and drains[0].lost == 0
+    fields = {name: np.concatenate([b[name] for b in drains[0].batches]) for name in
+              ("board", "channel", "trigger_type", "timestamp", "multiplicity", "energy")}
+    assert set(fields["board"].tolist()) == {TRIGGER_SPEC.package_data}
+    assert set(fields["channel"].tolist()) == {16} and not fields["energy"].any()
+    assert set(fields["trigger_type"].tolist()) == {1, 2, 4}
+    assert (np.diff(fields["timestamp"].astype(np.int64)) > 0).all()
+    assert fields["multiplicity"].min() >= 1
+    assert type_2 == int((fields["trigger_type"] == 2).sum()) > 0
+    for sampler in (triggers, pattern):
+        sampler.close()
+    assert "ERROR" not in ioc.log() and "Traceback" not in ioc.log()

@@ -10,8 +10,8 @@ import pytest
 from ioc import packets
 from ioc.hardware import WORD
 from ioc.pool import Buffer
-from ioc.sample_filter import FILTER_LENGTH, Mode, SampleFilter
-from ioc.sampling import KEEP_PERIOD_S, SampleTap
+from ioc.sample_filter import FILTER_LENGTH, Mode, SampleFilter, Source
+from ioc.sampling import KEEP_PERIOD_S, TRIGGER_BOARD_TYPE, SampleTap
 
 BOARD = 101
 
@@ -131,3 +131,73 @@ def test_a_filter_reads_back_as_written():
     text = "board=101,102 ch=0,1,2,3 header_type=7 flags_all=0x8000 energy=100-4000 prescale=100"
     assert SampleFilter.parse(text).text() == text
     assert SampleFilter.parse(SampleFilter.parse(text).text()) == SampleFilter.parse(text)
+
+
+def trigger_packets(types, masks) -> np.ndarray:
+    """Master-trigger packets (spec 04): 16-bit values in 16 words each."""
+    rows = np.zeros((len(types), packets.TRIGGER_WORDS), dtype=np.int64)
+    for index, (trigger_type, mask) in enumerate(zip(types, masks, strict=True)):
+        timestamp = 0x0001_2345_0000 + index
+        rows[index, :10] = [packets.TRIGGER_MARKER, trigger_type, timestamp >> 32,
+                            timestamp >> 16 & 0xFFFF, timestamp & 0xFFFF, index, 1 + index % 8,
+                            0, 0, mask]
+    return rows.reshape(-1).astype(WORD)
+
+
+def trigger_buffer(words: np.ndarray, card: int = 4) -> Buffer:
+    buf = buffer_of(words)
+    buf.card = card
+    buf.board_type = TRIGGER_BOARD_TYPE
+    return buf
+
+
+def test_trigger_packets_are_sampled_by_type_and_bit_mask_and_name_their_board():
+    types = [1, 2, 4] * 20
+    masks = [0x1 | (0x4 if i % 3 == 0 else 0) for i in range(60)]
+    tap = SampleTap()
+    tap.set_run_boards({0: BOARD, 4: 110})
+    wanted = tap.attach(SampleFilter.parse("trigger_type=1 trigger_all=0x4"))
+    no_bit = tap.attach(SampleFilter.parse("trigger_none=0x4"))
+    both = tap.attach(SampleFilter.parse("source=any"))
+    digitizer_only = tap.attach(SampleFilter())
+    other_board = tap.attach(SampleFilter.parse("board=111 trigger"))
+    tap.offer(trigger_buffer(trigger_packets(types, masks)))
+    tap.offer(buffer_of(packed([0, 1], [300, 400])))
+
+    (chunk,) = wanted.take(1000, 0)
+    events = chunk.events()
+    expected = [i for i in range(60) if types[i] == 1 and masks[i] & 0x4]
+    assert events["timestamp"].tolist() == [0x0001_2345_0000 + i for i in expected]
+    assert set(events["trigger_type"].tolist()) == {1}
+    assert events["multiplicity"].tolist() == [1 + i % 8 for i in expected]
+    assert set(events["board"].tolist()) == {110}
+    assert set(events["channel"].tolist()) == {packets.TRIGGER_CHANNEL}
+    assert not events["energy"].any() and not events["header_type"].any()
+    for row, event in enumerate(events):  # each 16-word packet copied whole
+        words = chunk.words[event["offset"] : event["offset"] + event["length"] + 1]
+        assert words.size == 16 and int(words[0]) == packets.TRIGGER_MARKER
+        assert int(words[5]) == expected[row]
+    assert sum(c.count for c in no_bit.take(1000, 0)) == sum(1 for m in masks if not m & 0x4)
+    taken = both.take(1000, 0)
+    assert [c.is_trigger for c in taken] == [True, False]
+    assert [c.count for c in taken] == [60, 2]
+    assert [c.is_trigger for c in digitizer_only.take(1000, 0)] == [False]
+    assert other_board.take(1000, 0) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [("trigger ch=1", "ch select digitizer events"),
+     ("source=digitizer trigger_type=2", "trigger_type select trigger packets"),
+     ("source=triggers", "digitizer, trigger or any")],
+)
+def test_filters_mixing_digitizer_and_trigger_terms_are_refused(text, problem):
+    with pytest.raises(ValueError, match=problem):
+        SampleFilter.parse(text)
+
+
+def test_trigger_filters_read_back_as_written():
+    for text in ("board=110 source=trigger trigger_type=2 trigger_all=0x5 trigger_none=0x8",
+                 "ch=0 source=any trigger_type=1 prescale=10"):
+        assert SampleFilter.parse(text).text() == text
+    assert SampleFilter.parse("trigger_type=4").source is Source.TRIGGER
