@@ -3,8 +3,11 @@
 softioc's PVA server serves the records; custom PVs such as an RPC need a p4p
 server, which runs in the same process on a TCP port of its own
 (``[crate] sample_pva_port``, 0 = any free port; the port taken is shown in
-``DAQC<NN>_SMP_PvaPort``). Clients reach it by TCP name search:
-``EPICS_PVA_NAME_SERVERS=host:port`` (what `dgs-monitor` does). It serves:
+``DAQC<NN>_SMP_PvaPort``). It answers UDP searches on the IOC's own search
+port, so ``pvget DAQC<NN>_SMP_ConsumerTable`` works like any record; a client
+may also go straight to it by TCP name search,
+``EPICS_PVA_NAME_SERVERS=host:port`` (what `dgs-monitor` does, so that
+several IOCs on one host never mix). It serves:
 
 - ``DAQC<NN>_SMP_Sample``, an RPC. Arguments (NTURI query): ``op`` = attach |
   next | detach; attach takes ``filter`` (the `ioc.sampling.SampleFilter`
@@ -29,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -51,6 +55,7 @@ MAX_WAIT_S = 2.0
 DEFAULT_BATCH = 1000
 MAX_BATCH = 100_000
 IDLE_DETACH_S = 300.0
+DEFAULT_PVA_BROADCAST_PORT = "5076"
 PUBLISH_PERIOD_S = 0.5
 
 _COLUMNS = [
@@ -213,7 +218,10 @@ class SamplePva:
         }
         conf = {
             "EPICS_PVAS_SERVER_PORT": str(self.port),
-            "EPICS_PVAS_BROADCAST_PORT": "0",
+            # The IOC's own search port: pvxs servers of one host share it (each sees
+            # every search), so plain `pvget`s find these PVs as they find the records.
+            "EPICS_PVAS_BROADCAST_PORT": os.environ.get("EPICS_PVAS_BROADCAST_PORT",
+                                                        DEFAULT_PVA_BROADCAST_PORT),
             "EPICS_PVAS_INTF_ADDR_LIST": bind,
             "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1",
             "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO",

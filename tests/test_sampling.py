@@ -249,6 +249,9 @@ def test_master_trigger_packets_are_sampled_over_pva_and_on_the_sample_port(star
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     wait_until(lambda: int(ioc.get("DAQC01_SMP_Consumers")) == 3, 15, "the client attached")
+    # The sampling server answers UDP searches like the IOC's own: a plain pvget finds it.
+    table = ioc.tool("pvget", "DAQC01_SMP_ConsumerTable").stdout
+    assert "source=trigger" in table and "trigger_type=2" in table and "classic" in table, table
     start_run(ioc)
     shown = subprocess.run(
         [str(BIN / "dgs-monitor"), f"127.0.0.1:{ioc.ports.pva}", "--sample", "trigger_all=0x1",
