@@ -18,18 +18,12 @@ import numpy as np
 import pytest
 
 from ioc import packets
+from ioc.board_reader import TRIGGER_CHUNK_WORDS, TRIGGER_MAX_WORDS, whole_events_words
 from ioc.config import InLoopConfig
 from ioc.hardware import WORD, BoardKind
-from ioc.inloop import (
-    TRIGGER_CHUNK_WORDS,
-    TRIGGER_MAX_WORDS,
-    BoardSetup,
-    InLoop,
-    InLoopState,
-    scan_delay,
-    whole_events_words,
-)
+from ioc.inloop import BoardSetup, InLoop, InLoopState
 from ioc.pool import BufferPool, Owner
+from ioc.scan_timing import scan_delay
 from sim import Fault, ManualClock, SimBoardSpec, SimCrate
 
 SLOTS = (3, 4, 5, 6)
