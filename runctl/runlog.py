@@ -4,6 +4,8 @@ JSON lines because scripts read it (one ``json.loads`` per line, nothing to
 parse by column) and an interrupted write can damage at most the last line;
 `format_table` gives people the readable view (``dgs-run log``). Times are
 local ISO-8601 with the UTC offset, so logs from several hosts sort correctly.
+`run_record` and `unstarted_record` make a run's line from the operator's record
+of the run (`runctl.runstate.RunStatus`) and what its run directories hold.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from runctl.losses import Loss
+from runctl.rundirs import dir_usage, receiver_summary, run_dir_of
+from runctl.runstate import RunStatus
 
 RESULT_OK = "ok"
 RESULT_LOST = "lost"  # ended as planned, but a crate lost data (per reason in its record)
@@ -142,3 +146,59 @@ def format_table(records: list[RunRecord]) -> str:
         if record.message:
             lines.append(f"{'':>8}{record.message}")
     return "\n".join(lines)
+
+
+def run_record(
+    status: RunStatus,
+    stop: str,
+    exits: dict[str, int | None],
+    sent: dict[str, int],
+    losses: dict[str, Loss],
+    result: str,
+    message: str,
+) -> RunRecord:
+    """A run that ended: bytes sent, written and lost per crate, the result."""
+    by_crate = {}
+    for crate in status.crates:
+        run_dir = run_dir_of(status, crate)
+        files, nbytes = dir_usage(run_dir)
+        received, records = receiver_summary(run_dir)
+        loss = losses.get(crate)
+        by_crate[crate] = CrateRecord(
+            sender_bytes=sent.get(crate),
+            received_bytes=received,
+            records=records,
+            file_bytes=nbytes,
+            files=files,
+            receiver_exit=exits.get(crate),
+            lost_bytes=dict(loss.bytes) if loss is not None else None,
+            lost_events=dict(loss.events) if loss is not None else None,
+        )
+    return RunRecord(
+        run=status.run or 0,
+        name=status.name or "",
+        result=result,
+        prepared=status.prepared or stop,
+        start=status.start,
+        stop=stop,
+        data_dir=status.data_dir,
+        crates=by_crate,
+        message=message,
+    )
+
+
+def unstarted_record(
+    status: RunStatus, result: str, exits: dict[str, int | None], message: str
+) -> RunRecord:
+    """A run that got its number but never started (cancelled or failed)."""
+    return RunRecord(
+        run=status.run or 0,
+        name=status.name or "",
+        result=result,
+        prepared=status.prepared or now_text(),
+        start=None,
+        stop=now_text(),
+        data_dir=status.data_dir,
+        crates={c: CrateRecord(receiver_exit=exits.get(c)) for c in status.crates},
+        message=message,
+    )
