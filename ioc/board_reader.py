@@ -218,9 +218,7 @@ class BoardReader:
             reader.clean_at = polled_at
             self._count_poll()
             if reader.empty_flag:
-                reader.empty_flag = False
-                self._intend_type_f(reader, packets.CH_EMPTY, packets.EVENT_TYPE_NONE)
-                self._flush_pending(reader, None)
+                self._announce_empty(reader)
             return
         if status.almost_full and reader.almost_full_flag:
             reader.almost_full_flag = False
@@ -379,6 +377,21 @@ class BoardReader:
         """Decide a type-F header now (timestamp latched now); built when a buffer is free."""
         timestamp = reader.board.latch_timestamp()
         reader.pending.append((channel, event_type, timestamp))
+
+    def _announce_empty(self, reader: BoardRun) -> None:
+        """The "empty" (0xE) header, stamped only if the FIFO is still empty after the latch.
+
+        Events that came in between the poll and the latch are older than the stamp;
+        sent after the header, they would follow a board's sign of progress past them
+        (an online merge writes them late). Then the header waits for the next empty
+        poll (its flag stays set) and the events go out first.
+        """
+        timestamp = reader.board.latch_timestamp()
+        if reader.board.status(reader.fifo).depth_words:
+            return
+        reader.empty_flag = False
+        reader.pending.append((packets.CH_EMPTY, packets.EVENT_TYPE_NONE, timestamp))
+        self._flush_pending(reader, None)
 
     def _flush_pending(self, reader: BoardRun, until: Callable[[], float] | None) -> bool:
         """Build the board's pending type-F headers; False if a buffer was missing.

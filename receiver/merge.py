@@ -5,7 +5,9 @@ has a watermark, the largest timestamp it has sent; a board that sent its
 end-of-run (0xD) header has none left to wait for. A board's error headers
 (type F, channel 0xF: almost full, overflow) do not move its watermark: the
 IOC latches their timestamp when it decides to send one, ahead of the older
-events still in the FIFO, which it reads and sends after. A held record is released
+events still in the FIFO, which it reads and sends after. An "empty" header (0xE)
+does move it: the IOC stamps one only when the FIFO is still empty after the
+latch, so nothing older follows it. A held record is released
 once every board still running has sent data past its timestamp. Which boards
 to wait for: the enabled boards of the crates' begin-of-run PV snapshots
 (``expected``; the receiver's ``--pv-pva``), and any other board from its first

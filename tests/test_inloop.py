@@ -653,6 +653,38 @@ def test_an_empty_board_sends_one_heartbeat_per_two_seconds(make_rig):
     assert rig.inloop.stats().type_f_built == 3  # two 0xE and the 0xD
 
 
+def test_an_empty_header_never_goes_out_ahead_of_events_older_than_it(make_rig):
+    """Events that enter the FIFO between the poll that found it empty and the latch of
+    the 0xE header's timestamp are older than the header: they go out first (an online
+    merge takes a board's headers as its progress, and would write them late)."""
+    clock = ManualClock()
+    rig = make_rig([digitizer(0, rate_hz=5000)], clock=clock)
+    board = rig.crate.board(0)
+    latch = board.latch_timestamp
+    windows = []
+
+    def slow_latch() -> int:  # the first latch comes 1 ms after its poll
+        if not windows:
+            windows.append(clock.advance(100_000))
+        return latch()
+
+    board.latch_timestamp = slow_latch
+    rig.start_run()  # the manual clock moves only in that latch: the first poll is empty
+    assert rig.collector.wait_for(
+        lambda seen: any(s.is_type_f and s.channel == packets.CH_EMPTY for s in seen)
+    )
+    rig.stop_run()
+    seen = rig.collector.of(0)
+    empty = type_f_of(seen, packets.CH_EMPTY)[0]
+    header_ts = int(packets.timestamp(empty.words[2], empty.words[3]))
+    before = [s for s in data_of(seen) if seen.index(s) < seen.index(empty)]
+    after = [s for s in data_of(seen) if seen.index(s) > seen.index(empty)]
+    assert before and header_ts >= windows[0] - 1
+    assert all((s.timestamps() <= header_ts).all() for s in before)
+    assert all((s.timestamps() >= header_ts).all() for s in after)
+    assert_conserved(rig, 0)
+
+
 def test_a_filling_fifo_is_polled_in_time_even_when_the_flow_control_would_wait(make_rig):
     """With most of the pool held downstream the flow control asks for 0.3 s between
     passes, longer than this FIFO takes to fill (1 MiB at ~9 MB/s: 115 ms); the wait
