@@ -145,7 +145,9 @@ class Board(abc.ABC):
     @abc.abstractmethod
     def latch_timestamp(self) -> int:
         """Latch and return the board's 48-bit timestamp (10 ns ticks since
-        `Crate.clock_origin_ns`), non-decreasing between calls; a few ms at most."""
+        `Crate.clock_origin_ns`), non-decreasing between calls and never older than an
+        event `read` has already returned (the time order of the board's headers and
+        events depends on it); a few ms at most."""
 
     @abc.abstractmethod
     def set_package_data(self, value: int) -> None:

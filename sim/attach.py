@@ -31,11 +31,21 @@ from sim.board import SimBoardSpec
 from sim.commands import CommandLink, PeerLost
 from sim.launch import CrateProcess
 from sim.procboard import ProcessBoard
-from sim.window import H_CLOSED, H_HEARTBEAT_NS, H_ORIGIN_NS, BoardLayout, Window
+from sim.window import (
+    H_BUILDING,
+    H_CLOSED,
+    H_HEARTBEAT_NS,
+    H_ORIGIN_NS,
+    BoardLayout,
+    Window,
+)
 
 #: A heartbeat older than this means the crate process is gone or stuck.
 STALE_S = 0.5
 COMMAND_TIMEOUT_S = 0.5
+#: How long a latch waits for a build of the crate process to end, and how it looks.
+BUILD_WAIT_S = 0.010
+BUILD_POLL_S = 0.0001
 #: How often a lost crate is looked for again.
 RETRY_S = 0.25
 #: Least time between two starts of a crate process this IOC spawned.
@@ -156,8 +166,20 @@ class ProcessCrate(Crate):
         return int(self.window.header[H_ORIGIN_NS])
 
     def built_until_ns(self) -> int:
-        """The monotonic time up to which the crate process has put every event in its FIFOs."""
-        return int(self.window.header[H_HEARTBEAT_NS])
+        """The monotonic time up to which the crate process has put every event in its FIFOs,
+        and past which none is visible yet.
+
+        While the crate process builds, events newer than the heartbeat are already in
+        the FIFOs and older ones not yet: no timestamp is right for both, so this waits
+        for the build to end (well under a millisecond; at most `BUILD_WAIT_S`, for a
+        crate process that stalls mid-build).
+        """
+        header = self.window.header
+        if header[H_BUILDING]:
+            deadline = time.monotonic() + BUILD_WAIT_S
+            while header[H_BUILDING] and time.monotonic() < deadline:
+                time.sleep(BUILD_POLL_S)
+        return int(header[H_HEARTBEAT_NS])
 
     def reset_accounting(self) -> None:
         """Run start: the crate process's event counts start afresh (if it answers)."""

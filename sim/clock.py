@@ -43,6 +43,32 @@ class MonotonicClock(CrateClock):
         return self._origin_ns
 
 
+class HorizonClock(CrateClock):
+    """Real time, but only as far as it was last moved (`advance_to_now`).
+
+    The crate process moves it once per build of every board and shows that
+    instant as its heartbeat: no event is ever built past the heartbeat, so a
+    timestamp the IOC latches up to the heartbeat is never older than an event
+    already in a FIFO (or already read), and never newer than one still to come.
+    """
+
+    def __init__(self) -> None:
+        self._origin_ns = time.monotonic_ns()
+        self._ticks = 0
+
+    def now_ticks(self) -> int:
+        return self._ticks
+
+    def origin_ns(self) -> int:
+        return self._origin_ns
+
+    def advance_to_now(self) -> int:
+        """Move to the present; returns it as ``time.monotonic_ns()``."""
+        now_ns = time.monotonic_ns()
+        self._ticks = max(self._ticks, (now_ns - self._origin_ns) // TICK_NS)
+        return now_ns
+
+
 class ManualClock(CrateClock):
     """A clock that only moves when told to, for deterministic tests and benchmarks."""
 

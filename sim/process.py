@@ -26,6 +26,7 @@ from typing import Any
 from ioc.hardware import ReadError
 from ioc.realtime import PRIORITY_RANGE, enter_realtime
 from sim.board import SimBoard, SimBoardSpec
+from sim.clock import HorizonClock
 from sim.commands import encode, error_reply
 from sim.crate import SimCrate
 from sim.faults import Fault
@@ -34,6 +35,7 @@ from sim.specs import board_specs, specs_from_json, window_name
 from sim.window import (
     C_READ_ERROR,
     C_UNDERFLOW,
+    H_BUILDING,
     H_CLOSED,
     H_HEARTBEAT_NS,
     REGISTER_SLOTS,
@@ -75,7 +77,9 @@ class CrateServer:
     def __init__(self, specs: list[SimBoardSpec], seed: int, name: str) -> None:
         self.name = name
         self.stop = threading.Event()
-        self.crate = SimCrate(specs, seed=seed)
+        #: Every event is built up to the time this clock shows, and no further.
+        self.clock = HorizonClock()
+        self.crate = SimCrate(specs, seed=seed, clock=self.clock)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._listener.bind(address(name))  # the live-owner check: one server per name
@@ -103,7 +107,7 @@ class CrateServer:
             self._live.append(([names.index(name) for name in live], live))
         for index in range(len(self.crate.boards)):
             self._refresh_registers(index)
-        self.window.header[H_HEARTBEAT_NS] = time.monotonic_ns()
+        self.window.header[H_HEARTBEAT_NS] = self.clock.advance_to_now()
 
     def _refresh_registers(self, index: int) -> None:
         """Copy a board's register values into the window's image."""
@@ -146,8 +150,7 @@ class CrateServer:
     def _pump_pass(self) -> float:
         """Build every event that arrived, show a heartbeat; returns the time to the next.
 
-        The heartbeat is the time read before the pass: every event up to it is in
-        the FIFOs, so a timestamp latched no later than it precedes any event built after.
+        The heartbeat is the instant every board was built up to (`_build_every_board`).
         """
         self._build_every_board()
         now = time.monotonic()
@@ -158,12 +161,17 @@ class CrateServer:
         return min(PUMP_IDLE_S, max(PUMP_BUSY_S, PUMP_SHARE_OF_FILL * fill_s))
 
     def _build_every_board(self) -> None:
-        """Put every event that has arrived in the FIFOs, then move the heartbeat to the
-        time read before: a timestamp latched up to it follows every event built."""
-        built_until_ns = time.monotonic_ns()
+        """Put every event that has arrived in the FIFOs, then show that instant as the
+        heartbeat: a timestamp latched up to it follows every event built, and precedes
+        every event built later (the boards' clock stands at it until the next build,
+        so nothing else, a register refresh or a command, builds past it)."""
+        header = self.window.header
+        header[H_BUILDING] = 1
+        built_until_ns = self.clock.advance_to_now()
         for board in self.crate.boards:
             board.catch_up()
-        self.window.header[H_HEARTBEAT_NS] = built_until_ns
+        header[H_HEARTBEAT_NS] = built_until_ns
+        header[H_BUILDING] = 0
 
     def _accept(self, selector: selectors.BaseSelector, listener: socket.socket) -> None:
         conn, _ = listener.accept()

@@ -28,7 +28,7 @@ import numpy as np
 from ioc.hardware import WORD
 
 SHM_DIR = Path("/dev/shm")
-MAGIC = 0x4447_5357_494E_0001  # "DGSWIN", layout version 1
+MAGIC = 0x4447_5357_494E_0002  # "DGSWIN", layout version 2
 PAGE = 4096
 HEADER_BYTES = PAGE
 #: Where the JSON layout starts in the header, and its room.
@@ -38,8 +38,9 @@ CONTROL_SLOTS = 64 + 512
 #: First slot of the register image (values in the order of the board's register names).
 REGISTER_BASE = 64
 REGISTER_SLOTS = CONTROL_SLOTS - REGISTER_BASE
-#: Header slots.
-H_MAGIC, H_INSTANCE, H_HEARTBEAT_NS, H_ORIGIN_NS, H_PID, H_CLOSED = range(6)
+#: Header slots. H_BUILDING is 1 while the crate process builds events: they become
+#: visible in the FIFOs before the heartbeat moves past them (`built_until_ns`).
+H_MAGIC, H_INSTANCE, H_HEARTBEAT_NS, H_ORIGIN_NS, H_PID, H_CLOSED, H_BUILDING = range(7)
 #: Board control slots: faults the reader side signals, then 3 slots per FIFO.
 C_UNDERFLOW, C_READ_ERROR = 0, 1
 _FIFO_BASE = 8

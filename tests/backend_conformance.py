@@ -23,12 +23,15 @@ import numpy as np
 import pytest
 from ioc_harness import wait_until
 
+from ioc.decoder import KIND_EVENT, decode
 from ioc.hardware import MAIN_DATA_FIFO, TRIGGER_FIFOS, WORD, Board, BoardKind, Crate, FifoStatus
 from ioc.packets import MARKER, TIMESTAMP_MASK, TRIGGER_MARKER
 
 ARRIVAL_TIMEOUT_S = 5.0
 #: How long a board with master logic off is watched for events entering anyway.
 QUIET_WATCH_S = 0.3
+#: How long reads and latches alternate in the latch-order check.
+LATCH_WATCH_S = 1.0
 FIFO_WORDS_MAX = 1 << 20
 
 
@@ -130,6 +133,26 @@ class BackendConformance:
         board = crate.boards[0]
         before = board.latch_timestamp()
         wait_until(lambda: board.latch_timestamp() > before, 1.0, "the timestamp to advance")
+
+    def test_a_latched_timestamp_is_never_older_than_an_event_already_read(
+        self, running: Crate
+    ) -> None:
+        """inLoop stamps its empty and error headers with it after reading; an online merge
+        takes an empty header as the board's progress, so a stamp behind data already
+        read would make the merge write later records late."""
+        board = next(b for b in running.boards if not b.identity.kind.is_trigger)
+        _wait_for_events(board, 0)
+        newest, reads = -1, 0
+        deadline = time.monotonic() + LATCH_WATCH_S
+        while time.monotonic() < deadline:
+            events = decode(_drain(board, 0)).events
+            events = events[events["kind"] == KIND_EVENT]
+            if events.size:
+                newest = max(newest, int(events["timestamp"].max()))
+                reads += 1
+            latched = board.latch_timestamp()
+            assert latched >= newest, f"latched {latched}, but an event read had {newest}"
+        assert reads > 0
 
     def test_package_data_is_what_was_set(self, crate: Crate) -> None:
         for offset, board in enumerate(crate.boards):

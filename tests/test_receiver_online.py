@@ -98,13 +98,12 @@ def test_one_receiver_merges_three_crates_in_order_and_builds_the_same_events_as
     data = b"".join(path.read_bytes() for path in files[""])
     records = geb.read_records(data)
     stamps = records["timestamp"].astype(np.int64)
-    # In order but for the records counted late, which stay rare: the simulated boards
-    # write their events every few ms, and a header latched meanwhile (almost full)
-    # may precede events a little older than itself.
+    # In order, none late: every board's headers are stamped no older than the data
+    # read before them, and an empty (0xE) one only when nothing older can follow it
+    # (a latch in the middle of the crate process's build used to make one late).
     newest_before = np.maximum.accumulate(np.concatenate(([-1], stamps[:-1])))
     written_after_a_newer = int(np.count_nonzero(stamps < newest_before))
-    assert summary["online"]["late"] == written_after_a_newer, printed
-    assert written_after_a_newer <= len(records) // 1000, printed
+    assert summary["online"]["late"] == written_after_a_newer == 0, printed
 
     expected: Counter = Counter()
     for index in range(len(CRATES)):
