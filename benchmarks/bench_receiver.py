@@ -235,7 +235,7 @@ def receiver_run(crate: Crate, out_dir: Path, name: str, warmup: float, seconds:
 def replay(replies: list, out_dir: Path) -> dict:
     """The receiver's own capacity: recorded replies through its processing, no IOC.
 
-    Each reply goes through `Puller.process_reply` (decode, GEB records, files
+    Each reply goes through `Recorder.process_reply` (decode, GEB records, files
     on tmpfs) as fast as it can take them. Baseline: a
     numpy copy of the same payloads into one preallocated buffer.
     """
@@ -247,9 +247,10 @@ def replay(replies: list, out_dir: Path) -> dict:
     run = RunDirectory.create(out_dir, "replay", layout=Layout.CLASSIC)
     puller = cli.Puller(0, ("127.0.0.1", 1), None, run, args,
                         cli.TriggerIdentity(set(), set()), threading.Event())
+    record_reply = puller.recorder.process_reply
     start = time.perf_counter()
     for header, payload in replies:
-        puller.process_reply(header, memoryview(payload))
+        record_reply(header, memoryview(payload))
     run.close()
     elapsed = time.perf_counter() - start
     shutil.rmtree(run.path, ignore_errors=True)

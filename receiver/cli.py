@@ -1,11 +1,11 @@
 """`dgs-receiver`: pull from one or many crate IOCs and write GEB run files (spec 04, 05).
 
 One thread per IOC connection (`receiver.puller`) keeps ``--pipeline`` requests
-in flight like the classic receiver, decodes each reply with numpy, builds all
-its GEB records at once (`receiver.geb`) and appends them to the run's files
-(`receiver.files`). Boards are unique system-wide, so threads of different
-IOCs never write the same file (in the single-file layout they share it under
-a lock).
+in flight like the classic receiver; its recorder (`receiver.recorder`) decodes
+each reply with numpy, builds all its GEB records at once (`receiver.geb`) and
+appends them to the run's files (`receiver.files`). Boards are unique
+system-wide, so threads of different IOCs never write the same file (in the
+single-file layout they share it under a lock).
 
 With ``--layout merged`` or ``--events`` every puller also hands its records
 to one shared merger that writes them in timestamp order and builds
@@ -56,7 +56,8 @@ from receiver.files import (
     RunDirectory,
     RunExistsError,
 )
-from receiver.puller import Puller, RunGone, TriggerIdentity
+from receiver.puller import Puller, RunGone
+from receiver.recorder import TriggerIdentity
 
 EXIT_DONE = 0
 EXIT_INTERRUPTED = 1

@@ -1,4 +1,7 @@
-"""One IOC connection of `dgs-receiver`: pull, decode, build GEB records, write them.
+"""One IOC connection of `dgs-receiver`: connect, pull, acknowledge, reconnect.
+
+The puller speaks the data protocol; each reply's records go to its recorder
+(`receiver.recorder`: decode, GEB records, files, the online merger, counts).
 
 Version 2 (the default) names the run it wants in its hello and writes only
 that run's data. Each reply's records are written atomically (a write error
@@ -19,90 +22,31 @@ from __future__ import annotations
 import argparse
 import threading
 import time
-from collections.abc import Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 
-import numpy as np
-
-from ioc import packets, protocol
-from ioc.decoder import KIND_TRIGGER, KIND_TYPE_F
-from ioc.hardware import WORD
+from ioc import protocol
 from receiver import geb, journal
 from receiver.client import (
-    HEADER,
     INSUFF_DATA,
     MAX_REPLY_BYTES,
     RETRY_S,
     DataConnection,
     ProtocolError,
     Refused,
-    ReplyHeader,
     SenderOff,
     V2Connection,
 )
-from receiver.files import ChunkFile, Layout, Mark, RunDirectory, Stream
+from receiver.files import RunDirectory
 from receiver.merge import Merger
+from receiver.recorder import Counters, Recorder, TriggerIdentity, WriteFailed
 
-GROUPING = {
-    Layout.CLASSIC: geb.GROUP_CHANNEL,
-    Layout.BOARD: geb.GROUP_BOARD,
-    Layout.SINGLE: geb.GROUP_NONE,
-    Layout.MERGED: geb.GROUP_NONE,
-    Layout.NONE: geb.GROUP_NONE,
-}
-#: Layouts whose records go only through the merger (`receiver.merge`), not to per-board files.
-MERGER_ONLY = (Layout.MERGED, Layout.NONE)
 #: A reply is expected at least every idle wait (20 ms); this long without one is a dead link.
 READ_TIMEOUT_S = 10.0
-UNKNOWN_TRIGGER_BOARD = 0
-
-
-class WriteFailed(Exception):
-    """Writing the run's files failed; what the reply wrote was taken back."""
-
-    def __init__(self, path: str, error: OSError) -> None:
-        super().__init__(f"cannot write {path}: {error.strerror or error}")
-        self.path = path
-        self.error = error
 
 
 class RunGone(ConnectionError):
     """The IOC no longer holds the run this receiver is taking (a new run superseded it)."""
-
-
-@dataclass
-class ChannelSummary:
-    records: int = 0
-    nbytes: int = 0
-    first_timestamp: int = -1
-    last_timestamp: int = -1
-
-
-@dataclass
-class Counters:
-    """What one connection has done; read by the status display from another thread."""
-
-    replies: int = 0
-    data_replies: int = 0
-    payload_bytes: int = 0
-    records: int = 0  # GEB records written, type-F headers included
-    events: int = 0  # digitizer and trigger events among them
-    errors: int = 0
-    unknown_spans: int = 0
-    reconnects: int = 0
-    state: str = "connecting"
-    boards_seen: set[int] = field(default_factory=set)
-    boards_done: set[int] = field(default_factory=set)
-    channels: dict[tuple[int, int], ChannelSummary] = field(default_factory=dict)
-    messages: list[str] = field(default_factory=list)
-    #: Wall-clock time (epoch seconds) when the last board's 0xD was written.
-    completed_at: float | None = None
-    #: v2: the IOC reported the run complete (every byte delivered and acknowledged).
-    complete: bool = False
-
-    @property
-    def all_done(self) -> bool:
-        return bool(self.boards_seen) and self.boards_seen <= self.boards_done
 
 
 @dataclass
@@ -119,34 +63,8 @@ class Stream2:
     recovered: list[str] = field(default_factory=list)
 
 
-class TriggerIdentity:
-    """What a connection knows about its crate's trigger board (see `receiver.cli`).
-
-    ``ids`` are trigger package data: the crate's own from its PV snapshot
-    (``crate_ids``) and any given with ``--trigger-board``; ``slots`` the
-    trigger slots the snapshot shows. Trigger packets get ``board``: the
-    crate's own id, else the only id known, until a type-F header names it.
-    """
-
-    def __init__(self, crate_ids: set[int], slots: set[int], given: Collection[int] = ()):
-        self.ids = set(crate_ids) | set(given)
-        self.slots = set(slots)
-        own = crate_ids if len(crate_ids) == 1 else self.ids
-        self.board = next(iter(own)) if len(own) == 1 else -1
-
-    def learn(self, type_f: np.ndarray) -> None:
-        """Type-F headers from a trigger slot or with a trigger id name the board."""
-        if type_f.size == 0 or not (self.slots or self.ids):
-            return
-        mine = np.isin(type_f["slot"], list(self.slots)) | np.isin(type_f["board"], list(self.ids))
-        if mine.any():
-            board = int(type_f["board"][np.flatnonzero(mine)[0]])
-            self.ids.add(board)
-            self.board = board
-
-
 class Puller(threading.Thread):
-    """One IOC connection: pull, decode, build records, write."""
+    """One IOC connection: ask, hand each reply to its recorder, acknowledge."""
 
     def __init__(
         self,
@@ -167,15 +85,17 @@ class Puller(threading.Thread):
         self.label = f"{address[0]}:{address[1]}" + (f" (crate {crate})" if crate else "")
         self.run_dir = run
         self.args = args
-        self.grouping = GROUPING[run.layout]
-        self.types = geb.GebTypes(args.geb_type_digitizer, args.geb_type_trigger)
         self.trigger = trigger
         self.stop_event = stop
         #: Set by whichever puller could not write: every puller stops acknowledging.
         self.write_failed = write_failed or threading.Event()
-        #: Online merge and event building, shared by every puller (None: files only).
-        self.merger = merger
         self.counters = Counters()
+        self.recorder = Recorder(
+            index, self.label, run, geb.GebTypes(args.geb_type_digitizer, args.geb_type_trigger),
+            trigger, self.counters, merger, int(crate) if crate is not None else None,
+        )
+        #: Bound once: the sessions call it for every reply they take.
+        self._record_reply = self.recorder.process_reply
         self.stream = Stream2()
         self.failed: str | None = None
         self.failure: Exception | None = None
@@ -183,13 +103,8 @@ class Puller(threading.Thread):
         #: The connection was down when the puller ended (its IOC most likely gone).
         self.link_down_at_end = False
         self.started_at = time.monotonic()
-        self.raw: ChunkFile | None = None
         self.journal: journal.Journal | None = None
-        self._warned_trigger = False
         self._said: set[str] = set()
-        #: One reply's records are built here and written before the next reply is read:
-        #: a separate writer thread measured twice the CPU per reply (GIL hand-offs).
-        self.scratch = geb.Scratch()
 
     @property
     def v2(self) -> bool:
@@ -205,9 +120,7 @@ class Puller(threading.Thread):
     def run(self) -> None:
         try:
             if self.args.save_raw:
-                self.raw = ChunkFile(
-                    self.run_dir.path / f"{self.run_dir.run_name}.replies_{self.index}"
-                )
+                self.recorder.save_replies()
             if self.v2:
                 self._pull_v2()
             else:
@@ -224,8 +137,7 @@ class Puller(threading.Thread):
         except Exception as error:  # reported, never a silent dead thread
             self.failed = f"{self.label}: internal error {error!r}"
         finally:
-            if self.raw is not None:
-                self.raw.close()
+            self.recorder.close()
             if self.journal is not None:
                 self.journal.close(self.stream.stored)
             self.link_down_at_end = self.counters.state in ("connecting", "reconnecting")
@@ -296,15 +208,17 @@ class Puller(threading.Thread):
 
     def _session(self, conn: DataConnection) -> None:
         """Pull until done or stopped, then read every reply still owed."""
+        counters = self.counters
         conn.request(self.args.pipeline)
         stopping = False
         while conn.outstanding:
             header, payload = conn.read_reply()
             if self.write_failed.is_set():
                 return  # nothing more is written (classic data in flight are lost)
-            self.process_reply(header, payload)
+            counters.replies += 1
+            self._record_reply(header, payload)
             if not stopping:
-                stopping = self.counters.all_done or self._stopping()
+                stopping = counters.all_done or self._stopping()
                 if not stopping:
                     conn.request(1)
 
@@ -394,6 +308,7 @@ class Puller(threading.Thread):
             stream.run, stream.run_start_ns, stream.crate = info.run, info.run_start_ns, info.crate
             stream.stored = conn.resume
             stream.first_offset = conn.resume
+            self.recorder.crate = info.crate
             self.counters.messages.append(
                 f"receiving run {info.run} of crate {info.crate:02d} (v2), from byte {conn.resume}"
             )
@@ -427,7 +342,7 @@ class Puller(threading.Thread):
     def _takes_over(self, previous: str) -> bool:
         return str(self._journal_path().absolute()) not in previous
 
-    def _journal_path(self):
+    def _journal_path(self) -> Path:
         return journal.journal_path(self.run_dir.path, self.run_dir.run_name, self.index)
 
     def _session_v2(self, conn: V2Connection) -> None:
@@ -465,153 +380,8 @@ class Puller(threading.Thread):
             self.counters.messages.append(
                 f"bytes {stream.stored}..{header.offset} of the run went to another receiver"
             )
-        sizes = self.process_reply(header, payload[skip:], classic=False)
+        sizes = self._record_reply(header, payload[skip:])
         stream.stored = end
         if self.journal is not None:
             self.journal.record(end, sizes)
         return end
-
-    # ------------------------------------------------------------ a reply
-
-    def process_reply(self, header: ReplyHeader | protocol.V2Header, payload: memoryview,
-                      classic: bool = True) -> dict[str, int]:
-        """Account, decode and write one reply's records (in arrival order); returns the
-        sizes of the files it wrote (for the journal)."""
-        counters = self.counters
-        if classic:
-            counters.replies += 1
-        if header.type == INSUFF_DATA:
-            return {}
-        counters.data_replies += 1
-        counters.payload_bytes += len(payload)
-        if self.raw is not None:
-            self._guarded(self.raw.path, self.raw.write,
-                          memoryview(HEADER.pack(header.type, len(payload), 0, 1)), 0)
-            self._guarded(self.raw.path, self.raw.write, payload, 1)
-        words = np.frombuffer(payload, dtype=WORD)
-        decoded = geb.decode_reply(words)
-        if decoded.unknown:
-            self._unknown(payload, decoded.unknown)
-        if decoded.events.size:
-            return self._records(words, decoded.events)
-        return {}
-
-    def _guarded(self, path, write, *args) -> None:
-        try:
-            write(*args)
-        except OSError as error:
-            raise WriteFailed(str(path), error) from error
-
-    def _unknown(self, payload: memoryview, spans: list[tuple[int, int]]) -> None:
-        for offset, nwords in spans:
-            self._guarded(
-                self.run_dir.unknown.path, self.run_dir.unknown.add,
-                self.label, self.index, self.counters.replies, offset * 4,
-                bytes(payload[offset * 4 : (offset + nwords) * 4]),
-            )
-        self.counters.unknown_spans += len(spans)
-        self.counters.errors += len(spans)
-
-    def _records(self, words: np.ndarray, events: np.ndarray) -> dict[str, int]:
-        counters = self.counters
-        kinds = events["kind"]
-        type_f = kinds == KIND_TYPE_F
-        trigger_packets = kinds == KIND_TRIGGER
-        any_type_f, any_trigger = bool(type_f.any()), bool(trigger_packets.any())
-        if any_type_f:
-            self.trigger.learn(events[type_f])
-        if any_trigger and self.trigger.board < 0 and not self._warned_trigger:
-            self._warned_trigger = True
-            counters.errors += 1
-            counters.messages.append(
-                "trigger board unknown (no PV snapshot, --trigger-board or trigger type-F yet):"
-                f" its packets are filed as board {UNKNOWN_TRIGGER_BOARD} until known"
-            )
-        trigger_board = self.trigger.board if self.trigger.board >= 0 else UNKNOWN_TRIGGER_BOARD
-        batch = geb.make_batch(
-            words, events, trigger_board=trigger_board, trigger_boards=self.trigger.ids,
-            grouping=self.grouping, types=self.types, scratch=self.scratch,
-        )
-        ends: list[int] = []
-        if any_type_f:
-            end_of_run = type_f & (events["channel"] == packets.CH_END_OF_RUN)
-            ends = [int(board) for board in events["board"][end_of_run].tolist()]
-        sizes = self._write(batch, ends)
-        counters.records += len(batch)
-        counters.events += len(batch) - int(np.count_nonzero(type_f))
-        if any_trigger and self.trigger.board >= 0:
-            counters.boards_seen.add(self.trigger.board)
-        boards = events["board"][~trigger_packets] if any_trigger else events["board"]
-        if boards.size:
-            first = int(boards[0])
-            if (boards == first).all():
-                counters.boards_seen.add(first)
-            else:
-                counters.boards_seen.update(int(b) for b in np.unique(boards))
-        for board in ends:
-            self._end_of_run(board)
-        if ends and counters.completed_at is None and counters.all_done:
-            counters.completed_at = time.time()
-        return sizes
-
-    def _write(self, batch: geb.Batch, ends: list[int]) -> dict[str, int]:
-        """Append the records to their files, all or nothing; a board's files close after
-        its 0xD; then hand them to the merger, if any. Returns the size of every file
-        written (none when the merger holds them: see `receiver.merge` on acknowledging)."""
-        run = self.run_dir
-        written: list[tuple[Stream, Mark]] = []
-        groups = [] if run.layout in MERGER_ONLY else batch.groups
-        try:
-            for group in groups:
-                stream = run.stream(run.key_for(group.board, group.channel, group.trigger))
-                mark = stream.write(batch.data, batch.bounds[group.first : group.stop + 1])
-                written.append((stream, mark))
-        except OSError as error:
-            for done, mark in reversed(written):
-                done.undo(mark)
-            raise WriteFailed(error.filename or str(run.path), error) from error
-        sizes: dict[str, int] = {}
-        for done, _ in written:
-            for chunk in done.retired:
-                sizes[chunk.name] = chunk.nbytes
-            if done.current is not None:
-                sizes[done.current.name] = done.current.nbytes
-            done.settle()
-        self.summarise(batch.stats)
-        for board in ends:
-            run.close_board(board)
-        if self.merger is not None:
-            try:
-                self.merger.add(self.index, batch, ends, self._crate_number())
-            except OSError as error:
-                raise WriteFailed(error.filename or str(run.path), error) from error
-        return sizes
-
-    def _crate_number(self) -> int | None:
-        """This connection's crate: as given with ``--crate``, else as the v2 IOC says."""
-        if self.crate is not None:
-            return int(self.crate)
-        return self.stream.crate if self.stream.crate >= 0 else None
-
-    def summarise(self, stats: geb.ChannelStats) -> None:
-        """Add a written batch's per-channel sums to the end-of-run summary."""
-        channels = self.counters.channels
-        for board, channel, records, nbytes, first, last in zip(
-            stats.board.tolist(), stats.channel.tolist(), stats.records.tolist(),
-            stats.nbytes.tolist(), stats.first_timestamp.tolist(), stats.last_timestamp.tolist(),
-            strict=True,
-        ):
-            entry = channels.get((board, channel))
-            if entry is None:
-                entry = channels[(board, channel)] = ChannelSummary(first_timestamp=first)
-            entry.records += records
-            entry.nbytes += nbytes
-            entry.last_timestamp = last
-
-    def _end_of_run(self, board: int) -> None:
-        """The board's 0xD: its files close once this reply's records are written."""
-        counters = self.counters
-        if board in counters.boards_done:
-            counters.errors += 1
-            counters.messages.append(f"board {board}: a second end-of-run (0xD) header")
-        counters.boards_done.add(board)
