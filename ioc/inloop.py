@@ -31,6 +31,7 @@ from ioc.pool import BufferPool
 from ioc.realtime import (
     RealtimeState,
     enter_realtime,
+    frozen_heap,
     name_os_thread,
     raise_other_threads,
     switch_interval,
@@ -240,7 +241,7 @@ class InLoop:
         self._enter_idle()
         while self._wait_for_start():
             try:
-                with switch_interval(self._config.run_switch_interval_s):
+                with frozen_heap(), switch_interval(self._config.run_switch_interval_s):
                     self._run()
             except Exception:
                 self._log.exception("inLoop: run aborted by an unexpected error")

@@ -12,6 +12,7 @@ for a crate process an IOC spawned, the IOC closing its stdin).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -312,6 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     names = ", ".join(board.identity.name for board in server.crate.boards)
     print(f"dgs-sim: serving {names} through window {server.window.path}", flush=True)
     enter_realtime(priority, logging.getLogger("dgs.sim"), "crate process")
+    # What start-up built lives as long as the process: out of the garbage collector's
+    # reach, a full collection no longer stalls the pump (tens of ms: the FIFOs then
+    # took that long's events at once, like hardware that paused).
+    gc.collect()
+    gc.freeze()
     print("dgs-sim: ready", flush=True)
     server.serve(stdin_ends_it=args.spec_stdin)
     return 0

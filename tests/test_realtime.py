@@ -11,16 +11,20 @@ so once, shows "Refused" with a MINOR alarm, and reads on.
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import subprocess
 import sys
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from dataflow import CRATE, Pva, write_config
 from ioc_harness import IocProcess, Ports
+
+from ioc.realtime import frozen_heap
 
 SCHED_FIFO = 1
 #: DAQC01_CV_RealTime states.
@@ -117,3 +121,27 @@ def test_without_the_privilege_the_ioc_says_so_and_reads_on(tmp_path):
             run_reads_data(pva)
         refusals = [line for line in ioc.log().splitlines() if "inLoop: real-time priority" in line]
         assert len(refusals) == 1 and "refused" in refusals[0]
+
+
+def test_a_run_keeps_what_existed_at_start_out_of_the_collectors_reach_and_collects_its_own():
+    """A full collection walks only what the run created (inLoop's lock stays short),
+    and the run's own garbage cycles are still collected."""
+
+    class Node:
+        pass
+
+    before = Node()
+    before.self = before  # a cycle that exists at Start
+    with frozen_heap():
+        assert gc.get_freeze_count() > 0
+        during = Node()
+        during.self = during
+        gone = weakref.ref(during)
+        del during
+        gc.collect()
+        assert gone() is None  # the run's own cycle is collected
+    assert gc.get_freeze_count() == 0
+    kept = weakref.ref(before)
+    del before
+    gc.collect()
+    assert kept() is None  # thawed at the end: collected as usual again
