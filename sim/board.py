@@ -6,8 +6,9 @@ logic was on) are built straight into the FIFO, those that no longer fit are
 counted as dropped. Subclasses only say how big an event is and how to write
 a batch of them.
 
-Settings live in the board's register file (`sim.registers`): a register write
-first catches up, so it applies to the events arriving after it.
+Settings live in the board's register file (`sim.board_registers`, its map in
+`sim.registers`): a register write first catches up, so it applies to the events
+arriving after it.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ioc.hardware import Board, BoardIdentity, BoardKind, FifoStatus, ReadError
-from ioc.packets import HEADER_TYPE_LED, TIMESTAMP_MASK
+from ioc.packets import HEADER_TYPE_LED
 from sim import registers
 from sim.arrivals import ArrivalProcess
+from sim.board_registers import BoardRegisters, check_package_data
 from sim.clock import CrateClock
 from sim.faults import PACKET_FAULTS, Fault
 from sim.fifo import Fifo
@@ -45,21 +47,13 @@ class SimBoardSpec:
     fifo_words: int = DEFAULT_FIFO_WORDS
 
 
-def _check_package_data(value: int) -> int:
-    if not 0 <= value <= 0xFFF:
-        raise ValueError(f"package data is 12 bits (0..4095), not {value}")
-    return value
-
-
-class SimBoard(Board):
+class SimBoard(BoardRegisters, Board):
     """A simulated board; the public methods are safe to call from several threads."""
 
     #: Channels whose events are counted separately (10 per digitizer, 1 per trigger).
     CHANNELS: int
     #: Number of FIFOs the board has.
     FIFOS: int
-    #: The register whose low 12 bits are the package data (board id) in packets.
-    PACKAGE_DATA_REGISTER: str
     #: The register whose bit 0 is the master logic enable, if the board has one.
     LOGIC_REGISTER: str | None = None
 
@@ -80,7 +74,7 @@ class SimBoard(Board):
         self._fifos = [Fifo(spec.fifo_words, self.CHANNELS) for _ in range(self.FIFOS)]
         self._selected = 0
         self._logic_on = False
-        self._registers = self._power_on(spec, _check_package_data(spec.package_data))
+        self._registers = self._power_on(spec, check_package_data(spec.package_data))
         self._package_data = 0  # set by _decode_registers, like every register-borne setting
         # Share of each channel's arrivals that the board's settings let through (1.0 = all).
         self._channel_shares = np.ones(self.CHANNELS)
@@ -107,24 +101,6 @@ class SimBoard(Board):
 
     def _corrupt(self, block: np.ndarray, ticks: np.ndarray, channels: np.ndarray) -> None:
         """Apply pending packet faults to a freshly written batch (digitizers only)."""
-
-    def _power_on(self, spec: SimBoardSpec, package_data: int) -> dict[str, int]:
-        """The register file as configured, before any write."""
-        return registers.power_on(spec.kind, package_data)
-
-    def _decode_registers(self) -> None:
-        """Derive the generation settings from the register file (lock held, caught up).
-
-        Subclasses that filter events set ``_channel_shares``, the fraction of each
-        channel's events that are produced; the arrival rate follows their sum, so a
-        filtered channel's rate falls instead of its events being made and thrown away.
-        """
-        self._package_data = registers.PACKAGE_DATA.get(self._registers[self.PACKAGE_DATA_REGISTER])
-
-    def _live_register(self, register: str, caught_up: bool = False) -> int | None:
-        """The value of a register that reports live board state, else None (lock held;
-        ``caught_up``: the FIFO is already up to the clock)."""
-        return None
 
     def _fifo(self, fifo: int) -> Fifo:
         return self._fifos[0]
@@ -195,11 +171,6 @@ class SimBoard(Board):
     # The Board interface.
 
     @property
-    def package_data(self) -> int:
-        with self._lock:
-            return self._package_data
-
-    @property
     def fifo_words(self) -> int:
         """Every FIFO of a simulated board has the configured capacity."""
         return self._fifos[0].capacity_words
@@ -252,43 +223,8 @@ class SimBoard(Board):
             value = self._registers[self.LOGIC_REGISTER]
             self._registers[self.LOGIC_REGISTER] = registers.MASTER_LOGIC_ENABLE.put(value, on)
 
-    def reinit_pipeline(self) -> None:
-        """Nothing to do: the simulated pipeline keeps no state between events."""
-
-    def latch_timestamp(self) -> int:
-        with self._lock:
-            timestamp = self._clock.now_ticks() & TIMESTAMP_MASK
-            self._latched(timestamp)
-            return timestamp
-
-    def _latched(self, timestamp: int) -> None:
-        """Put a latched timestamp where the board's registers show it (lock held)."""
-
-    def set_package_data(self, value: int) -> None:
-        """The package data (board id) of packets from now on: the low 12 bits of
-        the package-data register, the other bits kept."""
-        _check_package_data(value)
-        with self._lock:
-            self._catch_up()
-            register = self._registers[self.PACKAGE_DATA_REGISTER]
-            self._store(self.PACKAGE_DATA_REGISTER, registers.PACKAGE_DATA.put(register, value))
-
-    def write_register(self, register: str, value: int) -> None:
-        """Store ``value`` (cut to 32 bits); settings it changes apply to events arriving after.
-
-        ValueError for a read-only (``regin_*``) register.
-        """
-        with self._lock:
-            if register not in self._registers:
-                raise KeyError(register)
-            if registers.is_read_only(register):
-                raise ValueError(f"{self.identity.name}: {register} is read-only")
-            self._catch_up()
-            self._store(register, int(value) & registers.REGISTER_MASK)
-
-    def _store(self, register: str, value: int) -> None:
-        """Write a register and apply it (lock held, events so far built)."""
-        self._registers[register] = value
+    def _apply_settings(self, register: str, value: int) -> None:
+        """Restart the arrivals if the channel shares changed; follow the logic enable bit."""
         shares = self._channel_shares
         self._decode_registers()
         if not np.array_equal(shares, self._channel_shares):
@@ -297,11 +233,8 @@ class SimBoard(Board):
         if register == self.LOGIC_REGISTER:
             self._switch_logic(bool(registers.MASTER_LOGIC_ENABLE.get(value)))
 
-    def read_register(self, register: str) -> int:
-        with self._lock:
-            value = self._registers[register]
-            live = self._live_register(register)
-            return value if live is None else live
+    def reinit_pipeline(self) -> None:
+        """Nothing to do: the simulated pipeline keeps no state between events."""
 
     # Serving the board from a crate process (`sim.process`).
 
@@ -326,28 +259,6 @@ class SimBoard(Board):
         """Build every event that has arrived (the crate process's pump calls it)."""
         with self._lock:
             self._catch_up()
-
-    def register_names(self) -> list[str]:
-        """Every register the board has, in a fixed order (the window's register image)."""
-        with self._lock:
-            return sorted(self._registers)
-
-    def live_register_names(self) -> list[str]:
-        """The registers whose value follows the board's state (timestamp, event counts)."""
-        with self._lock:
-            names = sorted(self._registers)
-            return [name for name in names if self._live_register(name) is not None]
-
-    def register_values(self, names: list[str]) -> list[int]:
-        """What `read_register` would return for each of ``names``, read at one instant
-        (the FIFO brought up to the clock once, not once per event counter)."""
-        with self._lock:
-            self._catch_up()
-            values = []
-            for name in names:
-                live = self._live_register(name, caught_up=True)
-                values.append(self._registers[name] if live is None else live)
-            return values
 
     def claim_fault(self, fault: Fault) -> bool:
         """Take a pending reader-side fault (underflow, read error) off the board, so that
