@@ -362,9 +362,7 @@ def _selection(consumer: Consumer, mask: np.ndarray | None, words: np.ndarray,
     chosen, dropped = consumer.choose(matching)
     if chosen.size == 0:
         return (EMPTY_CHUNK, dropped) if dropped else (None, 0)
-    chunk = copy_events(words, offsets, lengths, chosen, packet_words)
-    chunk.trigger_board = trigger_board
-    return chunk, dropped
+    return copy_events(words, offsets, lengths, chosen, packet_words, trigger_board), dropped
 
 
 def event_spans(words: np.ndarray, packet_words: int) -> tuple[np.ndarray, np.ndarray]:
@@ -382,7 +380,8 @@ def event_spans(words: np.ndarray, packet_words: int) -> tuple[np.ndarray, np.nd
 
 
 def copy_events(words: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
-                chosen: np.ndarray, packet_words: int = 0) -> Chunk:
+                chosen: np.ndarray, packet_words: int = 0,
+                trigger_board: int | None = None) -> Chunk:
     """Copy only the chosen packets (whole, back to back); nothing is decoded here.
 
     Equal-size packets (``packet_words``, known from the check) are copied as
@@ -399,4 +398,4 @@ def copy_events(words: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
         total = int(sizes.sum())
         copied = words[np.arange(total, dtype=np.int64)
                        + np.repeat(offsets[chosen] - new_offsets, sizes)]
-    return Chunk(copied, new_offsets, lengths[chosen])
+    return Chunk(copied, new_offsets, lengths[chosen], trigger_board=trigger_board)
