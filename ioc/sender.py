@@ -41,6 +41,9 @@ from ioc.serving import Serving, ServingSettings, Timers
 SEND_SLICE_S = 0.25
 #: Timers (listener, idle receivers, newcomers) are looked at least this often.
 HOUSEKEEPING_S = 0.1
+#: At shutdown, how long the receiver being served may take to collect the last replies
+#: from its socket before the connection is closed (`Serving._linger`).
+CLOSE_LINGER_S = 0.5
 #: qSender is flushed this often while nobody can receive it.
 FLUSH_PERIOD_S = 1.0
 #: `_CV_State` values a v2 hello reports.
@@ -210,7 +213,9 @@ class Sender:
             self._timers.shutdown_deadline = time.monotonic() + deliver_timeout
         self._wake()
         if self._thread is not None:
-            self._thread.join(deliver_timeout + 2 * SEND_SLICE_S + HOUSEKEEPING_S + 1.0)
+            self._thread.join(
+                deliver_timeout + 2 * SEND_SLICE_S + HOUSEKEEPING_S + CLOSE_LINGER_S + 1.0
+            )
             if self._thread.is_alive():
                 self.log.error("sender thread did not stop")
                 return
@@ -402,7 +407,7 @@ class Sender:
                              dropped)
 
     def _close_all(self) -> None:
-        self._serving.end()
+        self._serving.end(linger_s=CLOSE_LINGER_S if self._timers.stopping else 0.0)
         self._newcomers.close_all()
         self.delivery.requeue()
         fd = self._listener.fileno()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import select
 import socket
 import struct
 import termios
@@ -35,6 +36,8 @@ from ioc.delivery import Delivery
 from ioc.listener import RateLimitedLog
 
 _CLASSIC_PACK = protocol.CLASSIC_HEADER.pack
+#: How often a lingering close looks at the send queue while the client sends nothing.
+LINGER_POLL_S = 0.005
 
 
 class ServingSettings(Protocol):
@@ -354,11 +357,16 @@ class Serving:
             conn.log_once("idle", "no request for %.1f s, closed", idle)
             self.end()
 
-    def end(self) -> None:
-        """Close the receiver being served; what it did not take for good goes back."""
+    def end(self, linger_s: float = 0.0) -> None:
+        """Close the receiver being served; what it did not take for good goes back.
+
+        ``linger_s``: first give it that long to take what was sent (`_linger`).
+        """
         conn, self.current = self.current, None
         if conn is None:
             return
+        if linger_s > 0:
+            self._linger(conn, linger_s)
         if conn.kind is Kind.V2:
             self._last_acknowledgements(conn)
         else:
@@ -388,6 +396,30 @@ class Serving:
             conn.ack_changed = False
             with contextlib.suppress(ValueError):
                 self.delivery.acknowledge(conn.acked)
+
+    def _linger(self, conn: Connection, seconds: float) -> None:
+        """Half-close, then read (bounded) until the client has taken every byte sent or
+        closed its side. A client that pipelines keeps sending requests until it sees the
+        end; a request reaching a closed socket is answered with a reset, which throws
+        away whatever replies were still in our send queue (the last 0xD headers at a
+        shutdown). Requests and acknowledgements read meanwhile are fed as usual, so a v2
+        client's last acknowledgements count."""
+        sock, scratch = conn.sock, self._scratch
+        deadline = time.monotonic() + seconds
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        with contextlib.suppress(OSError, Violation):
+            sock.shutdown(socket.SHUT_WR)
+            while _unsent_bytes(sock) > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                if not poller.poll(min(left, LINGER_POLL_S) * 1000):
+                    continue
+                count = sock.recv_into(scratch, 0, socket.MSG_DONTWAIT)
+                if count == 0:
+                    return
+                conn.feed(memoryview(scratch)[:count])
 
     def close(self, conn: Connection) -> None:
         """Close after what was sent (a last control message): FIN first, then read what

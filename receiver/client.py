@@ -19,6 +19,7 @@ replies still owed, then closes, so nothing is lost.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import socket
 import sys
 import time
@@ -112,9 +113,9 @@ class DataConnection:
         return cls(sock, max_reply_bytes)
 
     def request(self, count: int = 1) -> None:
-        """Send ``count`` requests (one write)."""
+        """Send ``count`` requests (one write); see `_send_request` for a closed server."""
         if count > 0:
-            self.sock.sendall(REQUEST * count)
+            _send_request(self.sock, REQUEST * count)
             self.outstanding += count
 
     def read_reply(self) -> tuple[ReplyHeader, memoryview]:
@@ -199,7 +200,7 @@ class V2Connection:
 
     def request(self, count: int, ack: int) -> None:
         """Ask for ``count`` more replies; everything below stream offset ``ack`` is stored."""
-        self.sock.sendall(protocol.v2_request(count, ack))
+        _send_request(self.sock, protocol.v2_request(count, ack))
         self.outstanding += count
 
     def read_reply(self) -> tuple[protocol.V2Header, memoryview]:
@@ -222,6 +223,17 @@ class V2Connection:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _send_request(sock: socket.socket, message: bytes) -> None:
+    """Send a request; a server that has closed is left for the reads to report.
+
+    A pipelining client may learn of the close from a request that fails while
+    replies sent before it still wait in our socket: those are read as usual, and
+    the read after them raises `ConnectionError`, instead of losing them here.
+    """
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        sock.sendall(message)
 
 
 def _read_exactly(sock: socket.socket, view: memoryview) -> memoryview:

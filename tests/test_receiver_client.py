@@ -19,6 +19,7 @@ from test_sender import (
     digitizer_events,
     end_of_run,
     queue,
+    read_exactly,
     refused,
     trigger_packets,
 )
@@ -143,6 +144,37 @@ def test_a_reply_type_other_than_data_or_no_data_is_reported(kind, error):
         with pytest.raises(error):
             conn.read_reply()
         conn.close()
+
+
+def test_replies_in_the_socket_are_read_after_a_request_fails_on_a_closed_server():
+    """A pipelining receiver learns of a close from a failing request; the replies the
+    server sent before closing are still in its socket and must not be lost with it."""
+    replies = [digitizer_events(5, first_ts=100 * i) for i in range(6)]
+    with socket.socket() as server:
+        server.bind((HOST, 0))
+        server.listen()
+
+        def answer_then_close() -> None:
+            conn, _ = server.accept()
+            with conn:
+                read_exactly(conn, 4 * len(replies))
+                conn.sendall(b"".join(
+                    struct.pack(">iiii", 4, words.nbytes, 0, 1) + words.tobytes()
+                    for words in replies
+                ))
+
+        closing = threading.Thread(target=answer_then_close, daemon=True)
+        closing.start()
+        conn = DataConnection.connect(HOST, server.getsockname()[1], timeout=5)
+        conn.request(len(replies))
+        closing.join(5)  # closed: each request from now on is answered with a reset
+        got: list[bytes] = []
+        with pytest.raises(ConnectionError):
+            while len(got) <= len(replies):
+                got.append(bytes(conn.read_reply()[1]))
+                conn.request(1)
+        conn.close()
+    assert got == [words.tobytes() for words in replies]
 
 
 def test_connecting_gives_up_after_its_timeout():

@@ -834,6 +834,35 @@ def test_shutdown_after_stop_waits_for_the_drain_to_deliver_the_end_of_run(make_
     assert receiver.tally.payloads == [data.tobytes(), end.tobytes()]
 
 
+def test_shutdown_lets_a_pipelining_receiver_take_the_last_replies_before_closing(make_sender):
+    """A receiver that asks again after each reply keeps writing until it sees the close.
+    Had the sender closed with the last replies still in its socket, such a request
+    would reset the connection and throw them away (the end of run among them)."""
+    pool, sender = make_sender(max_reply_bytes=1 << 20)
+    sent = [digitizer_events(2400, first_ts=10_000 * i, trace_words=80) for i in range(6)]
+    sent.append(end_of_run())
+    for words in sent:
+        queue(pool, words)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # most stays with the sender
+    sock.settimeout(5.0)
+    with sock:
+        sock.connect((HOST, sender.port))
+        sock.sendall(REQUEST * len(sent))
+        assert sock.recv(1, socket.MSG_PEEK), "served"
+        shutdown = threading.Thread(target=sender.shutdown, kwargs={"deliver_timeout": 5.0})
+        shutdown.start()
+        received: list[bytes] = []
+        with contextlib.suppress(ConnectionError):
+            for _ in range(len(sent)):
+                received.append(read_reply(sock)[1])
+                with contextlib.suppress(OSError):
+                    sock.sendall(REQUEST)
+        shutdown.join(10)
+    assert [len(payload) for payload in received] == [words.nbytes for words in sent]
+    assert received == [words.tobytes() for words in sent]
+
+
 def test_shutdown_with_nobody_connected_returns_at_once(make_sender):
     pool, sender = make_sender()
     queue(pool, digitizer_events(3))
