@@ -189,6 +189,7 @@ def print_samples(
     """Print sampled events, one per line, until ``count`` events or ``seconds``."""
     printed = 0
     deadline = None if seconds is None else time.monotonic() + seconds
+    state_shown = ""
     with crate.sampler(sample_filter) as sampler:
         print(f"consumer {sampler.id}: {sampler.filter}", flush=True)
         print(f"{'board':>5} {'ch':>4} {'timestamp':>15} {'energy':>7} {'type':>4} {'flags':>6}")
@@ -199,9 +200,20 @@ def print_samples(
             for row in range(len(batch)):
                 print(_sample_line({name: values[row] for name, values in batch.events.items()}))
             printed += len(batch)
+            if not len(batch):
+                state_shown = _say_why_nothing_comes(crate, state_shown)
         print(f"events {printed} delivered {batch.delivered if printed else 0} "
               f"lost {batch.lost if printed else 0}", flush=True)
     return printed
+
+
+def _say_why_nothing_comes(crate: Crate, shown: str) -> str:
+    """While no sample arrives and the crate is not running, say so once per state (an
+    operator attaching before Start must not take the silence for a broken sampler)."""
+    state = str(crate.get(f"DAQC{crate.crate}_CV_State"))
+    if state != shown and state != "Running":
+        print(f"crate {crate.crate} is {state}: waiting for a run (Ctrl-C ends)", flush=True)
+    return state
 
 
 def _sample_line(e: dict[str, Any]) -> str:

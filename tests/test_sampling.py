@@ -198,7 +198,6 @@ def test_a_classic_receiver_samples_a_live_run_on_the_sample_port_and_exits(star
 
 def test_dgs_monitor_shows_rates_samples_and_a_spectrum(start_ioc, tmp_path):
     ioc = start_ioc("--demo")
-    start_run(ioc)
     address = f"127.0.0.1:{ioc.ports.pva}"
 
     def monitor(*args: str) -> str:
@@ -206,6 +205,11 @@ def test_dgs_monitor_shows_rates_samples_and_a_spectrum(start_ioc, tmp_path):
                              text=True, timeout=60)
         assert out.returncode == 0, out.stdout + out.stderr
         return out.stdout
+
+    idle = monitor("--sample", "board=102", "--seconds", "1.5").splitlines()
+    assert idle.count("crate 01 is Stopped: waiting for a run (Ctrl-C ends)") == 1, idle
+    assert idle[-1] == "events 0 delivered 0 lost 0", idle
+    start_run(ioc)
 
     # Rate<n> is published once a second: wait for every board's first one of this run.
     for board in ("MDIG1", "MDIG2", "MDIG3", "MDIG4"):
