@@ -19,7 +19,7 @@ from typing import Any
 
 from ioc import backends
 from ioc.config_types import ConfigError, show_value
-from ioc.hardware import TRIGGER_FIFOS, BoardKind
+from ioc.hardware import CARDS, TRIGGER_FIFOS, BoardKind
 from ioc.packets import (
     DIGITIZER_CHANNELS,
     HEADER_TYPE_CFD,
@@ -33,7 +33,6 @@ from ioc.sample_filter import SampleFilter
 from ioc.spectra import MAX_SPECTRUM_BINS
 
 #: Card indices 0..6 and VME slots 1..7 of a crate.
-CARDS = 7
 SLOTS = range(1, CARDS + 1)
 #: TOML spelling of the simulated digitizer header types (SIM_HeaderType enum).
 HEADER_TYPES = {"LED": HEADER_TYPE_LED, "CFD": HEADER_TYPE_CFD}

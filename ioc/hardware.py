@@ -21,6 +21,8 @@ import numpy as np
 
 #: Word dtype of every buffer, FIFO and wire payload.
 WORD = np.dtype(">u4")
+#: Cards (VME slots) a crate IOC serves: the per-card PVs and counters (spec 03) have this many.
+CARDS = 7
 
 #: Number of FIFOs a DGS master trigger exposes (indexed 0..15, see FifoNum).
 TRIGGER_FIFOS = 16

@@ -27,9 +27,8 @@ import numpy as np
 
 from ioc import packets
 from ioc.decoder import NATIVE_MARKER, gather, native_view
+from ioc.hardware import CARDS
 from ioc.pool import Buffer
-
-CARDS = 7
 
 
 class LossReason(enum.Enum):

@@ -12,12 +12,11 @@ import enum
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ioc.hardware import BoardKind
+from ioc.hardware import CARDS, BoardKind
 from ioc.losses import LossReason
 from ioc.packets import DIGITIZER_CHANNELS
 from ioc.spectra import DEFAULT_KEV_PER_BIN, SPECTRUM_BINS
 
-CARDS = 7
 SLOTS = 7
 
 FIFO_NUM_STATES = (
