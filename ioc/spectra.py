@@ -15,6 +15,7 @@ applies to the whole run at once and the check path never sees it.
 
 from __future__ import annotations
 
+import mmap
 import threading
 from dataclasses import dataclass
 
@@ -81,9 +82,13 @@ class Spectra:
     @staticmethod
     def _empty() -> np.ndarray:
         """A card's zeroed histogram. Fresh pages rather than zeros written into the old
-        ones: untouched pages take no memory, and most of the rows stay untouched.
+        ones: untouched pages take no memory, and most of the rows stay untouched. Mapped
+        here (private: reading a hole costs no page) rather than by numpy, which asks for
+        huge pages on arrays this large, so that one count made 2 MiB resident and a
+        used card's 5 MiB table whole (P7: 40 MB less after runs at load).
         32-bit counts: half the cache misses of 64-bit ones."""
-        return np.zeros(2 * _PILED, dtype=np.uint32)
+        table = mmap.mmap(-1, 2 * _PILED * 4, flags=mmap.MAP_PRIVATE)
+        return np.frombuffer(table, dtype=np.uint32)
 
     def reset(self, card: int | None = None) -> None:
         """Zero one card (a SpectrumReset put) or every card (run start)."""
