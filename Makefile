@@ -61,7 +61,7 @@ $(BENCH_STAMP): $(STAMP)
 	touch $(BENCH_STAMP)
 
 # Benchmarks P1-P13 (spec 06 and the issues): one table, bench-results/results.json,
-# benchmarks/throughput.png (about 20 min).
+# bench-results/throughput.png (about 10 min).
 bench: $(BENCH_STAMP)
 	$(LOOPBACK_EPICS) $(PY) benchmarks/run_all.py
 

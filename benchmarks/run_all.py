@@ -6,9 +6,10 @@ into `Figure` rows: figure, baseline measured in the same run, ratio, target,
 PASS/FAIL. A benchmark that fails to finish shows up as a FAIL row saying
 why. Results go to ``bench-results/results.json`` (with the machine, every
 benchmark's own JSON and its output log) and ``bench-results/table.md``; the
-P3 sweep is drawn to ``benchmarks/throughput.png``. A run of some benchmarks
-only (``--only``) writes ``results-partial.json`` / ``table-partial.md`` and
-leaves the full results and the plot alone.
+P3 sweep is drawn to ``bench-results/throughput.png`` (the README's picture,
+``benchmarks/throughput.png``, is replaced by hand when a run is worth showing).
+A run of some benchmarks only (``--only``) writes ``results-partial.json`` /
+``table-partial.md`` and leaves the full results and the plot alone.
 
     .venv/bin/python benchmarks/run_all.py [--only P3,P5] [--budget SECONDS] [--strict]
 
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS_DIR / f"table{suffix}.md").write_text(markdown_table(figures) + "\n")
     sweep = records.get("P3", {}).get("document", {}).get("sweep")
     if sweep and not args.only:
-        print(f"plot: {plot_sweep(sweep, DEFAULT_PNG, about['summary'])}")
+        print(f"plot: {plot_sweep(sweep, RESULTS_DIR / DEFAULT_PNG.name, about['summary'])}")
     print(f"results: {results_path}")
     broken = any(not math.isfinite(f.value) for f in figures)
     return 1 if broken or (args.strict and passed < len(figures)) else 0
