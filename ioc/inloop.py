@@ -240,6 +240,8 @@ class InLoop:
             self._realtime = realtime
         self._enter_idle()
         while self._wait_for_start():
+            if realtime is RealtimeState.ON:  # and the threads started since (servers, clients)
+                raise_other_threads(self._log)
             try:
                 with frozen_heap(), switch_interval(self._config.run_switch_interval_s):
                     self._run()

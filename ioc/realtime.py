@@ -76,7 +76,9 @@ LOCK_HOLDER_PRIORITY = 1
 def raise_other_threads(log: logging.Logger, priority: int = LOCK_HOLDER_PRIORITY) -> int:
     """Put every other ordinary-policy thread of this process under SCHED_FIFO at
     ``priority``, so none is pre-empted by ordinary processes while it holds the
-    interpreter lock; returns how many were raised (best effort, thread by thread)."""
+    interpreter lock; returns how many were raised (best effort, thread by thread).
+    Called again at each Start: threads the IOC or its libraries started since are
+    raised before the run goes."""
     caller = threading.get_native_id()
     raised = 0
     for entry in os.listdir("/proc/self/task"):
@@ -88,6 +90,8 @@ def raise_other_threads(log: logging.Logger, priority: int = LOCK_HOLDER_PRIORIT
         except OSError:  # the thread has ended, or the host refuses: it stays as it was
             continue
         raised += 1
+    if not raised:
+        return 0
     log.info(
         "%d other threads of the IOC at real-time priority %d, so none is pre-empted by "
         "an ordinary process while holding the interpreter lock",

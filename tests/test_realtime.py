@@ -79,12 +79,15 @@ def crate(tmp_path: Path, launcher: tuple[str, ...] = ()) -> Iterator[IocProcess
         ioc.kill()
 
 
-def run_reads_data(pva: Pva) -> None:
-    """A Start polls the boards and a Stop ends the run, whatever the policy."""
+def start_reading(pva: Pva) -> None:
+    """A Start polls the boards, whatever the policy."""
     pva.put("Online_CS_SaveData", 0)
     pva.put("Online_CS_StartStop", 1)
     pva.wait(STATE, lambda v: v == 1, 15, "Running")
     pva.wait(POLLS, lambda polls: polls > 10, 15, "inLoop polling the boards")
+
+
+def stop_reading(pva: Pva) -> None:
     pva.put("Online_CS_StartStop", 0)
     pva.wait(STATE, lambda v: v == 0, 30, "Stopped")
 
@@ -95,6 +98,7 @@ def test_the_reader_runs_above_every_other_thread_and_they_above_ordinary_proces
         with Pva(ioc) as pva:
             pva.wait(REALTIME, lambda state: state == (ON if permitted else REFUSED), 10,
                      "the real-time state published")
+            start_reading(pva)  # every thread started by then is placed for the run
             threads = thread_policies(ioc.proc.pid)
             assert threads["inLoop"] == [(SCHED_FIFO, PRIORITY) if permitted else (0, 0)]
             lowest = (SCHED_FIFO, 1) if permitted else (0, 0)
@@ -107,7 +111,7 @@ def test_the_reader_runs_above_every_other_thread_and_they_above_ordinary_proces
             (crate_process,) = crate_processes(ioc.proc.pid)
             main_thread = thread_policies(crate_process)["python"][0]
             assert main_thread == ((SCHED_FIFO, SIM_PRIORITY) if permitted else (0, 0))
-            run_reads_data(pva)
+            stop_reading(pva)
 
 
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux setpriv")
@@ -118,7 +122,8 @@ def test_without_the_privilege_the_ioc_says_so_and_reads_on(tmp_path):
             pva.wait(REALTIME, lambda state: state == REFUSED, 10, "Refused published")
             assert pva.get(REALTIME).severity == 1  # MINOR: the operator sees it on the screen
             assert thread_policies(ioc.proc.pid)["inLoop"] == [(0, 0)]
-            run_reads_data(pva)
+            start_reading(pva)
+            stop_reading(pva)
         refusals = [line for line in ioc.log().splitlines() if "inLoop: real-time priority" in line]
         assert len(refusals) == 1 and "refused" in refusals[0]
 
