@@ -28,6 +28,7 @@ from softioc import asyncio_dispatcher, builder, imports, softioc
 from ioc import access, backends
 from ioc.autosave import AutosaveFile
 from ioc.config import CrateConfig, SystemConfig
+from ioc.globals_follower import GlobalsFollower
 from ioc.inloop import BoardSetup, InLoop
 from ioc.losses import LossLedger
 from ioc.monitoring import MonitorPublisher, default_calibration
@@ -47,7 +48,6 @@ from ioc.sampling import SampleTap
 from ioc.sender import Sender
 from ioc.simcontrols import SimControls
 
-GLOBAL_NAMES = ("Online_CS_StartStop", "Online_CS_SaveData", "Online_CS_RunNumber")
 #: How long a Start waits to read the run number from the globals (else the followed value).
 RUN_NUMBER_TIMEOUT_S = 1.0
 SHUTDOWN_DRAIN_S = 3.0
@@ -209,6 +209,7 @@ class CrateIoc:
             allowed=crate.allowed_receivers,
             crate_state=lambda: int(self.runcontrol.state),
         )
+        self.globals = GlobalsFollower()
         self.runcontrol = RunControl(
             inloop=self.inloop,
             outloop=self.outloop,
@@ -219,7 +220,7 @@ class CrateIoc:
             on_connection=lambda ok: self.records.publish("GlobalsConnected", int(ok)),
             losses=self.losses,
             run_boards=self._enabled_package_data,
-            read_run_number=self._read_run_number,
+            read_run_number=lambda: self.globals.read_run_number(RUN_NUMBER_TIMEOUT_S),
         )
         refs = tuple(BoardRef(b.name, b.kind) for b in crate.boards)
         self.records = Records(
@@ -241,7 +242,6 @@ class CrateIoc:
                 self.records, self.outloop.spectra, digitizer_cards, crate.spectrum_bins
             ),
         )
-        self._followers: list[epics.PV] = []
         self._autosave: AutosaveFile | None = None
         #: The board set-up the current (or last) run uses, sampled by inLoop at Start.
         self._run_setup: dict[int, BoardSetup] = {}
@@ -343,14 +343,6 @@ class CrateIoc:
         )
         self.records.publish("SetupPending", int(pending))
 
-    def _read_run_number(self) -> int | None:
-        """`Online_CS_RunNumber` as the globals hold it now (None if they do not answer)."""
-        follower = next((pv for pv in self._followers if pv.pvname == GLOBAL_NAMES[2]), None)
-        if follower is None:
-            return None
-        value = follower.get(use_monitor=False, timeout=RUN_NUMBER_TIMEOUT_S)
-        return None if value is None else int(value)
-
     def _enabled_package_data(self) -> tuple[int, ...]:
         """Board ids of the boards a Start now enables (what a v2 receiver should expect)."""
         setups = self._current_setup().values()
@@ -401,50 +393,11 @@ class CrateIoc:
         self.sample_pva.set_run_conditions(
             run_conditions(self.crate_id, self.records, source="ioc at start-up, before any run")
         )
-        self._follow_globals()
-
-    def _follow_globals(self) -> None:
-        """Monitor the globals; the first value after a reconnection is marked as restored,
-        so run control compares it with what it follows instead of taking it as a put."""
-        connected = dict.fromkeys(GLOBAL_NAMES, False)
-        ever_connected: set[str] = set()
-        reconnected: set[str] = set()
-
-        def connection(pvname: str | None = None, conn: bool = False, **_: Any) -> None:
-            connected[pvname] = conn
-            if conn and pvname in ever_connected:
-                reconnected.add(pvname)
-            elif conn:
-                ever_connected.add(pvname)
-            self.runcontrol.connection_changed(all(connected.values()))
-
-        def follow(handler: Callable[[int, bool], None]) -> Callable[..., None]:
-            def changed(pvname: str, value: Any = None, **_: Any) -> None:
-                restored = pvname in reconnected
-                reconnected.discard(pvname)
-                handler(int(value), restored)
-
-            return changed
-
-        handlers = (
-            self.runcontrol.start_stop_changed,
-            self.runcontrol.save_changed,
-            self.runcontrol.run_number_changed,
-        )
-        for name, handler in zip(GLOBAL_NAMES, handlers):
-            self._followers.append(
-                epics.PV(
-                    name,
-                    callback=follow(handler),
-                    connection_callback=connection,
-                    auto_monitor=True,
-                )
-            )
+        self.globals.follow(self.runcontrol)
 
     def stop(self) -> None:
         """SIGTERM / Ctrl-C: stop as for Stop, deliver briefly, stop every thread."""
-        for pv in self._followers:
-            pv.clear_callbacks()
+        self.globals.stop()
         self.register_io.shutdown()  # its register polls must not slow the drain below
         self.runcontrol.begin_shutdown()
         self.inloop.shutdown(drain_timeout=SHUTDOWN_DRAIN_S)
