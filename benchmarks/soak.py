@@ -20,7 +20,10 @@ At the end, per board:
                 + killed in flight + discarded (fatal checks and bypass, OL_DataLost)
 
 where `OL_DataLost` has KiB resolution, so the discarded events are bounded
-by it, not counted exactly. The report also gives RSS of the IOC over time
+by it, not counted exactly. A reply still in the IOC's socket when the receiver
+died is lost in flight: the receiver counts it as killed, and the IOC counts it
+too (`OL_LostEventsInFlight`, part of `OL_DataLost`); it is taken out of the
+discarded side once. The report also gives RSS of the IOC over time
 (``/proc/<pid>/status``) and ends with one PASS/FAIL line; exit code 0/1.
 
     python benchmarks/soak.py [--minutes 10] [--rate 105] [--min-rate 100] [--json FILE]
@@ -294,6 +297,9 @@ class BoardAccount:
     bad_marker: int
     cleared: int
     killed: int
+    #: Of ``killed``, what the IOC counted too: replies still in its socket when the
+    #: receiver died (`DAQC01_OL_LostEventsInFlight`, also part of `OL_DataLost`).
+    killed_seen_by_ioc: int
     discarded_kib: int
     unexplained: int
     order_breaks: int
@@ -305,6 +311,7 @@ class BoardAccount:
 def account(pva: Pva, report: ReceiverReport, injected: dict[str, Counter],
             bypassed: bool, type_f_built: int) -> list[BoardAccount]:
     accounts = []
+    in_flight = pva.get(f"DAQC{CRATE}_OL_LostEventsInFlight")
     for card, (name, bid) in enumerate(BOARDS.items()):
         figures = sim_figures(pva, name)
         seen = report.boards.get(bid, BoardCount())
@@ -312,16 +319,20 @@ def account(pva: Pva, report: ReceiverReport, injected: dict[str, Counter],
         discarded_kib = round(pva.number(f"DAQC{CRATE}_OL_DataLost{card}") * KIB)
         unexplained = (figures.generated - seen.events - bad_marker - figures.cleared
                        - seen.killed_events)
-        # OL_DataLost: whole discarded buffers, floor(bytes / KiB). Fatal discards hold data
-        # events only; the bypass may also recycle 16-byte type-F headers.
-        low = discarded_kib * KIB - (16 * type_f_built if bypassed else 0)
-        high = discarded_kib * KIB + KIB - 1
-        balanced = odd_words == 0 and low <= unexplained * EVENT_BYTES <= high
+        # OL_DataLost: floor(bytes / KiB) of whole discarded buffers (fatal discards hold
+        # data events only; the bypass may also recycle 16-byte type-F headers) and of the
+        # replies lost in flight, which the receiver counted already as killed.
+        seen_by_ioc = int(in_flight[card])
+        counted_twice = seen_by_ioc * EVENT_BYTES
+        low = discarded_kib * KIB - counted_twice - (16 * type_f_built if bypassed else 0)
+        high = discarded_kib * KIB - counted_twice + KIB - 1
+        balanced = (odd_words == 0 and seen_by_ioc <= seen.killed_events
+                    and low <= unexplained * EVENT_BYTES <= high)
         regressions = injected[name][Fault.TIMESTAMP_REGRESSION]
         accounts.append(BoardAccount(
             name, figures.generated, figures.dropped, seen.events, bad_marker, figures.cleared,
-            seen.killed_events, discarded_kib, unexplained, seen.order_breaks, regressions,
-            seen.end_of_run, balanced,
+            seen.killed_events, seen_by_ioc, discarded_kib, unexplained, seen.order_breaks,
+            regressions, seen.end_of_run, balanced,
         ))
     return accounts
 
@@ -463,18 +474,20 @@ def main(argv: list[str] | None = None) -> int:
           f"free/held/written/sender = {'/'.join(f'{v:.0f}' for v in pool)}; bypassed buffers "
           f"{bypassed_buffers}")
     print("\nper board: generated = received + bad marker + cleared + killed in flight + "
-          "discarded (OL_DataLost, KiB resolution)")
+          "discarded (OL_DataLost less what it counts of the killed, KiB resolution)")
     header = ("board", "generated", "received", "bad mark", "cleared", "killed", "discarded",
               "balance", "dropped*", "order", "0xD")
     print("  " + " ".join(f"{h:>11}" for h in header))
     for a in accounts:
         discarded = f"{a.unexplained} ({a.discarded_kib} KiB)"
-        row = (a.name, a.generated, a.received, a.bad_marker, a.cleared, a.killed, discarded,
+        killed = f"{a.killed} ({a.killed_seen_by_ioc})"
+        row = (a.name, a.generated, a.received, a.bad_marker, a.cleared, killed, discarded,
                "ok" if a.balanced else "OFF", a.dropped,
                f"{a.order_breaks}/{a.regressions_injected}", a.end_of_run)
         print("  " + " ".join(f"{v!s:>11}" for v in row))
-    print("  (*dropped: arrived while the FIFO was full, never generated; order: timestamp "
-          "order breaks / regressions injected)")
+    print("  (killed: in brackets, those the IOC counted lost in flight too; *dropped: arrived "
+          "while the FIFO was full, never generated; order: timestamp order breaks / "
+          "regressions injected)")
     resets = logged_resets(ioc.log())
     injected_kind = {Fault.FIFO_OVERFLOW: "FIFO full", Fault.FIFO_UNDERFLOW: "FIFO underflow",
                      Fault.READ_ERROR: "read error"}
