@@ -234,13 +234,11 @@ class InLoop:
     def _main(self) -> None:
         name_os_thread(self._thread.name if self._thread else "inLoop")
         realtime = enter_realtime(self._config.realtime_priority, self._log)
-        if realtime is RealtimeState.ON:
-            raise_other_threads(self._log)
         with self._cond:
             self._realtime = realtime
         self._enter_idle()
         while self._wait_for_start():
-            if realtime is RealtimeState.ON:  # and the threads started since (servers, clients)
+            if realtime is RealtimeState.ON:  # every thread started by now, servers included
                 raise_other_threads(self._log)
             try:
                 with frozen_heap(), switch_interval(self._config.run_switch_interval_s):

@@ -16,7 +16,8 @@ and full FIFOs). So with inLoop in real time, the IOC's other ordinary threads
 (Python's: EPICS already runs its own under the real-time policy where it may) go
 under it too, at the lowest priority (`LOCK_HOLDER_PRIORITY`):
 below inLoop, above every ordinary process, which brought the same run's longest
-gap to 20 ms. Threads started later inherit it from the thread that starts them.
+gap to 20 ms. This is done at each Start, so threads the IOC or its libraries
+started since are placed too.
 
 The garbage collector is the other lock holder: a full collection walks every
 object of the process (about 100 000 in an idle demo IOC, 50 ms with the lock
@@ -76,9 +77,7 @@ LOCK_HOLDER_PRIORITY = 1
 def raise_other_threads(log: logging.Logger, priority: int = LOCK_HOLDER_PRIORITY) -> int:
     """Put every other ordinary-policy thread of this process under SCHED_FIFO at
     ``priority``, so none is pre-empted by ordinary processes while it holds the
-    interpreter lock; returns how many were raised (best effort, thread by thread).
-    Called again at each Start: threads the IOC or its libraries started since are
-    raised before the run goes."""
+    interpreter lock; returns how many were raised (best effort, thread by thread)."""
     caller = threading.get_native_id()
     raised = 0
     for entry in os.listdir("/proc/self/task"):
@@ -123,13 +122,18 @@ def enter_realtime(priority: int, log: logging.Logger, who: str = "inLoop") -> R
     return RealtimeState.ON
 
 
-@contextmanager
-def frozen_heap() -> Iterator[None]:
-    """Run the block with every object that exists now out of the garbage collector's
-    reach (collected first, then frozen); thawed after, so that what the block's
-    objects leave behind is collected as usual."""
+def freeze_heap() -> None:
+    """Collect, then put every object that exists now out of the garbage collector's
+    reach: later full collections walk only what is created after."""
     gc.collect()
     gc.freeze()
+
+
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Run the block with the heap as it is now frozen (`freeze_heap`); thawed after,
+    so that what the block's objects leave behind is collected as usual."""
+    freeze_heap()
     try:
         yield
     finally:

@@ -12,7 +12,6 @@ for a crate process an IOC spawned, the IOC closing its stdin).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ import time
 from typing import Any
 
 from ioc.hardware import ReadError
-from ioc.realtime import PRIORITY_RANGE, enter_realtime
+from ioc.realtime import PRIORITY_RANGE, enter_realtime, freeze_heap
 from sim.board import SimBoard, SimBoardSpec
 from sim.clock import HorizonClock
 from sim.commands import encode, error_reply
@@ -316,8 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     # What start-up built lives as long as the process: out of the garbage collector's
     # reach, a full collection no longer stalls the pump (tens of ms: the FIFOs then
     # took that long's events at once, like hardware that paused).
-    gc.collect()
-    gc.freeze()
+    freeze_heap()
     print("dgs-sim: ready", flush=True)
     server.serve(stdin_ends_it=args.spec_stdin)
     return 0
