@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -124,22 +126,36 @@ def test_garbage_in_a_payload_is_counted_as_unknown(make_sender):
     assert tally.boards[101].data_events.size == 4
 
 
-@pytest.mark.parametrize(("kind", "error"), [(2, ProtocolError), (3, SenderOff)])
-def test_a_reply_type_other_than_data_or_no_data_is_reported(kind, error):
-    """Type 2 is never sent; type 3 (SENDER_OFF) means: connect again later."""
+@contextlib.contextmanager
+def scripted_server(script: Callable[[socket.socket], None]) -> Iterator[
+        tuple[int, threading.Thread]]:
+    """A one-connection server on loopback: ``script`` plays the IOC's side of the
+    first connection in a thread, then closes it. Yields the port and the thread."""
     with socket.socket() as server:
         server.bind((HOST, 0))
         server.listen()
 
-        def answer() -> None:
+        def serve() -> None:
             conn, _ = server.accept()
             with conn:
-                conn.recv(4)
-                conn.sendall(struct.pack(">iiii", kind, 0, 0, 0))
-                conn.recv(1)
+                script(conn)
 
-        threading.Thread(target=answer, daemon=True).start()
-        conn = DataConnection.connect(HOST, server.getsockname()[1], timeout=5)
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        yield server.getsockname()[1], thread
+
+
+@pytest.mark.parametrize(("kind", "error"), [(2, ProtocolError), (3, SenderOff)])
+def test_a_reply_type_other_than_data_or_no_data_is_reported(kind, error):
+    """Type 2 is never sent; type 3 (SENDER_OFF) means: connect again later."""
+
+    def answer(conn: socket.socket) -> None:
+        conn.recv(4)
+        conn.sendall(struct.pack(">iiii", kind, 0, 0, 0))
+        conn.recv(1)
+
+    with scripted_server(answer) as (port, _):
+        conn = DataConnection.connect(HOST, port, timeout=5)
         conn.request()
         with pytest.raises(error):
             conn.read_reply()
@@ -150,22 +166,15 @@ def test_replies_in_the_socket_are_read_after_a_request_fails_on_a_closed_server
     """A pipelining receiver learns of a close from a failing request; the replies the
     server sent before closing are still in its socket and must not be lost with it."""
     replies = [digitizer_events(5, first_ts=100 * i) for i in range(6)]
-    with socket.socket() as server:
-        server.bind((HOST, 0))
-        server.listen()
 
-        def answer_then_close() -> None:
-            conn, _ = server.accept()
-            with conn:
-                read_exactly(conn, 4 * len(replies))
-                conn.sendall(b"".join(
-                    struct.pack(">iiii", 4, words.nbytes, 0, 1) + words.tobytes()
-                    for words in replies
-                ))
+    def answer_then_close(conn: socket.socket) -> None:
+        read_exactly(conn, 4 * len(replies))
+        conn.sendall(b"".join(
+            struct.pack(">iiii", 4, words.nbytes, 0, 1) + words.tobytes() for words in replies
+        ))
 
-        closing = threading.Thread(target=answer_then_close, daemon=True)
-        closing.start()
-        conn = DataConnection.connect(HOST, server.getsockname()[1], timeout=5)
+    with scripted_server(answer_then_close) as (port, closing):
+        conn = DataConnection.connect(HOST, port, timeout=5)
         conn.request(len(replies))
         closing.join(5)  # closed: each request from now on is answered with a reset
         got: list[bytes] = []
