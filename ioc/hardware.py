@@ -100,8 +100,8 @@ class Board(abc.ABC):
     come back to each board well within a FIFO's fill time, so neither may block for
     more than a few milliseconds (a read of up to 1 MiB included); the set-up calls
     are made at Start, Stop and after a fault and may take tens of milliseconds.
-    Errors: only `read` may fail in normal operation (`ReadError`); any other exception
-    is a backend fault that inLoop logs.
+    Errors: only `read` and `read_register` may fail in normal operation (`ReadError`);
+    any other exception is a backend fault that inLoop or the register thread logs.
     """
 
     identity: BoardIdentity
@@ -182,7 +182,11 @@ class Board(abc.ABC):
     @abc.abstractmethod
     def read_register(self, register: str) -> int:
         """The 32-bit value of ``register`` as the board reports it now (KeyError if unknown);
-        a written control register reads back what was written. A few ms at most."""
+        a written control register reads back what was written. A few ms at most.
+
+        Raises `ReadError` when the board cannot be read now (a bus error, a lost link):
+        the IOC then shows the board's readbacks INVALID, holds the register writes made
+        meanwhile and applies them, and refreshes every readback, once a read succeeds."""
 
 
 class Crate(abc.ABC):

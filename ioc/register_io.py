@@ -9,6 +9,12 @@ record showing that register. At start, and then every second as the original
 scanned them, it reads every register a readback shows and updates the
 readbacks whose register changed.
 
+A board whose registers cannot be read (`ioc.hardware.ReadError`: its crate
+process is gone, say) has its readbacks shown INVALID (alarm status DISABLE,
+through each record's DISA/DISS fields: they are plain soft records) until a
+read succeeds again; then every readback is refreshed, and the writes made
+meanwhile are applied, so an operator's setting is not lost with the link.
+
 Bit fields follow the original's device support (asyn's asynUInt32Digital with
 the crate driver's width/shift fields): ``bo`` sets the whole mask when 1;
 ``mbbo`` puts the state's value shifted into the mask; ``longout`` puts its
@@ -29,7 +35,7 @@ from collections.abc import Mapping
 from softioc import fields
 from softioc.imports import db_get_field, db_put_field_process
 
-from ioc.hardware import Board
+from ioc.hardware import Board, ReadError
 from ioc.register_db import Bound, RegisterPlan
 
 REGISTER_BITS = 0xFFFFFFFF
@@ -39,6 +45,8 @@ POLL_S = 1.0
 #: the IOC's own run control (package data, master logic at Start): read every few
 #: polls, so polling costs the idle crate little.
 SETTINGS_EVERY = 5
+#: menuAlarmSevr INVALID: what a readback of a board that cannot be read shows.
+INVALID_SEVERITY = 3
 _STOP = object()
 
 log = logging.getLogger("dgs.registers")
@@ -76,9 +84,9 @@ def _get_long(name: str) -> int:
     return value.value
 
 
-def _put_long(name: str, value: int) -> None:
+def _put_long(name: str, value: int, *, process: bool = True) -> None:
     data = ctypes.c_int32(value)
-    db_put_field_process(name, fields.DBF_LONG, ctypes.addressof(data), 1, True)
+    db_put_field_process(name, fields.DBF_LONG, ctypes.addressof(data), 1, process)
 
 
 class RegisterIO:
@@ -93,6 +101,13 @@ class RegisterIO:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._missing: set[tuple[str, str]] = set()
         self._shown: dict[tuple[str, str], int] = {}  # register value the readbacks show
+        #: Boards whose registers could not be read at the last try (readbacks INVALID).
+        self._unreachable: set[str] = set()
+        #: Board -> writes made while it could not be read, applied once it answers.
+        self._pending: dict[str, dict[tuple[str, str], Bound]] = {}
+        self._board_keys: dict[str, list[tuple[str, str]]] = {}
+        for key in plan.readbacks:
+            self._board_keys.setdefault(key[0], []).append(key)
         written = {(out.board, out.binding.register)
                    for outputs in plan.outputs.values() for out in outputs}
         #: Readback registers no record writes (status, counters, clocks): read every poll.
@@ -140,8 +155,10 @@ class RegisterIO:
         settings are read every `SETTINGS_EVERY` polls, status registers every poll)."""
         keys = self._status if self._polls % SETTINGS_EVERY else self._plan.readbacks
         self._polls += 1
+        for board in sorted(self._unreachable):
+            self._probe(board)
         for board, register in keys:
-            if (board, register) not in self._missing:
+            if (board, register) not in self._missing and board not in self._unreachable:
                 self._refresh(board, register)
 
     def _log_missing(self) -> None:
@@ -154,27 +171,74 @@ class RegisterIO:
                 )
 
     def _read(self, board: str, register: str, *, quiet: bool = True) -> int | None:
-        """The register's value, or None (logged once) when the board does not have it."""
+        """The register's value, or None when the board does not have it (logged once)
+        or cannot be read now (its readbacks then go INVALID until it answers)."""
         try:
             return self._boards[board].read_register(register)
         except KeyError:
             if not quiet and (board, register) not in self._missing:
                 log.warning("%s has no register %s: the write is not applied", board, register)
             self._missing.add((board, register))
-            return None
+        except ReadError as err:
+            self._lose(board, err)
+        return None
+
+    def _lose(self, board: str, err: ReadError) -> None:
+        """Show every readback of ``board`` INVALID: its values are no longer the board's."""
+        if board in self._unreachable:
+            return
+        self._unreachable.add(board)
+        log.warning("%s: registers cannot be read (%s): its readbacks show INVALID "
+                    "until it answers", board, err)
+        for key in self._board_keys.get(board, ()):
+            self._shown.pop(key, None)
+            for record in self._plan.readbacks[key]:
+                _put_long(f"{record.name}.DISS", INVALID_SEVERITY, process=False)
+                _put_long(f"{record.name}.DISA", 1, process=False)
+                _put_long(f"{record.name}.PROC", 1)
+                for reader in self._plan.readers.get(record.name, ()):
+                    _put_long(f"{reader}.PROC", 1)
+
+    def _probe(self, board: str) -> None:
+        """Try an unreachable board again; once it answers, show it and apply what waited."""
+        board_keys = self._board_keys[board]
+        try:
+            self._boards[board].read_register(board_keys[0][1])
+        except ReadError:
+            return
+        except KeyError:
+            pass  # it answered, without that register (logged at start)
+        self._unreachable.discard(board)
+        pending = self._pending.pop(board, {})
+        log.info("%s: registers answer again: readbacks refreshed, %d waiting write(s) applied",
+                 board, len(pending))
+        for key in board_keys:
+            for record in self._plan.readbacks[key]:
+                _put_long(f"{record.name}.DISA", 0, process=False)
+        for output in pending.values():
+            self._write(output)
+        for key in board_keys:
+            if key not in self._missing:
+                self._refresh(*key, every_record=True)
 
     def _write(self, output: Bound) -> None:
         register = output.binding.register
-        current = self._read(output.board, register, quiet=False)
+        current = None
+        if output.board not in self._unreachable:
+            current = self._read(output.board, register, quiet=False)
         if current is None:
+            if output.board in self._unreachable:
+                log.info("%s: applied when %s answers again", output.name, output.board)
+                self._pending.setdefault(output.board, {})[(output.name, register)] = output
             return
         value = merged(current, output, _get_long(output.name))
         self._boards[output.board].write_register(register, value)
         log.debug("%s: %s = 0x%08x", output.board, register, value)
         self._refresh(output.board, register)
 
-    def _refresh(self, board: str, register: str) -> None:
-        """Put the register's value into its readbacks if it differs from what they show."""
+    def _refresh(self, board: str, register: str, *, every_record: bool = False) -> None:
+        """Put the register's value into its readbacks if it differs from what they show
+        (``every_record``: also process those whose value has no state, clearing an alarm)."""
         records = self._plan.readbacks.get((board, register), ())
         value = self._read(board, register) if records else None
         if value is None or self._shown.get((board, register)) == value:
@@ -184,5 +248,7 @@ class RegisterIO:
             shown_value = shown(record, value)
             if shown_value is not None:
                 _put_long(record.name, shown_value)
+            elif every_record:
+                _put_long(f"{record.name}.PROC", 1)
             for reader in self._plan.readers.get(record.name, ()):
                 _put_long(f"{reader}.PROC", 1)

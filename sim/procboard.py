@@ -4,8 +4,9 @@
 from shared memory and a read is one copy from the ring, as a DMA would do;
 `read_register` reads the window's register image. Every other call goes
 through the command socket. While the crate process is lost, `status` shows a
-little data and `read` raises `ReadError`, so inLoop counts read errors instead
-of waiting; settings are kept and applied to the next crate process.
+little data and `read` and `read_register` raise `ReadError`, so inLoop counts
+read errors instead of waiting and the register readbacks go INVALID; settings
+are kept and applied to the next crate process.
 """
 
 from __future__ import annotations
@@ -183,9 +184,12 @@ class ProcessBoard(Board):
         self._setting(("register", register), "write_register", register, int(value))
 
     def read_register(self, register: str) -> int:
-        """From the register image: no system call (while the crate is lost, the last values)."""
-        image = self._crate.window.registers(self._index)
-        return int(image[self._register_slots[register]])
+        """From the register image: no system call. While the crate is lost the image holds
+        the last values, not the board's: ReadError, as a bus error on a real crate."""
+        window = self._crate.live_window()
+        if window is None:
+            raise ReadError(f"{self.identity.name}: crate process lost ({self._crate.lost})")
+        return int(window.registers(self._index)[self._register_slots[register]])
 
     # Simulation controls (SIM_* records).
 

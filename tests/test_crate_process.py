@@ -4,7 +4,9 @@ Real processes throughout: `dgs-sim` serving a shared-memory window, `dgs-ioc`
 attached to it or spawning its own, the CA tools and the project's receiver.
 What a user notices: every generated event arrives; killing the crate process
 shows read errors while the IOC keeps answering, and a new crate process takes
-the next run; stopping the IOC leaves no process and no /dev/shm file behind.
+the next run; a crate process that stops answering shows its register readbacks
+INVALID and a setting made meanwhile reaches it once it answers; stopping the
+IOC leaves no process and no /dev/shm file behind.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ SHM = Path("/dev/shm")
 LOST_WITHIN_S = 5.0
 #: What the IOC logs, once, when its crate process disappears.
 LOST_LINE = "reads fail until it is back"
+#: A setting (bits 0..13 of its register) and the register's readback.
+THRESHOLD = "VME01:MDIG1:led_threshold0"
+THRESHOLD_RBV = "VME01:MDIG1:reg_led_threshold0_RBV"
+THRESHOLD_BITS = 0x3FFF
+SEVERITIES = ("MINOR", "MAJOR", "INVALID")
 
 
 class CrateSim:
@@ -192,6 +199,37 @@ def test_a_spawned_crate_process_that_dies_is_started_again(start_ioc):
     stop_run(ioc)
     wait_until(lambda: [pid for pid in crate_children(ioc) if pid != first], 15, "a new crate")
     wait_until(lambda: "settings restored" in ioc.log(), 15, "the IOC to re-attach")
+    run_delivers_every_event(ioc)
+
+
+def threshold_shown(ioc: IocProcess) -> tuple[int, str]:
+    """The threshold's readback: (its bits, severity) as `caget -a` prints them."""
+    fields = ioc.tool("caget", "-a", "-w", "5", THRESHOLD_RBV).stdout.split()
+    assert fields and fields[0] == THRESHOLD_RBV, f"caget -a: {fields}"
+    severity = fields[-1] if fields[-1] in SEVERITIES else "NO_ALARM"
+    return int(fields[3]) & THRESHOLD_BITS, severity
+
+
+def test_a_frozen_crate_process_shows_invalid_readbacks_and_gets_the_setting_made_meanwhile(
+    start_ioc, attach_config, crate_sims, tmp_path
+):
+    sim = start_sim(crate_sims, attach_config, tmp_path)
+    ioc = start_ioc("--config", str(attach_config))
+    ioc.put_ok(THRESHOLD, 1234)
+    wait_until(lambda: threshold_shown(ioc) == (1234, "NO_ALARM"), 5, "the readback")
+
+    assert sim.proc is not None
+    sim.proc.send_signal(signal.SIGSTOP)  # alive but silent, as a hung bus bridge
+    try:
+        wait_until(lambda: threshold_shown(ioc)[1] == "INVALID", LOST_WITHIN_S,
+                   "the readback INVALID")
+        ioc.put_ok(THRESHOLD, 777)
+        assert threshold_shown(ioc) == (1234, "INVALID")
+    finally:
+        sim.proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: threshold_shown(ioc) == (777, "NO_ALARM"), 15,
+               "the setting applied and the readback valid")
+    assert "registers answer again" in ioc.log()
     run_delivers_every_event(ioc)
 
 
