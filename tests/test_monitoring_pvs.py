@@ -91,12 +91,17 @@ def test_the_spectrum_of_a_co60_run_peaks_at_1173_and_1332_kev(co60):
 
 
 def test_rates_match_the_simulated_event_rate_within_statistics(co60):
+    """Each channel's rate over the samples lies within 5 sigma of a Poisson count over
+    that time. A single 1-s figure is only held within half the rate: a stall of the
+    loaded test machine moves events from one second into the next, as it would on a
+    busy crate PC, and the next second's figure makes up for it."""
     _, samples = co60
-    allowed = 5 * math.sqrt(EVENT_RATE_HZ * 1.0)  # 5 sigma of a Poisson count over 1 s
-    for rates in samples:
-        assert len(rates) == CHANNELS
-        for channel, rate in enumerate(rates):
-            assert abs(rate - EVENT_RATE_HZ) <= allowed, f"Rate{channel} = {rate}"
+    assert all(len(rates) == CHANNELS for rates in samples), samples
+    seconds = len(samples)
+    allowed = 5 * math.sqrt(EVENT_RATE_HZ * seconds) / seconds
+    for channel, rates in enumerate(zip(*samples, strict=True)):
+        assert abs(sum(rates) / seconds - EVENT_RATE_HZ) <= allowed, f"Rate{channel}: {rates}"
+        assert all(abs(rate - EVENT_RATE_HZ) <= EVENT_RATE_HZ / 2 for rate in rates), rates
 
 
 def test_no_pile_up_is_counted_where_the_simulator_flags_none(co60):
