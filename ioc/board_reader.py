@@ -27,12 +27,8 @@ import numpy as np
 from ioc import packets
 from ioc.hardware import WORD, Board, ReadError
 from ioc.pool import Buffer, BufferPool, Owner
-from ioc.scan_timing import FILL_RATE_DECAY, FILL_SAMPLE_S
+from ioc.scan_timing import FILL_RATE_DECAY, FILL_SAMPLE_S, read_rule
 
-#: Reads while the pool is low (see `BoardReader._read_rule`): half a physical FIFO,
-#: or one outLoop batch period, whichever comes first.
-PRESSURE_READ_BYTES = 512 * 1024
-PRESSURE_LATENCY_S = 0.050
 #: Empty (0xE) and almost-full (0xF) headers: at most one per board per period.
 PRESCALE_PERIOD_S = 2.0
 #: A trigger read takes at most 256 KiB, in 64 KiB chunks.
@@ -227,7 +223,13 @@ class BoardReader:
             if not self._flush_pending(reader, None):
                 self._count_poll()
                 return
-        threshold, latency = self._read_rule()
+        threshold, latency = read_rule(
+            len(self._pool.q_free) <= self._pool.size // 4,
+            self._config.read_threshold_bytes,
+            self._config.max_latency_s,
+            reader.capacity_words,
+            reader.fill_time_s(),
+        )
         due = (
             (status.depth_words + reader.carry_words) * 4 >= threshold
             or polled_at - reader.clean_at >= latency
@@ -242,20 +244,6 @@ class BoardReader:
             return
         if self._read_into(reader, buf, status.depth_words, polled_at, reenable=True):
             self._count_poll()
-
-    def _read_rule(self) -> tuple[int, float]:
-        """Read threshold (bytes) and latency (s): larger, rarer reads while the pool is low.
-
-        With a quarter of the pool or less free, nobody is taking data promptly, so
-        latency does not matter but buffers do: a board is then read about once per
-        outLoop batch, which frees (or packs) what it queued.
-        """
-        if len(self._pool.q_free) > self._pool.size // 4:
-            return self._config.read_threshold_bytes, self._config.max_latency_s
-        return (
-            max(self._config.read_threshold_bytes, PRESSURE_READ_BYTES),
-            max(self._config.max_latency_s, PRESSURE_LATENCY_S),
-        )
 
     def _count_poll(self) -> None:
         with self._cond:

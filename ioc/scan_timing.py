@@ -1,10 +1,13 @@
-"""How long inLoop waits after a pass over the boards (spec 02 §2).
+"""How long inLoop waits after a pass over the boards (spec 02 §2), and when a
+board's data are worth a read.
 
-Two rules set it: the pool's flow control (`scan_delay`, at least
+Two rules set the wait: the pool's flow control (`scan_delay`, at least
 `IDLE_SCAN_DELAY_S` after a pass that found every board empty), capped by the
 fill-time guard (`fill_guard_s`) at a small share of the time the fastest-filling
 FIFO takes to fill. The fill-rate estimate behind the guard is kept per board
-(`ioc.board_reader.BoardRun`) with the constants here.
+(`ioc.board_reader.BoardRun`) with the constants here. `read_rule` says how much
+data, or how old, makes a poll read: larger, rarer reads while the pool is low,
+never so large or rare that a FIFO comes closer to full than the guard allows.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ IDLE_SCAN_DELAY_S = 0.010
 #: ask up to max_latency_s, and a pass the host delays adds to it. With a physical
 #: 1 MiB FIFO at 22.6 MB/s (46 ms to fill) the wait stays under 11.5 ms.
 FILL_SHARE = 0.25
+#: Reads while the pool is low: half a physical FIFO, or one outLoop batch period,
+#: whichever comes first (within `FILL_SHARE` of the board's FIFO and fill time).
+PRESSURE_READ_BYTES = 512 * 1024
+PRESSURE_LATENCY_S = 0.050
 #: The fill-rate estimate falls by this factor at each poll: a burst is remembered
 #: for a few dozen polls, a rate that has dropped is not held for the whole run.
 FILL_RATE_DECAY = 0.95
@@ -54,3 +61,29 @@ def fill_guard_s(fill_times: list[float | None]) -> float:
     if None in fill_times:
         return FILL_SAMPLE_S
     return max(SCAN_DELAY_MIN_S, FILL_SHARE * min(fill_times, default=math.inf))
+
+
+def read_rule(
+    pool_low: bool,
+    threshold_bytes: int,
+    latency_s: float,
+    capacity_words: int | None,
+    fill_time_s: float | None,
+) -> tuple[int, float]:
+    """The read threshold (bytes) and latency (s) of one board's polls.
+
+    ``threshold_bytes`` and ``latency_s`` are the configured ones. With the pool low
+    (``pool_low``: a quarter of it or less free) nobody is taking data promptly, so
+    latency does not matter but buffers do: reads grow to `PRESSURE_READ_BYTES` or
+    `PRESSURE_LATENCY_S`, though not past `FILL_SHARE` of the FIFO (``capacity_words``,
+    None if unknown) or of its fill time: a FIFO left half full before each read
+    overflows after a host stall half as long as one read each poll would survive.
+    """
+    if not pool_low:
+        return threshold_bytes, latency_s
+    pressure_bytes, pressure_s = PRESSURE_READ_BYTES, PRESSURE_LATENCY_S
+    if capacity_words:
+        pressure_bytes = min(pressure_bytes, int(FILL_SHARE * capacity_words) * 4)
+    if fill_time_s is not None:
+        pressure_s = min(pressure_s, FILL_SHARE * fill_time_s)
+    return max(threshold_bytes, pressure_bytes), max(latency_s, pressure_s)

@@ -23,7 +23,7 @@ from ioc.config import InLoopConfig
 from ioc.hardware import WORD, BoardKind
 from ioc.inloop import BoardSetup, InLoop, InLoopState
 from ioc.pool import BufferPool, Owner
-from ioc.scan_timing import scan_delay
+from ioc.scan_timing import PRESSURE_LATENCY_S, PRESSURE_READ_BYTES, read_rule, scan_delay
 from sim import Fault, ManualClock, SimBoardSpec, SimCrate
 
 SLOTS = (3, 4, 5, 6)
@@ -301,6 +301,20 @@ def _events(sizes: list[int]) -> np.ndarray:
         event[1] = packets.word1(3, size - 1, 101, 0)
         parts.append(event)
     return np.concatenate(parts).astype(WORD)
+
+
+def test_a_low_pool_reads_larger_but_within_a_quarter_of_the_fifo_and_its_fill_time():
+    configured = (65536, 0.020)
+    physical_fifo, fill_s = 1 << 18, 0.046  # 1 MiB at 22.6 MB/s
+    assert read_rule(False, *configured, physical_fifo, fill_s) == configured
+    pressure = (PRESSURE_READ_BYTES, PRESSURE_LATENCY_S)
+    assert read_rule(True, *configured, 1 << 22, 0.8) == pressure  # 16 MiB, slow
+    assert read_rule(True, *configured, None, None) == pressure  # not known yet
+    # The physical FIFO: a quarter of it, and the configured latency (above a quarter of
+    # its fill time); at half that rate, a quarter of its fill time.
+    assert read_rule(True, *configured, physical_fifo, fill_s) == (256 * 1024, 0.020)
+    assert read_rule(True, *configured, physical_fifo, 2 * fill_s) == (256 * 1024, 0.023)
+    assert read_rule(True, 1 << 20, 0.5, physical_fifo, fill_s) == (1 << 20, 0.5)  # as set
 
 
 def test_whole_events_cut_falls_on_the_last_event_boundary():
@@ -704,6 +718,23 @@ def test_a_filling_fifo_is_polled_in_time_even_when_the_flow_control_would_wait(
     board = rig.crate.board(0)
     assert board.dropped == 0 and board.cleared == 0
     assert stats.scan_gap_max_ms < 1000 * fill_time_s / 2
+    assert_conserved(rig, 0)
+
+
+def test_a_low_pool_packs_reads_but_reads_a_physical_fifo_before_it_is_half_full(make_rig):
+    """With a quarter of the pool or less free, reads grow to pack buffers, but not to
+    half a 1 MiB FIFO filling at ~9 MB/s: they wait for a quarter of it (the latency is
+    set out of the way, so sizes alone decide)."""
+    config = InLoopConfig(max_latency_s=10.0)
+    rig = make_rig([digitizer(0, rate_hz=2000, fifo_words=1 << 18)], config=config)
+    rig.hold_free_buffers(leave=40)
+    rig.start_run()
+    assert rig.collector.wait_for(lambda seen: len(data_of(seen)) >= 12)
+    rig.release_held()
+    rig.stop_run()
+    sizes = [s.words.size * 4 for s in data_of(rig.collector.of(0))[1:11]]
+    assert min(sizes) >= 256 * 1024, sizes
+    assert np.median(sizes) < PRESSURE_READ_BYTES, sizes
     assert_conserved(rig, 0)
 
 
