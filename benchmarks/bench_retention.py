@@ -44,6 +44,11 @@ def one_repetition(ioc: BenchIoc, limit_s: float) -> tuple[float, int, float]:
     ioc.pva_put("Online_CS_StartStop", 1)
     started = time.monotonic()
     wait_until(lambda: ioc.values("DAQC01_CV_State")[0] == 1, 15, "Running", period=0.02)
+    # The counters are published twice a second, all at once: until this run's first
+    # publication they still show the last run's discards and the overflows of its Stop.
+    # Every repetition ends after a discard, so a count of 0 is this run's.
+    wait_until(lambda: ioc.values("DAQC01_OL_TotalBufsLost")[0] == 0, 10,
+               "this run's first publication", period=0.02)
 
     def first_discard() -> tuple[float, float] | None:
         retained, *lost = ioc.values("DAQC01_CV_Retained", "DAQC01_OL_TotalBufsLost")

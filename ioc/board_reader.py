@@ -52,6 +52,8 @@ class ReadSettings(Protocol):
 
     read_threshold_bytes: int
     max_latency_s: float
+    #: Free buffers a board's visit leaves for the others (it reads a deep FIFO whole).
+    min_free_buffers: int
 
 
 class DrainTimeout(Exception):
@@ -238,12 +240,22 @@ class BoardReader:
         if not due:
             self._count_poll()
             return
-        buf = self._pool.take_free()
-        if buf is None:
-            self._count_poll()
-            return
-        if self._read_into(reader, buf, status.depth_words, polled_at, reenable=True):
-            self._count_poll()
+        # A FIFO deeper than a buffer (a simulated one made bigger) is read whole in this
+        # visit, one buffer after another, while other boards keep their spare buffers:
+        # one buffer per pass would cap a board at 1 MiB per scan delay (about 50 MB/s
+        # once the pool's flow control waits 20 ms), below what such a board can offer.
+        unread = status.depth_words
+        while unread > 0:
+            buf = self._pool.take_free()
+            if buf is None:
+                break
+            words = self._read_into(reader, buf, unread, polled_at, reenable=True)
+            if words is None:
+                return
+            unread -= words
+            if words == 0 or len(self._pool.q_free) <= self._config.min_free_buffers:
+                break
+        self._count_poll()
 
     def _count_poll(self) -> None:
         with self._cond:
@@ -253,8 +265,9 @@ class BoardReader:
 
     def _read_into(
         self, reader: BoardRun, buf: Buffer, depth_words: int, polled_at: float, reenable: bool
-    ) -> bool:
-        """Read the board's unread data into ``buf`` and queue it; False on a read error.
+    ) -> int | None:
+        """Read the board's unread data into ``buf`` and queue it: the words taken from
+        the FIFO, None on a read error.
 
         ``reenable``: after a read error, turn master logic back on (Scan, not Stopping).
         """
@@ -270,7 +283,7 @@ class BoardReader:
                 self.read_errors += 1
             self._fault_log(reader, "read error", f" ({error}), FIFO reset")
             self._reset(reader, reenable)
-            return False
+            return None
         except BaseException:
             self._pool.release(buf)
             raise
@@ -286,7 +299,7 @@ class BoardReader:
             with self._cond:
                 self.bytes_read += fifo_words * 4
                 self.last_transfer = fifo_words * 4
-        return True
+        return fifo_words
 
     def _read_trigger(self, reader: BoardRun, buf: Buffer, depth_words: int) -> tuple[int, int]:
         """Whole 16-word packets, at most 256 KiB, in 64 KiB chunks into one buffer."""
@@ -453,7 +466,7 @@ class BoardReader:
             buf = self._take_free_until(until)
             if buf is None:
                 raise DrainTimeout
-            if not self._read_into(reader, buf, status.depth_words, polled_at, reenable=False):
+            if self._read_into(reader, buf, status.depth_words, polled_at, reenable=False) is None:
                 return
 
     def queue_end_of_run(self, reader: BoardRun, until: Callable[[], float]) -> bool:

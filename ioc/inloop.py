@@ -46,7 +46,6 @@ class InLoopSettings(ReadSettings, Protocol):
     """The part of the configuration inLoop reads (ioc.config.InLoopConfig)."""
 
     drain_timeout_s: float
-    min_free_buffers: int
     realtime_priority: int
     run_switch_interval_s: float
 

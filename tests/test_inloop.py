@@ -592,6 +592,28 @@ def test_a_fifo_deeper_than_a_buffer_is_cut_at_event_boundaries(make_rig):
     assert_conserved(rig, 0)
 
 
+def test_a_fifo_deeper_than_a_buffer_is_read_whole_in_one_visit(make_rig):
+    """With the pool's flow control waiting between passes, a board whose FIFO holds
+    several buffers' worth is emptied in one visit, not one buffer per pass."""
+    clock = ManualClock()
+    config = InLoopConfig(max_latency_s=0.5)
+    rig = make_rig([digitizer(0, rate_hz=3000, fifo_words=4 * 262144)], clock=clock,
+                   config=config)
+    rig.hold_free_buffers(leave=60)  # the flow control now waits 0.3 s after each pass
+    rig.start_run()
+    assert eventually(lambda: rig.inloop.stats().polls >= 2)
+    polls = rig.inloop.stats().polls
+    clock.advance_seconds(0.2)  # 6000 events x 456 bytes = 2.7 MB: three buffers
+    board = rig.crate.board(0)
+    assert eventually(lambda: event_count(rig.collector.of(0)) == board.generated > 0)
+    # One pass may have been under way (it found the FIFO empty), then one read it all.
+    assert rig.inloop.stats().polls - polls <= 2
+    rig.release_held()
+    rig.stop_run()
+    assert len(data_of(rig.collector.of(0))) >= 3
+    assert_conserved(rig, 0)
+
+
 def test_drain_deadline_resets_what_is_left_and_still_ends_every_board(make_rig, caplog):
     caplog.set_level(logging.WARNING, logger="ioc.inloop")
     clock = ManualClock()
