@@ -26,7 +26,7 @@ import numpy as np
 
 from ioc import packets
 from ioc.hardware import WORD, Board, ReadError
-from ioc.pool import Buffer, BufferPool, Owner
+from ioc.pool import Buffer, BufferPool
 from ioc.scan_timing import FILL_RATE_DECAY, FILL_SAMPLE_S, read_rule
 
 #: Empty (0xE) and almost-full (0xF) headers: at most one per board per period.
@@ -430,9 +430,8 @@ class BoardReader:
             remaining = until() - time.monotonic()
             if remaining <= 0:
                 return None
-            buf = self._pool.q_free.get(Owner.INLOOP, timeout=min(remaining, _BUFFER_WAIT_SLICE_S))
+            buf = self._pool.take_free(timeout=min(remaining, _BUFFER_WAIT_SLICE_S))
             if buf is not None:
-                buf.clear()
                 return buf
 
     # ------------------------------------------------------------ stopping

@@ -1,6 +1,7 @@
 """outLoop, the checker thread (spec 02 §3).
 
-Every 50 ms it takes the whole backlog of qWritten as one batch, checks
+Every 50 ms (sooner when inLoop finds qFree running low, see
+`ioc.pool.LOW_FREE_SHARE`) it takes the whole backlog of qWritten as one batch, checks
 digitizer buffers event by event (`ioc.checker`), keeps per-card statistics,
 traces and per-channel spectra (`ioc.spectra`, from the packets the check
 walked), and passes buffers to qSender (Save) or back to qFree (No Save).
@@ -90,8 +91,10 @@ class OutLoop:
         on_flushed: Callable[[], None] | None = None,
         losses: LossLedger | None = None,
         retain_bytes: int = DEFAULT_RETAIN_BYTES,
+        batch_period_s: float = BATCH_PERIOD_S,
     ) -> None:
         self.pool = pool
+        self._batch_period_s = batch_period_s
         self.checker = checker or Checker(CARDS)
         self.losses = losses or LossLedger()
         self.retention = Retention(pool, retain_bytes)
@@ -139,6 +142,7 @@ class OutLoop:
 
     def shutdown(self) -> None:
         self._stop.set()
+        self.pool.running_low.set()  # ends the wait for the next batch
         self._thread.join(timeout=2.0)
 
     # Observation.
@@ -162,11 +166,14 @@ class OutLoop:
         last_bytes_to_sender = 0
         last_bytes = [0] * CARDS
         rate_serial = self._run_serial
-        next_batch = time.monotonic() + BATCH_PERIOD_S
+        next_batch = time.monotonic() + self._batch_period_s
         while not self._stop.is_set():
-            # A fixed 50 ms cadence: the time spent checking does not stretch the period.
-            self._stop.wait(max(0.0, next_batch - time.monotonic()))
-            next_batch = max(next_batch, time.monotonic()) + BATCH_PERIOD_S
+            # A fixed 50 ms cadence (the time spent checking does not stretch the period),
+            # or at once when inLoop runs low on free buffers: in a full crate the buffers
+            # it needs come back only through a batch (discarded, packed or sent).
+            self.pool.running_low.wait(max(0.0, next_batch - time.monotonic()))
+            self.pool.running_low.clear()
+            next_batch = max(next_batch, time.monotonic()) + self._batch_period_s
             self.process_batch()
             if self._flush_requested.is_set():
                 self._flush_requested.clear()

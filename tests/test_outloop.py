@@ -1,7 +1,9 @@
 """outLoop and retention on a real pool, without EPICS: the memory budget, packing of
-queued buffers, 0xD, fatal discards and the loss ledger."""
+queued buffers, 0xD, fatal discards, the loss ledger, and when a batch comes."""
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 from hypothesis import given, settings
@@ -86,6 +88,31 @@ def make(pool_size: int = 40, buffer_bytes: int = 4096, retain: int | None = Non
     outloop.reset_run()
     outloop.save = True
     return pool, outloop
+
+
+def test_a_batch_comes_at_once_when_inloop_runs_low_on_free_buffers():
+    """A full crate gets its buffers back only through outLoop's batches (discarded,
+    packed, sent): inLoop running low must not wait for the next beat, here 60 s."""
+    pool = BufferPool(size=80, buffer_bytes=4096)
+    outloop = OutLoop(pool, retain_bytes=4096, batch_period_s=60.0)
+    outloop.reset_run()
+    outloop.save = True
+    outloop.start()
+    try:
+        pool.q_written.put_many([fill_events(pool, 0, 3, first_ts=10 * i) for i in range(40)])
+        time.sleep(0.2)
+        assert len(pool.q_written) == 40, "40 of 80 still free: no batch before the beat"
+        while len(pool.q_free) > pool.low_free:
+            pool.q_written.put(fill_events(pool, 0, 3, first_ts=1000))
+        deadline = time.monotonic() + 10
+        while len(pool.q_written) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(pool.q_written) == 0
+        assert outloop.stats().bufs_lost > 0  # past its 4 KiB budget: discarded, freed
+    finally:
+        began = time.monotonic()
+        outloop.shutdown()
+    assert time.monotonic() - began < 1.0, "shutdown waited for the 60-s beat"
 
 
 def test_past_the_memory_budget_buffers_are_discarded_and_counted_but_never_a_0xd():
