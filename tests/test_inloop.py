@@ -596,10 +596,12 @@ def test_a_fifo_deeper_than_a_buffer_is_read_whole_in_one_visit(make_rig):
     """With the pool's flow control waiting between passes, a board whose FIFO holds
     several buffers' worth is emptied in one visit, not one buffer per pass."""
     clock = ManualClock()
-    config = InLoopConfig(max_latency_s=0.5)
-    rig = make_rig([digitizer(0, rate_hz=3000, fifo_words=4 * 262144)], clock=clock,
+    config = InLoopConfig(max_latency_s=1.0)
+    # A 64 MiB FIFO: its fill-time guard (a quarter of 7 s at this rate) stays out of the
+    # way, so passes come only every 0.39 s, far apart from the one that reads.
+    rig = make_rig([digitizer(0, rate_hz=3000, fifo_words=64 * 262144)], clock=clock,
                    config=config)
-    rig.hold_free_buffers(leave=60)  # the flow control now waits 0.3 s after each pass
+    rig.hold_free_buffers(leave=30)  # the flow control now waits 0.39 s after each pass
     rig.start_run()
     assert eventually(lambda: rig.inloop.stats().polls >= 2)
     polls = rig.inloop.stats().polls
