@@ -226,7 +226,7 @@ class BoardReader:
                 self._count_poll()
                 return
         threshold, latency = read_rule(
-            len(self._pool.q_free) <= self._pool.size // 4,
+            self._pool.under_pressure(),
             self._config.read_threshold_bytes,
             self._config.max_latency_s,
             reader.capacity_words,

@@ -22,6 +22,9 @@ from ioc.hardware import WORD
 
 POOL_SIZE = 200
 BUFFER_BYTES = 1 << 20
+#: qFree at or below this share of the pool means nobody takes data promptly: inLoop
+#: reads larger, rarer chunks to spare buffers (`ioc.scan_timing.read_rule`).
+PRESSURE_FREE_SHARE = 1 / 4
 #: qFree at or below this share of the pool is "running low": outLoop is asked for its
 #: next batch at once instead of at its 50-ms beat. A full crate (receivers behind, its
 #: retention budget used) keeps about 8 % of the pool out of qSender, and inLoop takes
@@ -210,6 +213,10 @@ class BufferPool:
     @property
     def size(self) -> int:
         return len(self.buffers)
+
+    def under_pressure(self) -> bool:
+        """Whether qFree is down to `PRESSURE_FREE_SHARE` of the pool or less."""
+        return len(self.q_free) <= self.size * PRESSURE_FREE_SHARE
 
     def take_free(self, timeout: float | None = None) -> Buffer | None:
         """inLoop takes an empty buffer, waiting up to ``timeout`` (None: not at all); None

@@ -73,7 +73,7 @@ def read_rule(
     """The read threshold (bytes) and latency (s) of one board's polls.
 
     ``threshold_bytes`` and ``latency_s`` are the configured ones. With the pool low
-    (``pool_low``: a quarter of it or less free) nobody is taking data promptly, so
+    (``pool_low``: `ioc.pool.BufferPool.under_pressure`) nobody is taking data promptly, so
     latency does not matter but buffers do: reads grow to `PRESSURE_READ_BYTES` or
     `PRESSURE_LATENCY_S`, though not past `FILL_SHARE` of the FIFO (``capacity_words``,
     None if unknown) or of its fill time: a FIFO left half full before each read
