@@ -33,8 +33,21 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def _ephemeral_start() -> int:
+    """The first port the kernel hands to outgoing connections."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+#: Test ports lie below the kernel's ephemeral range: a port in it, free when handed
+#: out, can be taken by any process's outgoing connection before the IOC binds it (a
+#: crate listens on its data port only from Start on), and then Start is refused.
+PORT_LOW = 10000
+PORT_HIGH = max(_ephemeral_start(), PORT_LOW + 4000) - 1
 _port_lock = threading.Lock()
-_next_port = 20000 + (os.getpid() % 200) * 100
+_next_port = PORT_LOW + (os.getpid() * 100) % (PORT_HIGH - PORT_LOW)
 
 
 def free_port() -> int:
@@ -43,8 +56,8 @@ def free_port() -> int:
     with _port_lock:
         for _ in range(2000):
             _next_port += 1
-            if _next_port > 60000:
-                _next_port = 20000
+            if _next_port > PORT_HIGH:
+                _next_port = PORT_LOW
             if _port_free(_next_port):
                 return _next_port
     raise RuntimeError("no free port")
