@@ -209,6 +209,13 @@ class Crate(abc.ABC):
         started) can be used; raises with a message for the user as the factory would.
         Called once, after the IOC built its records and before its servers start."""
 
+    def before_run(self) -> None:  # noqa: B027 - most backends have no link to look for
+        """Every Start, before inLoop sets the boards up: a backend whose link to the crate
+        is lost and looked for only now and then (reads come every few ms) looks for it
+        now, so a run started as soon as the crate is back reads from its first poll.
+        Returns within a second and raises nothing: a crate still lost shows as read
+        errors, as during a run."""
+
     def close(self) -> None:  # noqa: B027 - most backends hold nothing to release
         """IOC exit, after the last run ended: release what the backend holds (a process it
         started, mappings, connections). Called once; no other call follows."""

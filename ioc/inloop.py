@@ -316,6 +316,7 @@ class InLoop:
 
     def _begin_run(self) -> None:
         self._set_state(InLoopState.START)
+        self._crate.before_run()
         setups = self._sample_setup()
         now = time.monotonic()
         readers: list[BoardRun] = []

@@ -46,7 +46,8 @@ COMMAND_TIMEOUT_S = 0.5
 #: How long a latch waits for a build of the crate process to end, and how it looks.
 BUILD_WAIT_S = 0.010
 BUILD_POLL_S = 0.0001
-#: How often a lost crate is looked for again.
+#: How often reads and commands look for a lost crate again (reads come every 20 ms);
+#: a Start looks at once (`before_run`).
 RETRY_S = 0.25
 #: Least time between two starts of a crate process this IOC spawned.
 RESTART_S = 2.0
@@ -239,12 +240,19 @@ class ProcessCrate(Crate):
         log.error("crate process of window %s lost (%s): reads fail until it is back",
                   self.name, reason)
 
-    def _reattach(self) -> bool:
-        """Try (at most every RETRY_S) to attach to a crate process serving the window."""
+    def before_run(self) -> None:
+        """A Start: a lost crate process is looked for now, not at the next retry, so a
+        run started as soon as it is back does not begin with read errors."""
+        if self._window is not None and self._lost is not None:
+            self._reattach(throttled=False)
+
+    def _reattach(self, throttled: bool = True) -> bool:
+        """Try to attach to a crate process serving the window (``throttled``: at most
+        every RETRY_S)."""
         with self._lock:
             if self._lost is None:
                 return True
-            if time.monotonic() < self._next_try:
+            if throttled and time.monotonic() < self._next_try:
                 return False
             self._next_try = time.monotonic() + RETRY_S
             if self._restart_if_ended():

@@ -92,6 +92,15 @@ class BackendConformance:
     def test_clock_origin_is_in_the_past(self, crate: Crate) -> None:
         assert 0 < crate.clock_origin_ns() <= time.monotonic_ns()
 
+    def test_before_run_returns_within_a_second_and_the_boards_still_read(
+        self, crate: Crate
+    ) -> None:
+        began = time.monotonic()
+        crate.before_run()
+        assert time.monotonic() - began < 1.0, "a Start waits for before_run"
+        for board in crate.boards:
+            assert board.status(_fifo(board)).depth_words >= 0
+
     def test_read_takes_whole_events_and_returns_the_words_copied(self, running: Crate) -> None:
         for board in running.boards:
             fifo = _fifo(board)

@@ -30,6 +30,10 @@ from dataflow import (
 )
 from ioc_harness import BIN, IocProcess, wait_until
 
+from ioc import backends
+from ioc.config import load_config
+from sim import attach
+
 SHM = Path("/dev/shm")
 #: A killed crate process shows within this (heartbeat 0.5 s, reads every 20 ms).
 LOST_WITHIN_S = 5.0
@@ -187,6 +191,26 @@ def test_a_killed_dgs_sim_shows_read_errors_and_a_restarted_one_takes_the_next_r
 
     start_sim(crate_sims, attach_config, tmp_path)
     run_delivers_every_event(ioc)
+
+
+def test_a_start_looks_for_a_restarted_crate_process_at_once(
+    attach_config, crate_sims, tmp_path, monkeypatch
+):
+    """Reads look for a lost crate process only now and then; a Start must not wait for
+    the next look, or a run started as soon as the crate is back begins with read errors."""
+    monkeypatch.setattr(attach, "RETRY_S", 3600.0)
+    first = start_sim(crate_sims, attach_config, tmp_path)
+    crate = backends.build(load_config(attach_config).crates[0])
+    try:
+        first.end(signal.SIGKILL)
+        wait_until(lambda: crate.live_window() is None, LOST_WITHIN_S, "the crate lost")
+        start_sim(crate_sims, attach_config, tmp_path)
+        assert crate.live_window() is None, "reads look again only after RETRY_S"
+        crate.before_run()
+        assert crate.lost is None
+        assert crate.live_window() is not None
+    finally:
+        crate.close()
 
 
 def test_a_spawned_crate_process_that_dies_is_started_again(start_ioc):
