@@ -66,8 +66,14 @@ _MARKER_LE = np.frombuffer(np.uint32(packets.MARKER).tobytes(), dtype="<u4")[0]
 
 
 def _word(raw: np.ndarray, starts: np.ndarray, word: int) -> np.ndarray:
-    """Big-endian packet word ``word`` (1..N) of the records starting at ``starts``."""
+    """Big-endian packet word ``word`` (1..N) of the records starting at ``starts``.
+
+    Records of whole words (all of ours and the classic receiver's) start at multiples
+    of 4: one gather of words; else one of bytes, four per word.
+    """
     at = starts + GEB_HEADER_BYTES + 4 * (word - 1)
+    if not np.any(at & 3):
+        return raw[: raw.size & ~3].view(">u4")[at >> 2].astype(np.uint32)
     picked = raw[at[:, None] + np.arange(4)]
     return picked.view(">u4")[:, 0].astype(np.uint32)
 

@@ -59,6 +59,24 @@ def test_hits_carry_every_field_of_the_digitizer_records_only():
     assert traces.tolist() == [[5, 6, 7, 8], [-1, -1, -1, -1]]
 
 
+@pytest.mark.parametrize("shift", [1, 2, 3])
+def test_records_at_any_byte_offset_give_the_same_hits(shift):
+    """Whole-word records are read a word at a time; others (a file cut at an odd
+    byte, a buffer with a prefix) must give the same hits, read byte by byte."""
+    hits_in = [Hit(101, 3, 0x1_2345_6789, 1173 * 4, 7, 1 << 15, (5, 6, 7, 8)),
+               Hit(4094, 9, 0xFFFF_FFFF_FFFF, 333, 8, 1 << 11 | 1 << 6)]
+    records = [event_record(hits_in[0]), status_record(101, 0xE, 5), event_record(hits_in[1])]
+    data = b"".join(records)
+    index = read_records(data)
+    aligned = hits_from_records(data, index, with_traces=True)
+    moved = index.copy()
+    moved["offset"] += shift
+    shifted = hits_from_records(b"\xff" * shift + data, moved, with_traces=True)
+    assert shifted[0].tolist() == aligned[0].tolist()
+    assert shifted[1].tolist() == aligned[1].tolist()
+    assert aligned[0]["energy"].tolist() == [1173 * 4, 333]
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.integers(0, 400), max_size=80), st.integers(0, 60),
        st.lists(st.integers(0, 80), max_size=4))
