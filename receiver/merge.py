@@ -38,6 +38,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -50,10 +51,33 @@ DEFAULT_WAIT_S = 2.0
 _DONE = np.iinfo(np.uint64).max
 #: Channel id of a type-F error header (almost full, overflow, underflow, read error).
 ERROR_HEADER_CHANNEL = 0xF
-#: One held record: timestamp, where it is in the word buffer, when it arrived.
-HELD_DTYPE = np.dtype([("ts", np.uint64), ("start", np.int64), ("nwords", np.int64),
-                       ("arrival", np.float64)])
 _INITIAL_WORDS = 1 << 20
+
+
+class _Held(NamedTuple):
+    """Held records, one column per field (numpy copies plain columns several times faster
+    than the rows of a structured array: 6 µs against 50 to append 600 rows to 3,300)."""
+
+    ts: np.ndarray  # uint64 timestamp
+    start: np.ndarray  # int64: where the record starts in the word buffer
+    nwords: np.ndarray  # int64
+    arrival: np.ndarray  # float64: when it arrived (monotonic)
+
+    @classmethod
+    def empty(cls) -> _Held:
+        return cls(np.empty(0, np.uint64), np.empty(0, np.int64), np.empty(0, np.int64),
+                   np.empty(0, np.float64))
+
+    @property
+    def size(self) -> int:
+        return self.ts.size
+
+    def split(self, count: int) -> tuple[_Held, _Held]:
+        """The first ``count`` records and the rest (views)."""
+        return _Held(*(c[:count] for c in self)), _Held(*(c[count:] for c in self))
+
+    def take(self, order: np.ndarray) -> _Held:
+        return _Held(*(c[order] for c in self))
 
 
 @dataclass
@@ -97,7 +121,7 @@ class Merger:
         self._first_arrival: float | None = None
         self._words = np.empty(_INITIAL_WORDS, dtype=np.uint32)
         self._used = 0
-        self._held = np.empty(0, dtype=HELD_DTYPE)  # sorted by timestamp
+        self._held = _Held.empty()  # sorted by timestamp
         self._last_written = -1
         #: Which crate each board came from (for the hits' ``crate`` column).
         self.crate_of_board: dict[int, int] = {}
@@ -145,11 +169,8 @@ class Merger:
         self._words[base : base + words.size] = words
         self._used += words.size
         bounds = batch.bounds // 4
-        new = np.empty(bounds.size - 1, dtype=HELD_DTYPE)
-        new["ts"] = batch.timestamp
-        new["start"] = base + bounds[:-1]
-        new["nwords"] = np.diff(bounds)
-        new["arrival"] = now
+        new = _Held(np.asarray(batch.timestamp, dtype=np.uint64), base + bounds[:-1],
+                    np.diff(bounds), np.full(bounds.size - 1, now))
         self._held = held = _merge_sorted(self._held, new)
         self.counters.max_held = max(self.counters.max_held, held.size)
 
@@ -170,13 +191,13 @@ class Merger:
         cutoff = -1
         if self._boards_known(now):
             cutoff = min(self._watermarks.values())
-        expired = held["arrival"] <= now - self.wait_s
+        expired = held.arrival <= now - self.wait_s
         forced = bool(expired.any())
         if forced:
-            cutoff = max(cutoff, int(held["ts"][np.flatnonzero(expired)[-1]]))
+            cutoff = max(cutoff, int(held.ts[np.flatnonzero(expired)[-1]]))
         if cutoff < 0:
             return
-        count = int(np.searchsorted(held["ts"], np.uint64(min(cutoff, int(_DONE))),
+        count = int(np.searchsorted(held.ts, np.uint64(min(cutoff, int(_DONE))),
                                     side="right"))
         if forced and count:
             self.counters.released_by_wait += 1
@@ -193,9 +214,9 @@ class Merger:
         """Write the ``count`` oldest held records and drop them from the table."""
         if count == 0:
             return
-        released, self._held = self._held[:count], self._held[count:]
-        ts, nwords = released["ts"], released["nwords"]
-        data = _gather(self._words, released["start"], nwords).view(np.uint8)
+        released, self._held = self._held.split(count)
+        ts, nwords = released.ts, released.nwords
+        data = _gather(self._words, released.start, nwords).view(np.uint8)
         bounds = np.zeros(count + 1, dtype=np.int64)
         np.cumsum(nwords * 4, out=bounds[1:])
         late = ts.astype(np.int64) < self._last_written if self._last_written >= 0 else (
@@ -213,34 +234,38 @@ class Merger:
         if self._used + words <= self._words.size:
             return
         held = self._held
-        live = int(held["nwords"].sum())
+        live = int(held.nwords.sum())
         size = self._words.size
         while live + words > size // 2:
             size *= 2
         compacted = np.empty(size, dtype=np.uint32)
-        compacted[:live] = _gather(self._words, held["start"], held["nwords"])
+        compacted[:live] = _gather(self._words, held.start, held.nwords)
         starts = np.zeros(held.size, dtype=np.int64)
-        np.cumsum(held["nwords"][:-1], out=starts[1:])
-        held["start"] = starts
+        np.cumsum(held.nwords[:-1], out=starts[1:])
+        self._held = held._replace(start=starts)
         self._words, self._used = compacted, live
 
 
-def _merge_sorted(held: np.ndarray, new: np.ndarray) -> np.ndarray:
+def _merge_sorted(held: _Held, new: _Held) -> _Held:
     """``held`` (sorted by timestamp) with ``new`` merged in, stably: a new record goes
     after held ones of the same timestamp, and keeps its order among the new ones."""
-    stamps = new["ts"]
+    stamps = new.ts
     if not bool((stamps[1:] >= stamps[:-1]).all()):  # several boards in one reply
-        new = new[np.argsort(stamps, kind="stable")]
-        stamps = new["ts"]
-    if not held.size or int(stamps[0]) >= int(held["ts"][-1]):
-        return np.concatenate((held, new))
-    merged = np.empty(held.size + new.size, dtype=HELD_DTYPE)
-    into = np.searchsorted(held["ts"], stamps, side="right") + np.arange(new.size)
-    merged[into] = new
-    keep = np.ones(merged.size, dtype=bool)
+        new = new.take(np.argsort(stamps, kind="stable"))
+        stamps = new.ts
+    if not held.size or int(stamps[0]) >= int(held.ts[-1]):
+        return _Held(*(np.concatenate(pair) for pair in zip(held, new, strict=True)))
+    total = held.size + new.size
+    into = np.searchsorted(held.ts, stamps, side="right") + np.arange(new.size)
+    keep = np.ones(total, dtype=bool)
     keep[into] = False
-    merged[keep] = held
-    return merged
+    columns = []
+    for old, added in zip(held, new, strict=True):
+        merged = np.empty(total, dtype=old.dtype)
+        merged[into] = added
+        merged[keep] = old
+        columns.append(merged)
+    return _Held(*columns)
 
 
 def _gather(words: np.ndarray, start: np.ndarray, nwords: np.ndarray) -> np.ndarray:
