@@ -175,10 +175,16 @@ class Merger:
         self.counters.max_held = max(self.counters.max_held, held.size)
 
     def _advance(self, board: np.ndarray, timestamp: np.ndarray, crate: int | None) -> None:
-        boards, inverse = np.unique(board, return_inverse=True)
-        highest = np.zeros(boards.size, dtype=np.uint64)
-        np.maximum.at(highest, inverse, timestamp.astype(np.uint64))
-        for b, ts in zip(boards.tolist(), highest.tolist(), strict=True):
+        if not board.size:
+            return
+        if bool((board == board[0]).all()):  # the usual reply: one board's buffer
+            boards, highest = [int(board[0])], [int(timestamp.max())]
+        else:
+            found, inverse = np.unique(board, return_inverse=True)
+            most = np.zeros(found.size, dtype=np.uint64)
+            np.maximum.at(most, inverse, timestamp.astype(np.uint64))
+            boards, highest = found.tolist(), most.tolist()
+        for b, ts in zip(boards, highest, strict=True):
             if self._watermarks.get(b, -1) < ts:
                 self._watermarks[b] = ts
             if crate is not None:
