@@ -47,7 +47,7 @@ import numpy as np
 
 from builder.calibration import Calibration
 from builder.events import Events
-from builder.hits import FLAG_PILE_UP, HIT_DTYPE
+from builder.hits import FLAG_PILE_UP, HIT_DTYPE, concat_hits
 
 TICKS_PER_SECOND = 100_000_000
 #: Hits gathered before a ROOT basket is written (larger baskets read faster).
@@ -229,7 +229,7 @@ class _RootChunk:
             return
         import awkward as ak
 
-        hits = np.concatenate([e.hits for e, _, _ in self._pending])
+        hits = concat_hits([e.hits for e, _, _ in self._pending])
         mult = np.concatenate([e.multiplicity for e, _, _ in self._pending]).astype(np.int32)
         heads = np.concatenate([e.hits["timestamp"][e.offsets[:-1]] for e, _, _ in self._pending])
         columns: dict[str, Any] = {"mult": mult, "event_timestamp": heads.astype(np.uint64)}

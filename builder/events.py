@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from builder.hits import HIT_DTYPE
+from builder.hits import HIT_DTYPE, concat_hits
 
 #: 100 × 10 ns = 1 µs (see the module doc).
 DEFAULT_WINDOW_TICKS = 100
@@ -100,12 +100,12 @@ class EventBuilder:
             if int(stamps[0]) < self._last_timestamp or bool((stamps[1:] < stamps[:-1]).any()):
                 raise ValueError("hits must come in non-decreasing timestamp order")
             self._last_timestamp = int(stamps[-1])
-        pending = np.concatenate([self._hits, hits]) if self._hits.size else hits
+        pending = concat_hits([self._hits, hits]) if self._hits.size else hits
         pending_traces = _join_traces(self._traces, traces)
         starts, ends = event_starts(pending["timestamp"], self.window_ticks)
         done = int(np.searchsorted(ends, pending.size, side="left"))
         stop = int(starts[done]) if done < starts.size else pending.size
-        self._hits = pending[stop:].copy()
+        self._hits = concat_hits([pending[stop:]])
         self._traces = None if pending_traces is None else pending_traces[stop:].copy()
         offsets = np.append(starts[:done], stop).astype(np.int64)
         traces_out = None if pending_traces is None else pending_traces[:stop]

@@ -19,7 +19,7 @@ import numpy as np
 from builder.calibration import Calibration
 from builder.eventfile import open_event_writer
 from builder.events import EventBuilder
-from builder.hits import hits_from_records, records_from_bounds
+from builder.hits import concat_hits, hits_from_records, records_from_bounds
 
 #: Hits gathered before they are grouped and written: the file writers cost per call
 #: (an HDF5 dataset grows per write), so blocks of a reply's size (~2,000 hits at the
@@ -73,7 +73,7 @@ class EventSink:
         if not self._pending:
             return
         pending, self._pending, self._pending_hits = self._pending, [], 0
-        hits = np.concatenate([h for h, _ in pending])
+        hits = concat_hits([h for h, _ in pending])
         traces = None
         if self.with_traces:
             width = max(t.shape[1] for _, t in pending)
