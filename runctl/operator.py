@@ -129,6 +129,7 @@ from runctl.runstate import (
     REFUSED,
     RUN_NUMBER,
     START,
+    STATE_STOPPED,
     TIMEOUT,
     CrateStatus,
     Progress,
@@ -369,6 +370,8 @@ class Operator:
         self._control.save(status)
         missing = yield from iocs.each_crate(crates, CRATE_RUNNING, iocs.running_check, timeout)
         if missing:
+            status.not_running = sorted(missing)
+            self._control.save(status)
             yield Progress(
                 TIMEOUT,
                 f"not running within {timeout:g} s: {_listed(missing)}; the run is started "
@@ -417,6 +420,7 @@ class Operator:
             f"end run {status.run}: StartStop = Stop" + (f"; {ELSEWHERE_NOTE}" if adopted else ""),
         )
         iocs.watch_all()
+        never_ran = self._never_ran(status, crates, connect_by)
         problem = iocs.wait_globals(connect_by)
         failure = problem or iocs.put_globals(("Online_CS_StartStop", 0))
         if failure and not force:
@@ -433,7 +437,7 @@ class Operator:
         gone = {"globals": failure} if failure else {}
         gone |= {f"crate {crate}": why for crate, why in unreachable.items()}
         missing = yield from iocs.each_crate(drain, CRATE_DRAINED, iocs.drained_check, timeout)
-        stop_now = set(missing) | {c.crate for c in crates if c not in drain}
+        stop_now = set(missing) | never_ran | {c.crate for c in crates if c not in drain}
         exits, late = yield from self._receivers.finish(status.receivers, stop_now)
         sent, losses = iocs.final_counts(crates)
         for crate in crates:
@@ -468,6 +472,8 @@ class Operator:
             for text in (
                 forced if gone else "",
                 problem,
+                f"never ran: {', '.join(f'crate {c}' for c in sorted(never_ran))}"
+                if never_ran else "",
                 ELSEWHERE_NOTE if adopted else "",
             )
             if text
@@ -522,6 +528,23 @@ class Operator:
         )
 
     # -- plumbing ---------------------------------------------------------
+
+    def _never_ran(
+        self, status: RunStatus, crates: list[CrateConfig], connect_by: float
+    ) -> set[str]:
+        """Crates begin_run did not see Running that are still Stopped with no receiver
+        connected: nothing of this run can reach their receivers, so waiting for those
+        to finish would only wait out the receivers timeout."""
+        suspects = [crate for crate in crates if crate.crate in status.not_running]
+        if suspects:
+            self._iocs.unreachable_crates(suspects, connect_by)  # waits for their values
+        found = set()
+        for crate in suspects:
+            values = self._iocs.crate_values(crate)
+            if (values is not None and int(values["CV_State"]) == STATE_STOPPED
+                    and not values["CV_SenderClient"]):
+                found.add(crate.crate)
+        return found
 
     def _stopped(self) -> RunStatus:
         """STOP, remembering which system this control directory is about."""

@@ -118,6 +118,9 @@ class RunStatus:
     start: str | None = None
     crates: list[str] = field(default_factory=list)
     receivers: list[ReceiverProcess] = field(default_factory=list)
+    #: Crates begin_run did not see Running (a crate refuses a run whose data port it
+    #: cannot bind): end_run stops their receivers at once if they still have not run.
+    not_running: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)

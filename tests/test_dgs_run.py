@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -221,6 +223,35 @@ def test_stop_force_ends_the_recorded_run_when_every_ioc_is_gone(tmp_path):
     record = RunLog(run_dir / RUN_LOG_FILE).records()[-1]
     assert record.result == "forced" and "does not answer" in record.message
     wait_until(lambda: gone(receiver), 10, "the receiver to exit")
+
+
+def test_stop_does_not_wait_for_the_receiver_of_a_crate_that_refused_the_start(tmp_path):
+    """A crate refuses a Start whose data port it cannot bind: its receiver can never get
+    anything, so stop ends it at once instead of waiting out the receivers timeout."""
+    refusing = Crate(tmp_path)
+    run_dir = tmp_path / "ctl"
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        holder.bind(("127.0.0.1", refusing.ports.data))  # bound, not listening: connects fail
+        started = refusing.dgs_run(run_dir, "--timeout", "8", "start")
+        assert started.returncode == 1, started.stdout + started.stderr
+        assert "not running within 8 s: crate 01: state Stopped" in started.stdout
+        assert "data port cannot be bound" in refusing.ioc.log()
+        receiver = state(run_dir)["receivers"][0]["pid"]
+
+        began = time.monotonic()
+        stopped = refusing.dgs_run(run_dir, "stop")
+        took = time.monotonic() - began
+        assert "crate 01 receiver exited with" in stopped.stdout, stopped.stdout
+        assert "(stopped by the operator)" in stopped.stdout, stopped.stdout
+        assert took < 30, f"stop waited {took:.0f} s for a receiver that could get nothing"
+        assert state(run_dir)["state"] == "STOP"
+        record = RunLog(run_dir / RUN_LOG_FILE).records()[-1]
+        assert "never ran: crate 01" in record.message
+        wait_until(lambda: gone(receiver), 10, "the receiver to exit")
+    finally:
+        holder.close()
+        refusing.ioc.kill()
 
 
 def test_dgs_run_finds_the_demo_of_make_run_with_or_without_its_configuration(start_ioc, tmp_path):
