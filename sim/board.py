@@ -159,12 +159,17 @@ class SimBoard(BoardRegisters, Board):
         self._generated += np.bincount(channels, minlength=self.CHANNELS)
 
     def _fill_to_capacity(self) -> None:
-        """The overflow fault: real events, one tick apart, until no further one fits."""
+        """The overflow fault: real events, one tick apart, until no further one fits.
+
+        The flag goes up before the events are published: an IOC reading the crate
+        process's window (no lock) that sees them sees the overflow too, so it resets the
+        FIFO and they are cleared, rather than read in the moment between the two.
+        """
         fifo = self._fifos[self._selected]
         event_words = self._event_words()
         count = fifo.free_words // event_words
-        self._append(fifo, self._last_tick + 1 + np.arange(count, dtype=np.int64), event_words)
         fifo.full = True
+        self._append(fifo, self._last_tick + 1 + np.arange(count, dtype=np.int64), event_words)
         if self._arrivals.next_tick <= self._last_tick:
             self._arrivals.restart(self._last_tick)
 

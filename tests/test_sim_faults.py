@@ -13,6 +13,7 @@ import pytest
 from ioc.hardware import WORD, BoardKind, ReadError
 from ioc.packets import channel_id, packet_length, timestamp
 from sim import Fault, ManualClock, SimBoardSpec, SimCrate
+from sim.fifo import Fifo
 
 EVENT_WORDS = 14 + 20 // 2  # 20-sample traces
 
@@ -149,6 +150,27 @@ def test_overflow_reset_counts_what_it_cleared():
     board.reset_fifo()
     assert board.cleared == in_fifo == board.generated
     assert board.cleared_by_channel.sum() == in_fifo
+
+
+def test_an_overflow_fill_is_published_with_its_flag_already_up(monkeypatch):
+    """The crate process's FIFOs are read without a lock: an IOC that sees the fill must
+    see the overflow, or it reads the fill before the flag and clears nothing."""
+    flag_at_publish: list[bool] = []
+    publish = Fifo.commit
+
+    def watched(fifo: Fifo, *args, **kwargs) -> None:
+        flag_at_publish.append(fifo.full)
+        publish(fifo, *args, **kwargs)
+
+    monkeypatch.setattr(Fifo, "commit", watched)
+    clock = ManualClock()
+    spec = SimBoardSpec("MDIG1", BoardKind.DIGITIZER_MASTER, 3, 0, 101, event_rate_hz=5000,
+                        trace_samples=20)
+    board = SimCrate([spec], clock=clock).board(0)
+    board.set_master_logic(True)
+    board.inject(Fault.FIFO_OVERFLOW)
+    assert board.status().full
+    assert flag_at_publish == [True]
 
 
 def test_fifo_underflow_reports_empty_with_depth_once():
