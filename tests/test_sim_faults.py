@@ -139,12 +139,17 @@ def test_fifo_overflow_fills_with_real_events_then_drops_until_the_reset():
         assert (np.diff(stamps[channels == channel]) > 0).all()
 
 
-def test_overflow_reset_counts_what_it_cleared():
-    clock = ManualClock()
+def enabled_digitizer():
+    """One digitizer with master logic on, on a clock that stands still."""
     spec = SimBoardSpec("MDIG1", BoardKind.DIGITIZER_MASTER, 3, 0, 101, event_rate_hz=5000,
                         trace_samples=20)
-    board = SimCrate([spec], clock=clock).board(0)
+    board = SimCrate([spec], clock=ManualClock()).board(0)
     board.set_master_logic(True)
+    return board
+
+
+def test_overflow_reset_counts_what_it_cleared():
+    board = enabled_digitizer()
     board.inject(Fault.FIFO_OVERFLOW)
     in_fifo = board.status().depth_words // EVENT_WORDS
     board.reset_fifo()
@@ -163,11 +168,7 @@ def test_an_overflow_fill_is_published_with_its_flag_already_up(monkeypatch):
         publish(fifo, *args, **kwargs)
 
     monkeypatch.setattr(Fifo, "commit", watched)
-    clock = ManualClock()
-    spec = SimBoardSpec("MDIG1", BoardKind.DIGITIZER_MASTER, 3, 0, 101, event_rate_hz=5000,
-                        trace_samples=20)
-    board = SimCrate([spec], clock=clock).board(0)
-    board.set_master_logic(True)
+    board = enabled_digitizer()
     board.inject(Fault.FIFO_OVERFLOW)
     assert board.status().full
     assert flag_at_publish == [True]
