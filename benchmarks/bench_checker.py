@@ -46,7 +46,7 @@ CALLS_PER_REPETITION = 40
 TIME_LIMIT_S = 50.0
 
 SPECTRA_TARGET_PERCENT = 5.0
-PAIRED_REPETITIONS = 31
+PAIRED_REPETITIONS = 201
 PAIRED_CALLS = 10
 
 CASES = (
@@ -130,8 +130,7 @@ def run_case(name: str, samples: int, target: float, deadline: float) -> dict:
 
     def check_with_spectra() -> None:
         checker.forget_all()
-        with spectra.counting(0) as counting:
-            counting.added = checker.check(words, card=0, histogram=counting.histogram).counted
+        spectra.added(0, checker.check(words, card=0, histogram=spectra.table(0)).counted)
 
     def scan() -> None:
         np.flatnonzero(words == packets.MARKER)
@@ -158,7 +157,8 @@ def run_case(name: str, samples: int, target: float, deadline: float) -> dict:
         "check_paired_GBps": round(gigabytes / plain_s, 3),
         "check_with_spectra_GBps": round(gigabytes / with_spectra_s, 3),
         "spectra_cost_percent": round(spectra_cost, 1),
-        "spectra_target_percent": SPECTRA_TARGET_PERCENT,
+        # P12 sets its 5 % on P2b, the 200-sample case.
+        "spectra_target_percent": SPECTRA_TARGET_PERCENT if samples else None,
     }
 
 
@@ -180,12 +180,16 @@ def main() -> int:
     print(f"Live spectra filled by the check (issue 17): {PAIRED_REPETITIONS} pairs of"
           f" {PAIRED_CALLS}-call blocks, cost = median ratio with/without - 1")
     for row in rows:
-        verdict = "PASS" if row["spectra_cost_percent"] <= SPECTRA_TARGET_PERCENT else "FAIL"
+        target = row["spectra_target_percent"]
+        if target is None:
+            verdict = "no target (info)"
+        else:
+            passed = row["spectra_cost_percent"] <= target
+            verdict = f"target <= {target:g} %  {'PASS' if passed else 'FAIL'} (info)"
         print(
             f"  {row['case']:30s} without {row['check_paired_GBps']:6.2f} GB/s"
             f"  with {row['check_with_spectra_GBps']:6.2f} GB/s"
-            f"  cost {row['spectra_cost_percent']:5.1f} %"
-            f"  target <= {row['spectra_target_percent']:g} %  {verdict} (info)"
+            f"  cost {row['spectra_cost_percent']:5.1f} %  {verdict}"
         )
     if args.json:
         args.json.write_text(json.dumps({"benchmark": "P2", "results": rows}, indent=2))

@@ -61,7 +61,7 @@ def _p1_figures(document: dict) -> list[Figure]:
 
 
 def _p2_figures(document: dict) -> list[Figure]:
-    return [
+    figures = [
         Figure(
             id="P2" + "ab"[index], what=f"outLoop check, every event: {row['case']}",
             value=row["check_GBps"], unit="GB/s", baseline=row["baseline_scan_GBps"],
@@ -69,6 +69,18 @@ def _p2_figures(document: dict) -> list[Figure]:
         )
         for index, row in enumerate(document["results"])
     ]
+    figures += [
+        Figure(
+            id="P12s", what="live spectra: their cost in the P2b check",
+            value=row["spectra_cost_percent"], unit="%", baseline=None, baseline_what="",
+            target=row["spectra_target_percent"], higher_is_better=False,
+            note=(f"P2b {row['check_paired_GBps']:.2f} GB/s without them,"
+                  f" {row['check_with_spectra_GBps']:.2f} GB/s with (bench_checker.py)"),
+        )
+        for row in document["results"]
+        if row.get("spectra_target_percent") is not None
+    ]
+    return figures
 
 
 def _p4_figures(document: dict) -> list[Figure]:

@@ -10,6 +10,15 @@
  * in one pass, the spectra add only their increments to what the check already
  * reads. The loop runs without the interpreter lock.
  *
+ * The spectra's share (P12: at most 5 % of the check) rests on two habits. They
+ * read the energy sums, which for most packets lie in the header's second cache
+ * line, and add one to a histogram line anywhere in a table much larger than
+ * the first-level cache; done inline, each packet's count waited on both and
+ * the walk could not run ahead. So with a histogram the walk asks for the
+ * header lines of the packet PREFETCH_AHEAD places on, and gathers the bins to
+ * add in a small batch that is added in a loop of its own, where the misses
+ * overlap (together, not either alone: about 8 % of the check became 5.5 %).
+ *
  * Bit positions are those of spec 04 (big-endian 32-bit words):
  *   word 1  bits 26:16 length N, bits 3:0 channel id
  *   word 2  timestamp bits 31:0
@@ -21,6 +30,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <string.h>
 
 #define CHANNEL_IDS 16
 #define CHANNELS 10
@@ -30,10 +40,34 @@
 #define DIGITIZER_HEADER_LENGTH 13
 #define HEADER_BYTES ((DIGITIZER_HEADER_LENGTH + 1) * 4)
 #define FIRST_WORDS_BYTES 16
+/* Words 8 and 9 hold the energy sums: the last header byte the spectra read. */
+#define SUMS_LAST_BYTE 39
+#define PREFETCH_AHEAD 4
+#define BIN_BATCH 32
 
 typedef struct {
     int64_t offset, previous, timestamp;
 } OrderError;
+
+static inline uint32_t big_endian32(const uint8_t *at)
+{
+    uint32_t value;
+    memcpy(&value, at, sizeof value);
+    return __builtin_bswap32(value);
+}
+
+static inline uint64_t big_endian64(const uint8_t *at)
+{
+    uint64_t value;
+    memcpy(&value, at, sizeof value);
+    return __builtin_bswap64(value);
+}
+
+static void add_ones(uint32_t *bins, const uint32_t *chosen, int count)
+{
+    for (int k = 0; k < count; k++)
+        bins[chosen[k]]++;
+}
 
 static int get_array(PyObject *object, Py_buffer *view, int flags, Py_ssize_t itemsize,
                      const char *name)
@@ -128,23 +162,31 @@ static PyObject *walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     int out_of_memory = 0;
     int64_t first_offset[CHANNELS];
     unsigned first_length[CHANNELS] = {0};
+    uint32_t batch[BIN_BATCH];
+    int batched = 0;
     for (int channel = 0; channel < CHANNELS; channel++)
         first_offset[channel] = -1;
 
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < packets; i++) {
+        if (bins != NULL && i + PREFETCH_AHEAD < packets) {
+            /* An address only (a prefetch never faults): the packet is checked when reached. */
+            const uintptr_t later = (uintptr_t)bytes + (uintptr_t)starts[i + PREFETCH_AHEAD] * 4;
+            __builtin_prefetch((const void *)(later + 4));
+            __builtin_prefetch((const void *)(later + SUMS_LAST_BYTE));
+        }
         const int64_t start = starts[i];
         if (start < 0 || start > last_packet) {
             outside = i;
             break;
         }
         const uint8_t *packet = bytes + start * 4;
-        const unsigned channel = packet[7] & 0x0F;
-        const unsigned length = (unsigned)(packet[4] & 0x07) << 8 | packet[5];
+        const uint32_t word1 = big_endian32(packet + 4);
+        const unsigned channel = word1 & 0x0F;
+        const unsigned length = word1 >> 16 & 0x7FF;
         if (remembered != NULL) {
-            const int64_t stamp = (int64_t)((uint64_t)packet[14] << 40 | (uint64_t)packet[15] << 32
-                                            | (uint64_t)packet[8] << 24 | (uint64_t)packet[9] << 16
-                                            | (uint64_t)packet[10] << 8 | packet[11]);
+            const uint64_t words23 = big_endian64(packet + 8);
+            const int64_t stamp = (int64_t)((words23 & 0xFFFF) << 32 | words23 >> 32);
             const int64_t previous = remembered[channel];
             if (stamp < previous) {
                 if (order_errors == error_room) {
@@ -172,12 +214,20 @@ static PyObject *walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             outside = i;
             break;
         }
-        const uint16_t pre = (uint16_t)(packet[33] << 8 | packet[34]);
-        const uint16_t post = (uint16_t)(packet[38] << 8 | packet[39]);
-        const uint16_t amplitude = (uint16_t)(post - pre);
+        /* Words 8 and 9: the pre-rise sum's bits 23:8 at 55:40, the post-rise sum's at 15:0. */
+        const uint64_t sums = big_endian64(packet + 32);
+        const uint16_t amplitude = (uint16_t)(sums - (sums >> 40));
         const Py_ssize_t piled = (packet[18] & 0x80) ? PILED : 0;
-        bins[piled + (Py_ssize_t)channel * ROW + amplitude]++;
-        counted++;
+        batch[batched++] = (uint32_t)(piled + (Py_ssize_t)channel * ROW + amplitude);
+        if (batched == BIN_BATCH) {
+            add_ones(bins, batch, batched);
+            counted += batched;
+            batched = 0;
+        }
+    }
+    if (bins != NULL) {
+        add_ones(bins, batch, batched);
+        counted += batched;
     }
     Py_END_ALLOW_THREADS
 

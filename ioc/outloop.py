@@ -253,15 +253,14 @@ class OutLoop:
         if not switches.header or not 0 <= card < CARDS:
             return True
         words = buf.payload_words()
-        with self.spectra.counting(card) as counting:
-            result = self.checker.check(
-                words,
-                card,
-                timestamps=switches.timestamp,
-                max_events=None if switches.deep else SHALLOW_EVENTS,
-                histogram=counting.histogram,
-            )
-            counting.added = result.counted
+        result = self.checker.check(
+            words,
+            card,
+            timestamps=switches.timestamp,
+            max_events=None if switches.deep else SHALLOW_EVENTS,
+            histogram=self.spectra.table(card),
+        )
+        self.spectra.added(card, result.counted)
         if result.errors:
             c.errors_by_card[card] += len(result.errors)
             if c.first_errors[card] is None:

@@ -62,22 +62,35 @@ class ChannelCounts:
 class Spectra:
     """Histograms and counters of every card; outLoop adds, the publisher reads.
 
-    The lock is held for one buffer's count or one card's copy, never longer.
+    outLoop never waits for a reader: it counts into the card's table without a
+    lock (a lock around each buffer's count cost about 1 % of the check, and a
+    reader's copy of a card, milliseconds, would have held the check up). A copy
+    taken while a buffer is being counted holds part of it, and the next copy
+    the rest: counts only grow, so rates and spectra come out right from one
+    publication to the next. A reset puts a fresh table in place (one reference,
+    swapped at once); a buffer being counted just then goes into the old one,
+    as if the reset had come a moment later.
     """
 
     def __init__(self, cards: int) -> None:
         self._histograms = [self._empty() for _ in range(cards)]
-        self._serials = [0] * cards
+        #: Buffers that added events, per card: written by the counting thread only.
+        self._added = [0] * cards
+        #: Resets per card, written under the lock (they come from several threads), which
+        #: readers hold too, so that a copy's table and reset count agree; outLoop never takes it.
         self._resets = [0] * cards
-        self._lock = threading.Lock()
+        self._reset_lock = threading.Lock()
 
-    def counting(self, card: int) -> _Counting:
-        """``with spectra.counting(card) as counting:`` the card's histogram
-        (``counting.histogram``) to count one checked buffer into (`Checker.check`),
-        under the lock, so that a reader never copies it halfway through a buffer; the
-        caller says how many events it added (``counting.added``), and only a buffer
-        that added some makes the card's spectra change (and be published again)."""
-        return _Counting(self, card)
+    def table(self, card: int) -> np.ndarray:
+        """The card's histogram to count one checked buffer into (`Checker.check`'s
+        ``histogram``); then say how many events it added (`added`). One thread counts."""
+        return self._histograms[card]
+
+    def added(self, card: int, events: int) -> None:
+        """``events`` were counted into the card's table: only a buffer that added some
+        makes the card's spectra change (and be published again)."""
+        if events:
+            self._added[card] += 1
 
     @staticmethod
     def _empty() -> np.ndarray:
@@ -92,46 +105,24 @@ class Spectra:
 
     def reset(self, card: int | None = None) -> None:
         """Zero one card (a SpectrumReset put) or every card (run start)."""
-        cards = range(len(self._serials)) if card is None else (card,)
-        with self._lock:
+        cards = range(len(self._resets)) if card is None else (card,)
+        with self._reset_lock:
             for each in cards:
                 self._histograms[each] = self._empty()
-                self._serials[each] += 1
                 self._resets[each] += 1
 
     def serial(self, card: int) -> int:
-        return self._serials[card]
+        """Grows with every change of the card's counts (a count or a reset)."""
+        return self._added[card] + self._resets[card]
 
     def counts(self, card: int) -> ChannelCounts:
-        with self._lock:
+        with self._reset_lock:  # the table and its reset count belong together
+            # The serial before the copy: a count landing during it makes the next newer.
+            serial, resets = self.serial(card), self._resets[card]
             rows = self._histograms[card].reshape(2, CHANNELS, _ROW)
             shown = rows[:, :, :RAW_BINS].astype(np.int64)
             totals = rows.sum(axis=2, dtype=np.int64)
-            serial, resets = self._serials[card], self._resets[card]
         return ChannelCounts(shown[0] + shown[1], totals.sum(axis=0), totals[1], serial, resets)
-
-
-class _Counting:
-    """The context of `Spectra.counting` (a class: a generator-based one cost 1.7 µs per
-    buffer, 1 % of a check)."""
-
-    __slots__ = ("_card", "_spectra", "added", "histogram")
-
-    def __init__(self, spectra: Spectra, card: int) -> None:
-        self._spectra, self._card = spectra, card
-        self.added = 0
-
-    def __enter__(self) -> _Counting:
-        spectra = self._spectra
-        spectra._lock.acquire()
-        self.histogram = spectra._histograms[self._card]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        spectra = self._spectra
-        if self.added:
-            spectra._serials[self._card] += 1
-        spectra._lock.release()
 
 
 def rebin(

@@ -6,6 +6,9 @@ Packets are built here from the spec's bit layout, not with the simulator's pack
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -41,9 +44,8 @@ def type_f(channel: int = 0xD) -> list[int]:
 
 def check_and_add(spectra: Spectra, packets: list[list[int]], card: int = 0) -> None:
     words = np.array([w for packet in packets for w in packet], dtype=WORD)
-    with spectra.counting(card) as counting:
-        result = Checker().check(words, card, histogram=counting.histogram)
-        counting.added = result.counted
+    result = Checker().check(words, card, histogram=spectra.table(card))
+    spectra.added(card, result.counted)
     assert not result.fatal
 
 
@@ -156,9 +158,8 @@ def test_a_buffer_with_a_fatal_error_is_not_counted():
     spectra = Spectra(7)
     words = np.array([*event(0, 0, 256 * 9), *event(1, 0, 256)[:6]], dtype=WORD)
     serial = spectra.serial(0)
-    with spectra.counting(0) as counting:
-        result = Checker().check(words, 0, histogram=counting.histogram)
-        counting.added = result.counted
+    result = Checker().check(words, 0, histogram=spectra.table(0))
+    spectra.added(0, result.counted)
     assert result.fatal and result.events == 1 and result.counted == 0
     assert spectra.counts(0).events.sum() == 0
     assert spectra.serial(0) == serial, "nothing counted: nothing to publish again"
@@ -187,6 +188,38 @@ def test_a_reset_zeroes_one_card_and_is_seen_by_readers():
     spectra.reset()
     assert spectra.counts(1).events.sum() == 0
 
+
+
+def test_readers_copying_while_buffers_are_counted_see_counts_only_grow_to_the_whole():
+    """outLoop counts without waiting for readers: a copy may hold part of a buffer,
+    never more than was counted, never less than before, and nothing is lost."""
+    packets = [event(n % 10, 0, 256 * (1 + n), timestamp=n) for n in range(100)]
+    words = np.array([w for packet in packets for w in packet], dtype=WORD)
+    spectra = Spectra(7)
+    buffers = 2000
+
+    def count() -> None:
+        checker = Checker()
+        for _ in range(buffers):
+            checker.forget_all()
+            spectra.added(3, checker.check(words, 3, histogram=spectra.table(3)).counted)
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    seen, serials, deadline = [], [], time.monotonic() + 30
+    while counter.is_alive() and time.monotonic() < deadline:
+        counts = spectra.counts(3)
+        seen.append(int(counts.events.sum()))
+        serials.append(counts.serial)
+        assert counts.histogram.sum() <= buffers * len(packets)
+    counter.join(timeout=30)
+    assert not counter.is_alive()
+    assert len(seen) > 1, "the reader never ran beside the counting"
+    assert seen == sorted(seen) and serials == sorted(serials)
+    final = spectra.counts(3)
+    assert final.events.tolist() == [buffers * 10] * 10
+    assert final.serial == buffers
+    assert raw_bin(spectra, 3, 0) == {1 + n: buffers for n in range(0, 100, 10)}
 
 def test_rebinning_applies_gain_offset_and_bin_width():
     histogram = np.zeros(RAW_BINS, dtype=np.int64)
