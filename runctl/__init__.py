@@ -8,6 +8,7 @@
   - `runctl.receivers`: starting, watching and stopping a run's receivers;
   - `runctl.rundirs`: run directories and the run numbers they take;
   - `runctl.controldir`: the state file and the lock shared by every operator process;
+  - `runctl.ending`: how the end of a run is judged (its logged result) and told;
 - `runctl.cli`: ``dgs-run start|stop|status|log`` on top of it;
 - `runctl.system`: ``dgs-system``, a globals IOC plus one IOC per crate as one group;
 - `runctl.runlog`: the append-only run log;

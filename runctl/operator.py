@@ -95,17 +95,13 @@ from runctl.controldir import (
     STATE_FILE,
     ControlDir,
 )
+from runctl.ending import ELSEWHERE_NOTE, RunEnd, listed
 from runctl.ioclink import Endpoint, crate_endpoint, globals_endpoint
-from runctl.losses import MIB
 from runctl.receivers import DEFAULT_RECEIVER_COMMAND, Receivers
 from runctl.rundirs import clear_unstarted, free_run_number, run_name
 from runctl.runlog import (
     RESULT_CANCELLED,
     RESULT_ERROR,
-    RESULT_FORCED,
-    RESULT_LOST,
-    RESULT_OK,
-    RESULT_TIMEOUT,
     RunLog,
     now_text,
     run_record,
@@ -129,7 +125,6 @@ from runctl.runstate import (
     REFUSED,
     RUN_NUMBER,
     START,
-    STATE_STOPPED,
     TIMEOUT,
     CrateStatus,
     Progress,
@@ -177,16 +172,6 @@ __all__ = [
     "globals_endpoint",
     "run_name",
 ]
-
-ELSEWHERE_NOTE = (
-    "started elsewhere (another operator host, or by hand): its start time and receivers "
-    "are not known here"
-)
-
-
-def _listed(reasons: dict[str, str]) -> str:
-    return "; ".join(f"crate {crate}: {reason}" for crate, reason in reasons.items())
-
 
 class Operator:
     """STOP -> READY -> RUN -> STOP for one system; see the module docstring."""
@@ -301,7 +286,7 @@ class Operator:
             return
         missing = yield from iocs.each_crate(crates, CRATE_READY, iocs.ready_check, timeout)
         if missing:
-            yield Progress(TIMEOUT, f"not ready within {timeout:g} s: {_listed(missing)}")
+            yield Progress(TIMEOUT, f"not ready within {timeout:g} s: {listed(missing)}")
             return
         now = iocs.globals_now()
         if now is None:
@@ -374,7 +359,7 @@ class Operator:
             self._control.save(status)
             yield Progress(
                 TIMEOUT,
-                f"not running within {timeout:g} s: {_listed(missing)}; the run is started "
+                f"not running within {timeout:g} s: {listed(missing)}; the run is started "
                 "(RUN), end_run stops it",
             )
             return
@@ -420,7 +405,9 @@ class Operator:
             f"end run {status.run}: StartStop = Stop" + (f"; {ELSEWHERE_NOTE}" if adopted else ""),
         )
         iocs.watch_all()
-        never_ran = self._never_ran(status, crates, connect_by)
+        never_ran = iocs.never_ran(
+            [crate for crate in crates if crate.crate in status.not_running], connect_by
+        )
         problem = iocs.wait_globals(connect_by)
         failure = problem or iocs.put_globals(("Online_CS_StartStop", 0))
         if failure and not force:
@@ -447,63 +434,24 @@ class Operator:
                     f"crate {crate.crate} lost {losses[crate.crate].describe()}",
                     crate.crate,
                 )
-        problem = ""
-        if missing:
-            problem = f"not drained within {timeout:g} s: {_listed(missing)}"
-        elif late:
-            problem = (
-                f"receivers still running after {self.timeouts.receivers_s:g} s were stopped: "
-                + ", ".join(f"crate {crate}" for crate in sorted(late))
-            )
-        failed = [f"crate {crate} ({code})" for crate, code in exits.items() if code != 0]
-        if gone:
-            result = RESULT_FORCED
-        elif problem:
-            result = RESULT_TIMEOUT
-        elif failed:
-            result = RESULT_ERROR
-        elif any(losses.values()):
-            result = RESULT_LOST
-        else:
-            result = RESULT_OK
-        forced = "did not answer: " + "; ".join(f"{who}: {why}" for who, why in gone.items())
-        message = "; ".join(
-            text
-            for text in (
-                forced if gone else "",
-                problem,
-                f"never ran: {', '.join(f'crate {c}' for c in sorted(never_ran))}"
-                if never_ran else "",
-                ELSEWHERE_NOTE if adopted else "",
-            )
-            if text
+        end = RunEnd(
+            run=status.run,
+            crates=len(crates),
+            drain_s=timeout,
+            receivers_s=self.timeouts.receivers_s,
+            not_drained=missing,
+            late=late,
+            exits=exits,
+            sent=sent,
+            losses=losses,
+            gone=gone,
+            never_ran=never_ran,
+            adopted=adopted,
         )
-        record = run_record(status, stop, exits, sent, losses, result, message)
+        record = run_record(status, stop, exits, sent, losses, end.result, end.message)
         self.run_log.append(record)
         self._control.save(self._stopped())
-        ended = f"run {status.run} ended" + (
-            f" after {record.duration_s:.1f} s" if record.duration_s is not None else ""
-        )
-        if result == RESULT_FORCED:
-            yield Progress(
-                DONE, f"STOP: {ended} by force ({forced}); receivers stopped, logged as forced"
-            )
-        elif problem:
-            yield Progress(TIMEOUT, f"{problem}; run {status.run} logged, STOP")
-        elif failed:
-            yield Progress(
-                ERROR, f"receivers failed: {', '.join(failed)}; run {status.run} logged, STOP"
-            )
-        else:
-            total = sum(sent.values()) / MIB
-            summary = f"STOP: {ended}, {len(crates)} crate(s), {total:.1f} MiB sent"
-            if result == RESULT_LOST:
-                lost = ", ".join(
-                    f"crate {crate}: {loss.describe()}" for crate, loss in losses.items() if loss
-                )
-                yield Progress(LOST, f"{summary}; DATA LOST: {lost}")
-            else:
-                yield Progress(DONE, summary)
+        yield end.closing(record.duration_s)
 
     def _cancel(self, status: RunStatus) -> Iterator[Progress]:
         yield Progress(ACKNOWLEDGED, f"cancel run {status.run}: it was prepared, never started")
@@ -528,23 +476,6 @@ class Operator:
         )
 
     # -- plumbing ---------------------------------------------------------
-
-    def _never_ran(
-        self, status: RunStatus, crates: list[CrateConfig], connect_by: float
-    ) -> set[str]:
-        """Crates begin_run did not see Running that are still Stopped with no receiver
-        connected: nothing of this run can reach their receivers, so waiting for those
-        to finish would only wait out the receivers timeout."""
-        suspects = [crate for crate in crates if crate.crate in status.not_running]
-        if suspects:
-            self._iocs.unreachable_crates(suspects, connect_by)  # waits for their values
-        found = set()
-        for crate in suspects:
-            values = self._iocs.crate_values(crate)
-            if (values is not None and int(values["CV_State"]) == STATE_STOPPED
-                    and not values["CV_SenderClient"]):
-                found.add(crate.crate)
-        return found
 
     def _stopped(self) -> RunStatus:
         """STOP, remembering which system this control directory is about."""

@@ -237,6 +237,20 @@ class SystemLink:
 
     # -- the end of a run ---------------------------------------------------
 
+    def never_ran(self, suspects: Sequence[CrateConfig], deadline: float) -> set[str]:
+        """Of ``suspects`` (crates the Start did not see Running), those still Stopped with
+        no receiver connected: nothing of the run can reach their receivers, so waiting
+        for those to finish would only wait out the receivers timeout."""
+        if suspects:
+            self.unreachable_crates(suspects, deadline)  # waits for their values
+        found = set()
+        for crate in suspects:
+            values = self.crate_values(crate)
+            if (values is not None and int(values["CV_State"]) == STATE_STOPPED
+                    and not values["CV_SenderClient"]):
+                found.add(crate.crate)
+        return found
+
     def final_counts(self, crates: Sequence[CrateConfig]) -> tuple[dict[str, int], dict[str, Loss]]:
         """Bytes sent (``_CV_SenderBytes``) and losses by reason per crate after delivery
         ended: the pool is whole again, and one publish period has passed so the last
