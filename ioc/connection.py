@@ -1,4 +1,4 @@
-"""One receiver connection on the data port, and what it has asked for.
+"""One receiver connection on the data port, what it has asked for, and how it ends.
 
 The first bytes decide the protocol: the classic request word (1) or a v2
 hello. After that every complete message is checked as it arrives: a classic
@@ -6,19 +6,31 @@ request must be the word 1, a v2 request must carry its magic and an
 acknowledgement that only moves forward. Anything else is a protocol
 violation; the sender then ends the connection at once (a client sending
 random bytes would otherwise be served real run data for every 4 bytes).
+
+A connection is closed with a FIN, never a reset, so that what was sent last
+(a refusal, the last 0xD headers) is not thrown away: the client's side is
+read until it has taken everything (`Connection.linger`) or at least until
+its unread requests are gone (`Connection.close`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import fcntl
 import logging
 import select
 import socket
+import struct
+import termios
+import time
 
 from ioc import protocol
 
 #: Bytes of a request read and checked in one go; more wait in the socket.
 READ_CHUNK = 65536
+#: How often a lingering close looks at the send queue while the client sends nothing.
+LINGER_POLL_S = 0.005
 
 
 class Kind(enum.Enum):
@@ -139,3 +151,51 @@ class Connection:
                 self.ack_changed = True
             self.pending += count
         return data[whole:]
+
+    # ----------------------------------------------------------- ending
+
+    def send_quietly(self, message: bytes) -> None:
+        """A short control message; a client that is gone simply does not get it."""
+        with contextlib.suppress(OSError):
+            self.sock.sendall(message)
+
+    def unsent_bytes(self) -> int:
+        """Bytes still in the socket's send queue (not yet taken by the peer)."""
+        try:
+            queued = fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, struct.pack("i", 0))
+        except OSError:
+            return 0
+        return struct.unpack("i", queued)[0]
+
+    def linger(self, seconds: float, scratch: bytearray) -> None:
+        """Half-close, then read (bounded) until the client has taken every byte sent or
+        closed its side. A client that pipelines keeps sending requests until it sees the
+        end; a request reaching a closed socket is answered with a reset, which throws
+        away whatever replies were still in our send queue (the last 0xD headers at a
+        shutdown). Requests and acknowledgements read meanwhile are fed as usual, so a v2
+        client's last acknowledgements count."""
+        sock = self.sock
+        deadline = time.monotonic() + seconds
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        with contextlib.suppress(OSError, Violation):
+            sock.shutdown(socket.SHUT_WR)
+            while self.unsent_bytes() > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                if not poller.poll(min(left, LINGER_POLL_S) * 1000):
+                    continue
+                count = sock.recv_into(scratch, 0, socket.MSG_DONTWAIT)
+                if count == 0:
+                    return
+                self.feed(memoryview(scratch)[:count])
+
+    def close(self, scratch: bytearray) -> None:
+        """Close after what was sent (a last control message): FIN first, then read what
+        the client still sent, so the close is not a reset that could discard it."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+            while self.sock.recv_into(scratch, 0, socket.MSG_DONTWAIT):
+                pass
+        self.sock.close()

@@ -50,7 +50,7 @@ class Newcomers:
 
     def close_all(self) -> None:
         for conn in self.waiting:
-            self.serving.close(conn)
+            conn.close(self._scratch)
         self.waiting = []
 
     def _settle(self, conn: Connection, now: float) -> bool:
@@ -61,7 +61,7 @@ class Newcomers:
             return False
         if conn.pending == 0 and now - conn.connected_at >= self.idle_timeout_s:
             conn.log_once("idle", "no request for %.1f s, closed", now - conn.connected_at)
-            self.serving.close(conn)
+            conn.close(self._scratch)
             return False
         if not conn.identified:
             return True
@@ -88,7 +88,7 @@ class Newcomers:
                 conn.feed(memoryview(self._scratch)[:count])
             conn.note_partial_request()
             self.log.info("receiver %s left before being served", conn.peer)
-            self.serving.close(conn)
+            conn.close(self._scratch)
             return False
         except (BlockingIOError, InterruptedError):
             return True
@@ -97,5 +97,5 @@ class Newcomers:
             return False
         except OSError as err:
             conn.log_once("reset", "connection lost before being served: %s", err)
-            self.serving.close(conn)
+            conn.close(self._scratch)
             return False

@@ -42,7 +42,7 @@ SEND_SLICE_S = 0.25
 #: Timers (listener, idle receivers, newcomers) are looked at least this often.
 HOUSEKEEPING_S = 0.1
 #: At shutdown, how long the receiver being served may take to collect the last replies
-#: from its socket before the connection is closed (`Serving._linger`).
+#: from its socket before the connection is closed (`Connection.linger`).
 CLOSE_LINGER_S = 0.5
 #: qSender is flushed this often while nobody can receive it.
 FLUSH_PERIOD_S = 1.0

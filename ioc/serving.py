@@ -9,22 +9,19 @@ the socket timeouts, so serving hands the thread back as soon as its
 housekeeping is due (`Timers`).
 
 A v2 client is greeted once its whole hello is in, or refused (a run the
-crate does not hold, a version not served); its acknowledgements go to
-`ioc.delivery`. When a connection ends, whatever it did not take for good
-goes back to qSender: a v2 client's last acknowledgements, still unread in
-its socket, are applied first; what a classic client never took from its
-socket is counted as lost in flight.
+crate does not hold, a version not served; `ioc.v2messages` words both); its
+acknowledgements go to `ioc.delivery`. When a connection ends, whatever it
+did not take for good goes back to qSender: a v2 client's last
+acknowledgements, still unread in its socket, are applied first; what a
+classic client never took from its socket is counted as lost in flight. How a
+socket is closed without a reset is `ioc.connection`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-import select
 import socket
-import struct
-import termios
 import threading
 import time
 from collections.abc import Callable
@@ -34,10 +31,9 @@ from ioc import protocol
 from ioc.connection import READ_CHUNK, Connection, Kind, Violation
 from ioc.delivery import Delivery
 from ioc.listener import RateLimitedLog
+from ioc.v2messages import V2Messages
 
 _CLASSIC_PACK = protocol.CLASSIC_HEADER.pack
-#: How often a lingering close looks at the send queue while the client sends nothing.
-LINGER_POLL_S = 0.005
 
 
 class ServingSettings(Protocol):
@@ -85,12 +81,10 @@ class Serving:
     ) -> None:
         self.delivery = delivery
         self.config = config
-        self.crate = crate
         self.log = log
         self._lock = lock
         self._timers = timers
-        #: The crate's `_CV_State` and whether the run is complete, as v2 clients are told.
-        self._run_status = run_status
+        self._v2 = V2Messages(delivery, config, crate=crate, run_status=run_status)
         #: Shutting down and nothing left to do (the sender's judgement).
         self._finished = finished
         self._refusals = refusals
@@ -175,7 +169,7 @@ class Serving:
         if not conn.greeted:
             if conn.hello is None:
                 return True
-            refusal = self._hello_refusal(conn.hello)
+            refusal = self._v2.refusal_for(conn.hello)
             if refusal is not None:
                 reason, text = refusal
                 self._refusals.warning(conn.peer.rpartition(":")[0], f"hello {reason.name}",
@@ -187,7 +181,7 @@ class Serving:
             conn.generation = self.delivery.generation
             conn.acked = self.delivery.acked
             previous, self.delivery.last_client = self.delivery.last_client, conn.hello.description
-            _send_quietly(conn, self._v2_header(protocol.HELLO_REPLY, self._run_info(previous)))
+            conn.send_quietly(self._v2.greeting(previous))
             self.log.info("receiver %s: v2, run %d, resuming at byte %d", conn.peer,
                           self.delivery.run.number, self.delivery.sent)
         if conn.ack_changed and conn.generation == self.delivery.held_generation:
@@ -197,39 +191,6 @@ class Serving:
             except ValueError as err:
                 raise Violation(str(err)) from None
         return True
-
-    def _hello_refusal(self, hello: protocol.Hello) -> tuple[protocol.Refusal, str] | None:
-        if hello.version != protocol.VERSION:
-            return protocol.Refusal.BAD_HELLO, f"protocol version {hello.version} not served"
-        self.delivery.catch_up()
-        run = self.delivery.run
-        wanted = hello.run == protocol.NO_RUN or hello.run == run.number
-        same_start = hello.run_start_ns in (0, run.start_ns)
-        if run.number == protocol.NO_RUN or not wanted or not same_start:
-            held = "no run" if run.number == protocol.NO_RUN else f"run {run.number}"
-            if wanted and not same_start:
-                held += " (started again since)"
-            return protocol.Refusal.WRONG_RUN, f"this crate holds data of {held}"
-        return None
-
-    def _run_info(self, text: str = "") -> bytes:
-        run = self.delivery.run
-        state, complete = self._run_status()
-        info = protocol.RunInfo(
-            crate=self.crate,
-            run=run.number,
-            run_start_ns=run.start_ns,
-            state=state,
-            complete=complete,
-            max_reply=self.config.max_reply_bytes,
-            boards=run.boards,
-        )
-        return info.pack() + text.encode()
-
-    def _v2_header(self, kind: int, payload: bytes = b"", status: int = 0) -> bytes:
-        header = protocol.V2Header(kind, len(payload), status, self.delivery.run.number,
-                                   self.delivery.sent, self.delivery.acked)
-        return header.pack() + payload
 
     def _reply(self, conn: Connection) -> None:
         """Send one reply: the next slice of the head buffer, or no data.
@@ -247,12 +208,7 @@ class Serving:
         if conn.peer_gone():
             raise _ConnectionLost
         if buf is None:
-            if v2:
-                state, complete = self._run_status()
-                status = state | (protocol.COMPLETE if complete else 0)
-                header = self._v2_header(protocol.INSUFF_DATA, status=status)
-            else:
-                header = protocol.INSUFF_DATA_HEADER
+            header = self._v2.no_data() if v2 else protocol.INSUFF_DATA_HEADER
             self._send(conn, header, None)
             if not v2:
                 self.delivery.no_data_sent()
@@ -318,8 +274,7 @@ class Serving:
             raise
 
     def _send_refusal(self, conn: Connection, reason: protocol.Refusal, text: str) -> None:
-        _send_quietly(conn, self._v2_header(protocol.REFUSED, self._run_info(text),
-                                            status=int(reason)))
+        conn.send_quietly(self._v2.refusal(reason, text))
 
     def refuse_busy(self, conn: Connection) -> None:
         """Another receiver is being served: tell the newcomer ``conn`` to come back later."""
@@ -329,11 +284,11 @@ class Serving:
         self._refusals.warning(host, "busy", "receiver %s told to retry later: %s is being served",
                                conn.peer, current.peer)
         if conn.kind is Kind.CLASSIC:
-            _send_quietly(conn, protocol.SENDER_OFF_HEADER)
+            conn.send_quietly(protocol.SENDER_OFF_HEADER)
         else:
             self._send_refusal(conn, protocol.Refusal.BUSY,
                                f"{current.peer} is being served; try again")
-        self.close(conn)
+        conn.close(self._scratch)
 
     # --------------------------------------------------------------- endings
 
@@ -344,7 +299,7 @@ class Serving:
         if conn is self.current:
             self.end()
         else:
-            self.close(conn)
+            conn.close(self._scratch)
 
     def end_if_idle(self, now: float, others_waiting: bool) -> None:
         """Close the receiver being served if it asked for nothing for ``idle_timeout_s``
@@ -360,19 +315,19 @@ class Serving:
     def end(self, linger_s: float = 0.0) -> None:
         """Close the receiver being served; what it did not take for good goes back.
 
-        ``linger_s``: first give it that long to take what was sent (`_linger`).
+        ``linger_s``: first give it that long to take what was sent (`Connection.linger`).
         """
         conn, self.current = self.current, None
         if conn is None:
             return
         if linger_s > 0:
-            self._linger(conn, linger_s)
+            conn.linger(linger_s, self._scratch)
         if conn.kind is Kind.V2:
             self._last_acknowledgements(conn)
         else:
-            self.delivery.lost_in_flight(_unsent_bytes(conn.sock) - conn.unfinished_reply)
+            self.delivery.lost_in_flight(conn.unsent_bytes() - conn.unfinished_reply)
         self.delivery.requeue()
-        self.close(conn)
+        conn.close(self._scratch)
         with self._lock:
             self.client = ""
         self._timers.housekeeping_at = 0.0  # serve whoever waits at once
@@ -396,54 +351,6 @@ class Serving:
             conn.ack_changed = False
             with contextlib.suppress(ValueError):
                 self.delivery.acknowledge(conn.acked)
-
-    def _linger(self, conn: Connection, seconds: float) -> None:
-        """Half-close, then read (bounded) until the client has taken every byte sent or
-        closed its side. A client that pipelines keeps sending requests until it sees the
-        end; a request reaching a closed socket is answered with a reset, which throws
-        away whatever replies were still in our send queue (the last 0xD headers at a
-        shutdown). Requests and acknowledgements read meanwhile are fed as usual, so a v2
-        client's last acknowledgements count."""
-        sock, scratch = conn.sock, self._scratch
-        deadline = time.monotonic() + seconds
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        with contextlib.suppress(OSError, Violation):
-            sock.shutdown(socket.SHUT_WR)
-            while _unsent_bytes(sock) > 0:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                if not poller.poll(min(left, LINGER_POLL_S) * 1000):
-                    continue
-                count = sock.recv_into(scratch, 0, socket.MSG_DONTWAIT)
-                if count == 0:
-                    return
-                conn.feed(memoryview(scratch)[:count])
-
-    def close(self, conn: Connection) -> None:
-        """Close after what was sent (a last control message): FIN first, then read what
-        the client still sent, so the close is not a reset that could discard it."""
-        with contextlib.suppress(OSError):
-            conn.sock.shutdown(socket.SHUT_WR)
-            while conn.sock.recv_into(self._scratch, 0, socket.MSG_DONTWAIT):
-                pass
-        conn.sock.close()
-
-
-def _send_quietly(conn: Connection, message: bytes) -> None:
-    """A short control message; a client that is gone simply does not get it."""
-    with contextlib.suppress(OSError):
-        conn.sock.sendall(message)
-
-
-def _unsent_bytes(sock: socket.socket) -> int:
-    """Bytes still in the socket's send queue (not yet taken by the peer)."""
-    try:
-        queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, struct.pack("i", 0))
-    except OSError:
-        return 0
-    return struct.unpack("i", queued)[0]
 
 
 def _remaining(header: bytes, payload: memoryview | None, sent: int) -> list[bytes | memoryview]:
