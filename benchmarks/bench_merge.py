@@ -89,16 +89,11 @@ def generate(run_dir: Path, gigabytes: float, samples: int = SAMPLES) -> tuple[l
     return paths, per_file * len(paths)
 
 
-def cat_seconds(paths: list[Path]) -> float:
+def cat_seconds(paths: list[Path], into: Path | None = None) -> float:
+    """``cat`` of the files to /dev/null, or ``into`` one file: every byte read (and then
+    written), nothing merged."""
     started = time.perf_counter()
-    subprocess.run(["cat", *map(str, paths)], stdout=subprocess.DEVNULL, check=True)
-    return time.perf_counter() - started
-
-
-def copy_seconds(paths: list[Path], output: Path) -> float:
-    """``cat`` of the files into one file: every byte read and written, nothing merged."""
-    started = time.perf_counter()
-    with open(output, "wb") as sink:
+    with open(into or os.devnull, "wb") as sink:
         subprocess.run(["cat", *map(str, paths)], stdout=sink, check=True)
     return time.perf_counter() - started
 
@@ -158,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         complete = merged.stat().st_size == size and "count check passed" in printed
         print(printed.strip(), flush=True)
         merged.unlink()
-        copy_s = copy_seconds(paths, root / "copy.gtd")  # into the memory the merge freed
+        copy_s = cat_seconds(paths, root / "copy.gtd")  # into the memory the merge freed
         (root / "copy.gtd").unlink()
         heap_s = heapq_seconds(paths, root / "heap.gtd")
         complete &= (root / "heap.gtd").stat().st_size == size

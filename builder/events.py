@@ -105,7 +105,7 @@ class EventBuilder:
         starts, ends = event_starts(pending["timestamp"], self.window_ticks)
         done = int(np.searchsorted(ends, pending.size, side="left"))
         stop = int(starts[done]) if done < starts.size else pending.size
-        self._hits = concat_hits([pending[stop:]])
+        self._hits = concat_hits([pending[stop:]])  # a copy: numpy's own is as slow
         self._traces = None if pending_traces is None else pending_traces[stop:].copy()
         offsets = np.append(starts[:done], stop).astype(np.int64)
         traces_out = None if pending_traces is None else pending_traces[:stop]
